@@ -1,0 +1,82 @@
+# ferroloop: one Makefile for people, CI and the README.  `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PY311 ?= $(shell command -v python3.11 || command -v python3)
+# pyenv's CPython 3.13 build; CI fails loudly when it is missing (see `check-py313`).
+PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13))
+
+VENV ?= .venv
+DEV_DEPS := maturin>=1.7,<2 pytest>=8 pytest-timeout ruff mypy uvloop
+
+.PHONY: help
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n",$$1,$$2}'
+
+# --- virtualenvs ------------------------------------------------------------
+# venv-<name>: a virtualenv for one interpreter, with the dev dependencies.
+.venv-%/.ok:
+	@py=$(if $(filter 313,$*),$(PY313),$(PY311)); \
+	 test -n "$$py" || { echo "!!! no interpreter for $*"; exit 1; }; \
+	 echo "--- virtualenv .venv-$* with $$py"; \
+	 $$py -m venv .venv-$*; \
+	 .venv-$*/bin/pip install -q --disable-pip-version-check -U pip; \
+	 .venv-$*/bin/pip install -q --disable-pip-version-check $(DEV_DEPS)
+	@touch $@
+
+.PHONY: check-py313
+check-py313:
+	@test -n "$(PY313)" && test -x "$(PY313)" || { \
+	  echo "!!! CPython 3.13 not found (expected pyenv's build under ~/.pyenv/versions/3.13*)."; \
+	  echo "!!! CI needs it: install it with 'pyenv install 3.13' and run again."; exit 1; }
+
+# --- builds -----------------------------------------------------------------
+# develop-<name>: build the extension in release mode into that venv.
+# Each interpreter gets its own target dir so the two builds do not evict each other.
+develop-%: .venv-%/.ok
+	@echo "--- build ferroloop (release) for .venv-$*"
+	CARGO_TARGET_DIR=target/py$* VIRTUAL_ENV=$(CURDIR)/.venv-$* PATH=$(CURDIR)/.venv-$*/bin:$$PATH \
+	  .venv-$*/bin/maturin develop --release -q
+
+# --- the two README commands -------------------------------------------------
+.PHONY: bench
+bench: develop-311  ## build, then run the benchmark comparison (quick mode)
+	.venv-311/bin/python bench/run.py --quick
+
+.PHONY: test
+test: lint test-rust test-311 test-313  ## build and run every test (lints, Rust units, pytest and CPython conformance on 3.11 and 3.13)
+	@echo "=== all tests passed"
+
+# --- pieces -----------------------------------------------------------------
+.PHONY: lint
+lint: .venv-311/.ok  ## cargo fmt --check, clippy -D warnings, ruff, stub check
+	cargo fmt --all -- --check
+	PYO3_PYTHON=$(CURDIR)/.venv-311/bin/python CARGO_TARGET_DIR=target/lint cargo clippy --all-targets -- -D warnings
+	.venv-311/bin/ruff check python tests bench
+	.venv-311/bin/ruff format --check python tests bench
+
+.PHONY: test-rust
+test-rust: .venv-311/.ok  ## Rust unit tests (timer heap, ready queue)
+	PYO3_PYTHON=$(CURDIR)/.venv-311/bin/python CARGO_TARGET_DIR=target/lint \
+	  LD_LIBRARY_PATH=$$(.venv-311/bin/python -c 'import sysconfig;print(sysconfig.get_config_var("LIBDIR"))') \
+	  cargo test --lib -q
+
+test-313: check-py313
+test-%: develop-%  ## pytest + stub check + CPython conformance on one interpreter (311 or 313)
+	@echo "=== Python $* : pytest"
+	.venv-$*/bin/python -m pytest -q tests
+	@echo "=== Python $* : type stubs against the extension"
+	.venv-$*/bin/python -m mypy.stubtest ferroloop._ferroloop --allowlist tests/stubtest_allowlist.txt
+	@echo "=== Python $* : CPython test_asyncio conformance"
+	.venv-$*/bin/python tests/cpython/run_conformance.py
+
+.PHONY: fmt
+fmt:  ## format Rust and Python sources
+	cargo fmt --all
+	.venv-311/bin/ruff format python tests bench
+	.venv-311/bin/ruff check --fix python tests bench
+
+.PHONY: clean
+clean:  ## remove build products and virtualenvs
+	rm -rf target .venv-* python/ferroloop/*.so

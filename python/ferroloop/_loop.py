@@ -1,0 +1,292 @@
+"""The public ``Loop`` class: asyncio's event loop API over the Rust ``LoopCore``.
+
+Division of labour (see docs/DESIGN.md):
+
+* ``LoopCore`` (Rust) owns everything that runs per callback, timer or I/O event:
+  ``call_soon``/``call_later``/``call_at``/``call_soon_threadsafe``, ``time``, the ready queue,
+  the timer heap, the poller, readers/writers and ``_run_once``.
+* This class adds the per-run and rare paths: run/stop set-up, close, signals, debug logging
+  and exception reporting.
+* Where asyncio's own ``BaseEventLoop`` method is the spec and touches only state that this
+  loop also keeps under asyncio's names, the method is *borrowed*: the very function object
+  from ``asyncio.base_events`` is placed on this class, so each CPython version gets its own
+  version's behaviour (messages, arguments, warnings) without a copy of the code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import sys
+import threading
+import warnings
+import weakref
+from asyncio import base_events, coroutines, events, format_helpers
+from asyncio.log import logger
+
+from . import _ferroloop
+
+__all__ = ["Loop"]
+
+_BEL = base_events.BaseEventLoop
+
+# asyncio's own implementations, used as they are (see the module docstring). Each one reads
+# only attributes this class keeps with asyncio's names and meanings.
+_BORROWED = (
+    "__repr__",
+    "__del__",
+    "create_future",
+    "create_task",
+    "set_task_factory",
+    "get_task_factory",
+    "run_until_complete",
+    "run_in_executor",
+    "set_default_executor",
+    "_do_shutdown",
+    "_check_closed",
+    "_check_default_executor",
+    "_check_running",
+    "_asyncgen_firstiter_hook",
+    "_asyncgen_finalizer_hook",
+    "shutdown_asyncgens",
+    "get_exception_handler",
+    "set_exception_handler",
+    "default_exception_handler",
+    "call_exception_handler",
+    "set_debug",
+    "_set_coroutine_origin_tracking",
+    "getaddrinfo",
+    "getnameinfo",
+    "_getaddrinfo_debug",
+)
+
+
+def _sighandler_noop(signum, frame):
+    """Python-level handler installed for ``add_signal_handler`` signals: the C-level handler
+    has already written the signal number to the wake-up fd, which the loop reads."""
+
+
+class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
+    """An asyncio event loop whose core runs in Rust."""
+
+    def __init__(self):
+        self._default_executor = None
+        self._exception_handler = None
+        self._task_factory = None
+        self._old_agen_hooks = None
+        self._coroutine_origin_tracking_enabled = False
+        self._coroutine_origin_tracking_saved_depth = None
+        self._asyncgens = weakref.WeakSet()
+        self._asyncgens_shutdown_called = False
+        self._executor_shutdown_called = False
+        self._signal_handlers = {}
+        self._saved_wakeup_fd = None
+        self.set_debug(coroutines._is_debug_mode())
+
+    for _name in _BORROWED:
+        locals()[_name] = getattr(_BEL, _name)
+    del _name
+
+    # --- running ------------------------------------------------------------------------
+
+    def run_forever(self):
+        """Run until stop() is called."""
+        self._run_forever_setup()
+        try:
+            self._run_forever_inner()
+        finally:
+            self._run_forever_cleanup()
+
+    def _run_forever_setup(self):
+        self._check_closed()
+        self._check_running()
+        self._set_coroutine_origin_tracking(self._debug)
+        self._old_agen_hooks = sys.get_asyncgen_hooks()
+        self._thread_id = threading.get_ident()
+        sys.set_asyncgen_hooks(
+            firstiter=self._asyncgen_firstiter_hook, finalizer=self._asyncgen_finalizer_hook
+        )
+        events._set_running_loop(self)
+        # Python-level signal handlers must run promptly while we block in epoll, even when
+        # the signal is delivered to another thread: route signals to our wake-up socket.
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._saved_wakeup_fd = signal.set_wakeup_fd(
+                    self._wakeup_fd(), warn_on_full_buffer=False
+                )
+            except ValueError:
+                self._saved_wakeup_fd = None
+
+    def _run_forever_cleanup(self):
+        self._stopping = False
+        self._thread_id = None
+        events._set_running_loop(None)
+        self._set_coroutine_origin_tracking(False)
+        if self._old_agen_hooks is not None:
+            sys.set_asyncgen_hooks(*self._old_agen_hooks)
+            self._old_agen_hooks = None
+        saved, self._saved_wakeup_fd = self._saved_wakeup_fd, None
+        if saved is not None and not self._signal_handlers:
+            try:
+                signal.set_wakeup_fd(saved)
+            except ValueError:
+                pass
+
+    def close(self):
+        """Close the loop: drop pending callbacks, stop watching fds, shut the executor down
+        without waiting. The loop must not be running."""
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        if self._closed:
+            return
+        if self._signal_handlers:
+            if sys.is_finalizing():
+                warnings.warn(
+                    f"Closing the loop {self!r} on interpreter shutdown "
+                    f"stage, skipping signal handlers removal",
+                    ResourceWarning,
+                    source=self,
+                )
+                self._signal_handlers.clear()
+            else:
+                for sig in list(self._signal_handlers):
+                    self.remove_signal_handler(sig)
+        if self._debug:
+            logger.debug("Close %r", self)
+        self._close_core()
+        self._executor_shutdown_called = True
+        executor = self._default_executor
+        if executor is not None:
+            self._default_executor = None
+            executor.shutdown(wait=False)
+
+    async def shutdown_default_executor(self, timeout=None):
+        """Shut the default executor down, waiting for its threads to finish (at most
+        ``timeout`` seconds, then warn and stop waiting). ``timeout`` is accepted on every
+        Python version (asyncio itself has it from 3.12 on)."""
+        self._executor_shutdown_called = True
+        if self._default_executor is None:
+            return
+        future = self.create_future()
+        thread = threading.Thread(target=self._do_shutdown, args=(future,))
+        thread.start()
+        try:
+            done, _ = await asyncio.wait({future}, timeout=timeout)
+            if not done:
+                warnings.warn(
+                    "The executor did not finishing joining "
+                    f"its threads within {timeout} seconds.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._default_executor.shutdown(wait=False)
+            else:
+                future.result()
+                thread.join()
+        finally:
+            if not future.done():
+                future.cancel()
+
+    # --- callbacks from the Rust core ---------------------------------------------------
+
+    def _report_callback_error(self, handle, callback, args, exc):
+        if sys.version_info >= (3, 12):
+            cb = format_helpers._format_callback_source(callback, args, debug=self._debug)
+        else:
+            cb = format_helpers._format_callback_source(callback, args)
+        context = {"message": f"Exception in callback {cb}", "exception": exc, "handle": handle}
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
+
+    def _log_slow_callback(self, handle, dt):
+        logger.warning("Executing %s took %.3f seconds", base_events._format_handle(handle), dt)
+
+    # --- readers and writers ------------------------------------------------------------
+
+    def add_reader(self, fd, callback, *args):
+        """Call ``callback(*args)`` whenever ``fd`` is readable (level-triggered)."""
+        return self._add_reader(fd, callback, *args)
+
+    def remove_reader(self, fd):
+        """Stop watching ``fd`` for reading; True if it was watched."""
+        return self._remove_reader(fd)
+
+    def add_writer(self, fd, callback, *args):
+        """Call ``callback(*args)`` whenever ``fd`` is writable (level-triggered)."""
+        return self._add_writer(fd, callback, *args)
+
+    def remove_writer(self, fd):
+        """Stop watching ``fd`` for writing; True if it was watched."""
+        return self._remove_writer(fd)
+
+    # --- signals (asyncio's Unix rules) -------------------------------------------------
+
+    def _check_signal(self, sig):
+        if not isinstance(sig, int):
+            raise TypeError(f"sig must be an int, not {sig!r}")
+        if sig not in signal.valid_signals():
+            raise ValueError(f"invalid signal number {sig}")
+
+    def add_signal_handler(self, sig, callback, *args):
+        """Call ``callback(*args)`` from the loop when signal ``sig`` arrives (main thread
+        only). Raises ValueError for an invalid signal, RuntimeError when it cannot be set."""
+        if coroutines.iscoroutine(callback) or coroutines.iscoroutinefunction(callback):
+            raise TypeError("coroutines cannot be used with add_signal_handler()")
+        self._check_signal(sig)
+        self._check_closed()
+        try:
+            # Raises ValueError when not on the main thread of the main interpreter.
+            signal.set_wakeup_fd(self._wakeup_fd(), warn_on_full_buffer=False)
+        except (ValueError, OSError) as exc:
+            raise RuntimeError(str(exc))
+        handle = self._make_handle(callback, args)
+        self._signal_handlers[sig] = handle
+        try:
+            # The Python-level handler does nothing; the C-level one writes the signal number
+            # to the wake-up fd, and the loop dispatches it (see _handle_signal).
+            signal.signal(sig, _sighandler_noop)
+            # Restart interrupted system calls, as asyncio does.
+            signal.siginterrupt(sig, False)
+        except OSError as exc:
+            del self._signal_handlers[sig]
+            if not self._signal_handlers:
+                self._reset_wakeup_fd()
+            if exc.errno == errno.EINVAL:
+                raise RuntimeError(f"sig {sig:d} cannot be caught")
+            raise
+
+    def remove_signal_handler(self, sig):
+        """Remove the handler for ``sig``; True if one was set."""
+        self._check_signal(sig)
+        try:
+            del self._signal_handlers[sig]
+        except KeyError:
+            return False
+        handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        try:
+            signal.signal(sig, handler)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise RuntimeError(f"sig {sig:d} cannot be caught")
+            raise
+        if not self._signal_handlers:
+            self._reset_wakeup_fd()
+        return True
+
+    def _reset_wakeup_fd(self):
+        try:
+            signal.set_wakeup_fd(-1)
+        except (ValueError, OSError) as exc:
+            logger.info("set_wakeup_fd(-1) failed: %s", exc)
+
+    def _handle_signal(self, sig):
+        """Called by the core for each signal number read from the wake-up fd."""
+        handle = self._signal_handlers.get(sig)
+        if handle is None:
+            return
+        if handle._cancelled:
+            self.remove_signal_handler(sig)
+        else:
+            self._add_callback(handle)

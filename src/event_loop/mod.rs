@@ -1,0 +1,589 @@
+//! `LoopCore`: the part of the event loop that runs per callback, per timer and per I/O event.
+//!
+//! Ground rules:
+//! - `run_once` is the only place callbacks run. An iteration runs exactly the handles that were
+//!   ready when it started running callbacks; due timers join the ready queue after the poll,
+//!   behind earlier `call_soon` callbacks; equal deadlines fire in scheduling order.
+//! - State lives in one `GilCell`; no borrow of it is ever held across a call into Python.
+//! - Rare paths (loop setup, exception reporting, signals, debug logging) are Python methods of
+//!   the `ferroloop.Loop` subclass, called by name.
+//!
+//! The Python-facing names are asyncio's (`call_soon`, `_run_once`, `_write_to_self`, ...), so a
+//! reader can hold this file against `asyncio/base_events.py` and `selector_events.py`.
+
+mod ready;
+mod run;
+pub mod timers;
+
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use pyo3::{intern, PyTraverseError};
+
+use crate::handles::{Handle, TimerHandle};
+use crate::py::{self, GilCell};
+use crate::reactor::{Reactor, Which};
+use crate::sys;
+use ready::ReadyQueue;
+use timers::TimerHeap;
+
+/// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
+const MAX_POLL_TIMEOUT_MS: i64 = 24 * 3600 * 1000;
+
+pub(crate) struct State {
+    ready: ReadyQueue<Py<Handle>>,
+    timers: TimerHeap<Py<TimerHandle>>,
+    timer_cancelled_count: usize,
+    closed: bool,
+    stopping: bool,
+    debug: bool,
+    thread_id: Option<u64>,
+    current_handle: Option<Py<Handle>>,
+    slow_callback_duration: f64,
+    /// True while the loop thread is (about to be) blocked in the poll: only then does
+    /// `call_soon_threadsafe` need to write the waker.
+    polling: bool,
+    reactor: Option<Reactor<Py<PyAny>>>,
+}
+
+#[pyclass(frozen, subclass, module = "ferroloop._ferroloop")]
+pub struct LoopCore {
+    state: GilCell<State>,
+}
+
+/// Seconds (float) to integer nanoseconds, rounding up so a timer never fires before its time.
+fn secs_to_ns(when: f64) -> i64 {
+    (when * 1e9).ceil() as i64
+}
+
+fn ns_to_secs(ns: i64) -> f64 {
+    ns as f64 / 1e9
+}
+
+fn closed_err() -> PyErr {
+    PyRuntimeError::new_err("Event loop is closed")
+}
+
+impl LoopCore {
+    pub(crate) fn debug(&self, py: Python<'_>) -> bool {
+        self.state.borrow(py).debug
+    }
+
+    pub(crate) fn timer_handle_cancelled(&self, py: Python<'_>) {
+        self.state.borrow_mut(py).timer_cancelled_count += 1;
+    }
+
+    fn check_thread(&self, py: Python<'_>) -> PyResult<()> {
+        let st = self.state.borrow(py);
+        if let Some(tid) = st.thread_id {
+            if tid != sys::thread_ident() {
+                return Err(PyRuntimeError::new_err(
+                    "Non-thread-safe operation invoked on an event loop other than the current one",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks shared by call_soon / call_at: closed loop, wrong thread (debug), bad callback.
+    #[inline]
+    fn check_schedule(&self, py: Python<'_>, callback: &Bound<'_, PyAny>, method: &str) -> PyResult<bool> {
+        let (closed, debug) = {
+            let st = self.state.borrow(py);
+            (st.closed, st.debug)
+        };
+        if closed {
+            return Err(closed_err());
+        }
+        if debug {
+            self.check_thread(py)?;
+        }
+        py::check_callback(py, callback, method)?;
+        Ok(debug)
+    }
+
+    fn new_handle(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+        debug: bool,
+    ) -> PyResult<Handle> {
+        Handle::new(
+            slf.py(),
+            callback.clone().unbind(),
+            args.clone().unbind(),
+            slf.clone().into_any().unbind(),
+            context.map(Bound::unbind),
+            debug,
+        )
+    }
+
+    fn push_ready(&self, py: Python<'_>, h: Py<Handle>) {
+        self.state.borrow_mut(py).ready.push(h);
+    }
+
+    /// Write the waker if the loop is blocked (or about to block) in the poll.
+    fn wake_if_polling(&self, py: Python<'_>) {
+        let st = self.state.borrow(py);
+        if st.polling {
+            if let Some(r) = &st.reactor {
+                sys::write_wakeup(r.wake_write_fd());
+            }
+        }
+    }
+
+    fn schedule_timer(
+        slf: &Bound<'_, Self>,
+        when: f64,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        let py = slf.py();
+        let core = slf.get();
+        let debug = core.check_schedule(py, callback, "call_at")?;
+        let when_ns = secs_to_ns(when);
+        let base = Self::new_handle(slf, callback, args, context, debug)?;
+        let th = TimerHandle::new(when);
+        th.set_scheduled(true);
+        let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
+        core.state.borrow_mut(py).timers.push(when_ns, obj.clone_ref(py));
+        Ok(obj)
+    }
+}
+
+/// `selectors._fileobj_to_fd`: an int, or an object with `fileno()`; same errors.
+fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+    let fd: i64 = if fileobj.is_instance_of::<pyo3::types::PyInt>() {
+        fileobj.extract()?
+    } else {
+        let r = fileobj
+            .call_method0(intern!(fileobj.py(), "fileno"))
+            .and_then(|n| n.call_method0(intern!(fileobj.py(), "__index__")).or_else(|_| n.call_method0("__int__")))
+            .and_then(|n| n.extract::<i64>());
+        match r {
+            Ok(fd) => fd,
+            Err(e)
+                if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(fileobj.py())
+                    || e.is_instance_of::<PyTypeError>(fileobj.py())
+                    || e.is_instance_of::<PyValueError>(fileobj.py()) =>
+            {
+                return Err(PyValueError::new_err(format!("Invalid file object: {}", fileobj.repr()?)));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if fd < 0 || fd > i32::MAX as i64 {
+        return Err(PyValueError::new_err(format!("Invalid file descriptor: {fd}")));
+    }
+    Ok(fd as RawFd)
+}
+
+impl LoopCore {
+    /// Resolve a file object to its registered fd, finding a closed object by identity the way
+    /// `selectors` does.
+    fn lookup_fd(&self, py: Python<'_>, fileobj: &Bound<'_, PyAny>) -> PyResult<Option<RawFd>> {
+        match fileobj_to_fd(fileobj) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if e.is_instance_of::<PyValueError>(py) => {
+                let st = self.state.borrow(py);
+                let found = st.reactor.as_ref().and_then(|r| {
+                    r.registry
+                        .iter()
+                        .find_map(|(fd, e)| e.fileobj.as_ref().filter(|o| o.bind(py).is(fileobj)).map(|_| *fd))
+                });
+                match found {
+                    Some(fd) => Ok(Some(fd)),
+                    None => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn add_io(
+        slf: &Bound<'_, Self>,
+        which: Which,
+        fileobj: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let core = slf.get();
+        let fd = fileobj_to_fd(fileobj)?;
+        let (closed, debug) = {
+            let st = core.state.borrow(py);
+            (st.closed, st.debug)
+        };
+        if closed {
+            return Err(closed_err());
+        }
+        let handle = Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
+        let (old, old_fileobj) = {
+            let mut st = core.state.borrow_mut(py);
+            let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
+            reactor.set(fd, fileobj.clone().unbind(), which, handle.clone_ref(py).into_any())?
+        };
+        drop(old_fileobj);
+        if let Some(old) = old {
+            old.bind(py).call_method0(intern!(py, "cancel"))?;
+        }
+        Ok(handle)
+    }
+
+    fn remove_io(&self, py: Python<'_>, which: Which, fileobj: &Bound<'_, PyAny>) -> PyResult<bool> {
+        if self.state.borrow(py).closed {
+            return Ok(false);
+        }
+        let Some(fd) = self.lookup_fd(py, fileobj)? else { return Ok(false) };
+        let (old, old_fileobj) = {
+            let mut st = self.state.borrow_mut(py);
+            match st.reactor.as_mut() {
+                Some(r) => r.unset(fd, which)?,
+                None => (None, None),
+            }
+        };
+        drop(old_fileobj);
+        match old {
+            Some(h) => {
+                h.bind(py).call_method0(intern!(py, "cancel"))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+#[pymethods]
+impl LoopCore {
+    #[new]
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn py_new(py: Python<'_>, _args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let _ = py::cached(py)?;
+        let reactor = Reactor::new()?;
+        Ok(Self {
+            state: GilCell::new(State {
+                ready: ReadyQueue::default(),
+                timers: TimerHeap::default(),
+                timer_cancelled_count: 0,
+                closed: false,
+                stopping: false,
+                debug: false,
+                thread_id: None,
+                current_handle: None,
+                slow_callback_duration: 0.1,
+                polling: false,
+                reactor: Some(reactor),
+            }),
+        })
+    }
+
+    // --- scheduling ----------------------------------------------------------------------
+
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let core = slf.get();
+        let debug = core.check_schedule(py, callback, "call_soon")?;
+        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        core.push_ready(py, h.clone_ref(py));
+        Ok(h)
+    }
+
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon_threadsafe(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let core = slf.get();
+        if core.state.borrow(py).closed {
+            return Err(closed_err());
+        }
+        py::check_callback(py, callback, "call_soon_threadsafe")?;
+        let debug = core.debug(py);
+        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        core.push_ready(py, h.clone_ref(py));
+        core.wake_if_polling(py);
+        Ok(h)
+    }
+
+    #[pyo3(signature = (delay, callback, *args, context=None))]
+    fn call_later(
+        slf: &Bound<'_, Self>,
+        delay: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if delay.is_none() {
+            return Err(PyTypeError::new_err("delay must not be None"));
+        }
+        let delay: f64 = delay.extract()?;
+        let now = ns_to_secs(sys::monotonic_ns());
+        Self::schedule_timer(slf, now + delay, callback, args, context)
+    }
+
+    #[pyo3(signature = (when, callback, *args, context=None))]
+    fn call_at(
+        slf: &Bound<'_, Self>,
+        when: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if when.is_none() {
+            return Err(PyTypeError::new_err("when cannot be None"));
+        }
+        let when: f64 = when.extract()?;
+        Self::schedule_timer(slf, when, callback, args, context)
+    }
+
+    fn time(&self) -> f64 {
+        ns_to_secs(sys::monotonic_ns())
+    }
+
+    /// A handle for `callback(*args)` that is not scheduled (signal handlers use it).
+    fn _make_handle(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        let debug = slf.get().debug(slf.py());
+        Py::new(slf.py(), Self::new_handle(slf, callback, args, None, debug)?)
+    }
+
+    /// Queue an existing handle (asyncio's `_add_callback`).
+    fn _add_callback(&self, py: Python<'_>, handle: &Bound<'_, Handle>) {
+        if !handle.get().is_cancelled() {
+            self.push_ready(py, handle.clone().unbind());
+        }
+    }
+
+    fn _add_callback_signalsafe(&self, py: Python<'_>, handle: &Bound<'_, Handle>) {
+        self._add_callback(py, handle);
+        self._write_to_self(py);
+    }
+
+    fn _timer_handle_cancelled(&self, py: Python<'_>, handle: &Bound<'_, TimerHandle>) {
+        if handle.get().is_scheduled() {
+            self.timer_handle_cancelled(py);
+        }
+    }
+
+    fn _write_to_self(&self, py: Python<'_>) {
+        if let Some(r) = &self.state.borrow(py).reactor {
+            sys::write_wakeup(r.wake_write_fd());
+        }
+    }
+
+    /// The fd that `signal.set_wakeup_fd` should write to, or -1 once closed.
+    fn _wakeup_fd(&self, py: Python<'_>) -> RawFd {
+        self.state.borrow(py).reactor.as_ref().map_or(-1, |r| r.wake_write_fd())
+    }
+
+    fn _check_callback(&self, py: Python<'_>, callback: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {
+        py::check_callback(py, callback, method)
+    }
+
+    fn _check_thread(&self, py: Python<'_>) -> PyResult<()> {
+        self.check_thread(py)
+    }
+
+    // --- running -------------------------------------------------------------------------
+
+    fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
+        run::run_once(slf)
+    }
+
+    /// The body of `run_forever` between its set-up and clean-up (done in Python).
+    fn _run_forever_inner(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        loop {
+            run::run_once(slf)?;
+            if slf.get().state.borrow(py).stopping {
+                return Ok(());
+            }
+        }
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        self.state.borrow_mut(py).stopping = true;
+    }
+
+    fn is_running(&self, py: Python<'_>) -> bool {
+        self.state.borrow(py).thread_id.is_some()
+    }
+
+    fn is_closed(&self, py: Python<'_>) -> bool {
+        self.state.borrow(py).closed
+    }
+
+    fn get_debug(&self, py: Python<'_>) -> bool {
+        self.debug(py)
+    }
+
+    /// Mark closed, drop queued work and registrations, close the poller and the waker.
+    fn _close_core(&self, py: Python<'_>) {
+        let (ready, timers, entries, reactor, current) = {
+            let mut st = self.state.borrow_mut(py);
+            st.closed = true;
+            let ready: Vec<_> = st.ready.drain().collect();
+            let timers: Vec<_> = st.timers.drain().collect();
+            st.timer_cancelled_count = 0;
+            let mut reactor = st.reactor.take();
+            let entries = reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
+            (ready, timers, entries, reactor, st.current_handle.take())
+        };
+        for t in timers.iter() {
+            t.get().set_scheduled(false);
+        }
+        // Dropped here, outside the borrow: their destructors may run Python code.
+        drop((ready, timers, entries, reactor, current));
+    }
+
+    // --- readers and writers -------------------------------------------------------------
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn _add_reader(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        Self::add_io(slf, Which::Reader, fd, callback, args)
+    }
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn _add_writer(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        Self::add_io(slf, Which::Writer, fd, callback, args)
+    }
+
+    fn _remove_reader(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.remove_io(py, Which::Reader, fd)
+    }
+
+    fn _remove_writer(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.remove_io(py, Which::Writer, fd)
+    }
+
+    /// The fds currently watched (for tests and `close()` bookkeeping).
+    fn _watched_fds(&self, py: Python<'_>) -> Vec<RawFd> {
+        let st = self.state.borrow(py);
+        let mut v: Vec<RawFd> = st.reactor.as_ref().map(|r| r.registry.keys().copied().collect()).unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    // --- state that asyncio keeps as attributes ------------------------------------------
+
+    #[getter(_debug)]
+    fn getter_attr_debug(&self, py: Python<'_>) -> bool {
+        self.debug(py)
+    }
+    #[setter(_debug)]
+    fn setter_attr_debug(&self, py: Python<'_>, v: bool) {
+        self.state.borrow_mut(py).debug = v;
+    }
+
+    #[getter(_closed)]
+    fn getter_attr_closed(&self, py: Python<'_>) -> bool {
+        self.state.borrow(py).closed
+    }
+
+    #[getter(_stopping)]
+    fn getter_attr_stopping(&self, py: Python<'_>) -> bool {
+        self.state.borrow(py).stopping
+    }
+    #[setter(_stopping)]
+    fn setter_attr_stopping(&self, py: Python<'_>, v: bool) {
+        self.state.borrow_mut(py).stopping = v;
+    }
+
+    #[getter(_thread_id)]
+    fn getter_attr_thread_id(&self, py: Python<'_>) -> Option<u64> {
+        self.state.borrow(py).thread_id
+    }
+    #[setter(_thread_id)]
+    fn setter_attr_thread_id(&self, py: Python<'_>, v: Option<u64>) {
+        self.state.borrow_mut(py).thread_id = v;
+    }
+
+    #[getter(_current_handle)]
+    fn getter_attr_current_handle(&self, py: Python<'_>) -> Option<Py<Handle>> {
+        self.state.borrow(py).current_handle.as_ref().map(|h| h.clone_ref(py))
+    }
+
+    #[getter(slow_callback_duration)]
+    fn getter_attrslow_callback_duration(&self, py: Python<'_>) -> f64 {
+        self.state.borrow(py).slow_callback_duration
+    }
+    #[setter(slow_callback_duration)]
+    fn setter_attrslow_callback_duration(&self, py: Python<'_>, v: f64) {
+        self.state.borrow_mut(py).slow_callback_duration = v;
+    }
+
+    #[getter(_timer_cancelled_count)]
+    fn getter_attr_timer_cancelled_count(&self, py: Python<'_>) -> usize {
+        self.state.borrow(py).timer_cancelled_count
+    }
+
+    #[getter(_clock_resolution)]
+    fn getter_attr_clock_resolution(&self) -> f64 {
+        1e-9
+    }
+
+    /// Number of handles waiting in the ready queue, and of scheduled timers.
+    fn _queue_sizes(&self, py: Python<'_>) -> (usize, usize) {
+        let st = self.state.borrow(py);
+        (st.ready.len(), st.timers.len())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        let Some(st) = self.state.try_borrow_unguarded() else { return Ok(()) };
+        for h in st.ready.iter() {
+            visit.call(h)?;
+        }
+        for t in st.timers.iter() {
+            visit.call(t)?;
+        }
+        visit.call(&st.current_handle)?;
+        if let Some(r) = &st.reactor {
+            for e in r.registry.values() {
+                visit.call(&e.fileobj)?;
+                visit.call(&e.reader)?;
+                visit.call(&e.writer)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        Python::attach(|py| {
+            let (ready, timers, entries, current) = {
+                let mut st = self.state.borrow_mut(py);
+                let ready: Vec<_> = st.ready.drain().collect();
+                let timers: Vec<_> = st.timers.drain().collect();
+                let entries = st.reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
+                (ready, timers, entries, st.current_handle.take())
+            };
+            drop((ready, timers, entries, current));
+        });
+    }
+}

@@ -1,0 +1,189 @@
+//! One iteration of the loop: asyncio's `BaseEventLoop._run_once`, in Rust.
+//!
+//! 1. drop cancelled timers (compacting the heap when they are over half of it),
+//! 2. poll: without blocking when work is ready or a stop is pending, else until the next
+//!    deadline; the GIL is released only for a poll that may block,
+//! 3. queue the handles of ready fds, handle signals and run Python signal handlers,
+//! 4. move due timers behind what is already queued,
+//! 5. run exactly the handles queued so far.
+
+use std::io;
+
+use pyo3::intern;
+use pyo3::prelude::*;
+
+use super::{timers, LoopCore, MAX_POLL_TIMEOUT_MS};
+use crate::handles::{self, Handle, TimerHandle};
+use crate::reactor::{self, Which, WAKER_TOKEN};
+use crate::sys::{self, Event};
+
+fn timer_cancelled(py: Python<'_>, t: &Py<TimerHandle>) -> bool {
+    t.bind(py).as_super().get().is_cancelled()
+}
+
+pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    let py = slf.py();
+    let core = slf.get();
+    // Objects removed under the borrow are dropped after it: a drop can run Python code.
+    let mut garbage: Vec<Py<TimerHandle>> = Vec::new();
+
+    // 1 + 2a: purge cancelled timers, compute the poll timeout.
+    let (timeout_ms, epoll, mut buf) = {
+        let mut st = core.state.borrow_mut(py);
+        if timers::should_compact(st.timers.len(), st.timer_cancelled_count) {
+            st.timers.compact(|t| timer_cancelled(py, t), &mut garbage);
+            st.timer_cancelled_count = 0;
+        } else {
+            st.timers.pop_cancelled_head(|t| timer_cancelled(py, t), &mut garbage);
+            st.timer_cancelled_count = st.timer_cancelled_count.saturating_sub(garbage.len());
+        }
+        let timeout_ms: i32 = if !st.ready.is_empty() || st.stopping {
+            0
+        } else if let Some(when_ns) = st.timers.peek_when() {
+            let delta = when_ns.saturating_sub(sys::monotonic_ns());
+            if delta <= 0 {
+                0
+            } else {
+                // Round up: waking early would just poll again.
+                (delta.saturating_add(999_999) / 1_000_000).min(MAX_POLL_TIMEOUT_MS) as i32
+            }
+        } else {
+            -1
+        };
+        let Some(reactor) = st.reactor.as_mut() else {
+            return Err(super::closed_err());
+        };
+        let epoll = reactor.epoll();
+        let buf = reactor.take_buf();
+        st.polling = timeout_ms != 0;
+        (timeout_ms, epoll, buf)
+    };
+    for t in garbage.drain(..) {
+        t.get().set_scheduled(false);
+    }
+    drop(garbage);
+
+    // 2b: poll.
+    let mut events: Vec<Event> = Vec::new();
+    let res = if timeout_ms == 0 {
+        reactor::poll(&epoll, &mut buf, &mut events, 0)
+    } else {
+        py.detach(|| reactor::poll(&epoll, &mut buf, &mut events, timeout_ms))
+    };
+    let interrupted = match res {
+        Ok(_) => false,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+        Err(e) => {
+            let mut st = core.state.borrow_mut(py);
+            st.polling = false;
+            if let Some(r) = st.reactor.as_mut() {
+                r.put_buf(buf);
+            }
+            return Err(e.into());
+        }
+    };
+
+    // 3: dispatch readiness.
+    let mut signals: Vec<u8> = Vec::new();
+    let mut stale: Vec<(i32, Which)> = Vec::new();
+    {
+        let mut st = core.state.borrow_mut(py);
+        st.polling = false;
+        let st = &mut *st;
+        if let Some(r) = st.reactor.as_mut() {
+            r.put_buf(buf);
+            for ev in events.iter() {
+                if ev.token == WAKER_TOKEN {
+                    sys::drain_wakeup(r.wake_read_fd(), &mut signals);
+                    continue;
+                }
+                let fd = ev.token as i32;
+                let Some(entry) = r.registry.get(&fd) else { continue };
+                for (ready, slot, which) in
+                    [(ev.readable, &entry.reader, Which::Reader), (ev.writable, &entry.writer, Which::Writer)]
+                {
+                    if !ready {
+                        continue;
+                    }
+                    let Some(item) = slot else { continue };
+                    let Ok(h) = item.bind(py).cast::<Handle>() else { continue };
+                    if h.get().is_cancelled() {
+                        stale.push((fd, which));
+                    } else {
+                        st.ready.push(h.clone().unbind());
+                    }
+                }
+            }
+        }
+    }
+    if !stale.is_empty() {
+        let mut dropped = Vec::new();
+        {
+            let mut st = core.state.borrow_mut(py);
+            if let Some(r) = st.reactor.as_mut() {
+                for (fd, which) in stale {
+                    dropped.push(r.unset(fd, which)?);
+                }
+            }
+        }
+        drop(dropped);
+    }
+    for sig in signals {
+        slf.call_method1(intern!(py, "_handle_signal"), (sig,))?;
+    }
+    if interrupted || timeout_ms != 0 {
+        // Run Python-level signal handlers now (KeyboardInterrupt surfaces here).
+        py.check_signals()?;
+    }
+
+    // 4: due timers join the ready queue.
+    let ntodo = {
+        let now_ns = sys::monotonic_ns();
+        let mut st = core.state.borrow_mut(py);
+        while let Some(t) = st.timers.pop_due(now_ns) {
+            t.get().set_scheduled(false);
+            st.ready.push(t.into_bound(py).into_super().unbind());
+        }
+        st.ready.begin_iteration()
+    };
+
+    // 5: run what was ready when this iteration began.
+    for _ in 0..ntodo {
+        let (handle, debug) = {
+            let mut st = core.state.borrow_mut(py);
+            (st.ready.pop(), st.debug)
+        };
+        let Some(handle) = handle else { break };
+        let h = handle.bind(py);
+        if h.get().is_cancelled() {
+            continue;
+        }
+        if debug {
+            run_debug(slf, h)?;
+        } else {
+            handles::run_handle(py, h)?;
+        }
+    }
+    Ok(())
+}
+
+/// Debug mode: remember the running handle and warn about slow callbacks.
+fn run_debug(slf: &Bound<'_, LoopCore>, h: &Bound<'_, Handle>) -> PyResult<()> {
+    let py = slf.py();
+    let core = slf.get();
+    let prev = core.state.borrow_mut(py).current_handle.replace(h.clone().unbind());
+    drop(prev);
+    let t0 = sys::monotonic_ns();
+    let res = handles::run_handle(py, h);
+    let dt = (sys::monotonic_ns() - t0) as f64 / 1e9;
+    let (prev, slow) = {
+        let mut st = core.state.borrow_mut(py);
+        (st.current_handle.take(), st.slow_callback_duration)
+    };
+    drop(prev);
+    res?;
+    if dt >= slow {
+        slf.call_method1(intern!(py, "_log_slow_callback"), (h, dt))?;
+    }
+    Ok(())
+}

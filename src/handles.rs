@@ -1,0 +1,338 @@
+//! `Handle` and `TimerHandle`: asyncio's callback handles, with the same public API
+//! (`cancel`, `cancelled`, `when`, `get_context`, repr) and the private attributes that
+//! asyncio's helpers read (`_callback`, `_args`, `_cancelled`, `_loop`, `_source_traceback`).
+//!
+//! Ground rules: a handle's callback and args are cleared on cancel (so a cancelled timer does
+//! not keep its arguments alive), and are cloned out before the call, never borrowed across it,
+//! so a callback may cancel its own handle.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pyo3::basic::CompareOp;
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::types::{PyFloat, PyString, PyTuple};
+use pyo3::{intern, PyTraverseError};
+
+use crate::event_loop::LoopCore;
+use crate::py::{self, GilCell};
+
+#[pyclass(frozen, subclass, weakref, module = "ferroloop._ferroloop")]
+pub struct Handle {
+    callback: GilCell<Option<Py<PyAny>>>,
+    args: GilCell<Option<Py<PyTuple>>>,
+    context: Py<PyAny>,
+    loop_: Py<PyAny>,
+    cancelled: AtomicBool,
+    source_traceback: Option<Py<PyAny>>,
+    repr_cache: GilCell<Option<Py<PyString>>>,
+}
+
+impl Handle {
+    pub(crate) fn new(
+        py: Python<'_>,
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+        loop_: Py<PyAny>,
+        context: Option<Py<PyAny>>,
+        debug: bool,
+    ) -> PyResult<Self> {
+        let context = match context {
+            Some(c) => c,
+            None => py::copy_context(py)?,
+        };
+        let source_traceback = if debug { py::source_traceback(py)? } else { None };
+        Ok(Self {
+            callback: GilCell::new(Some(callback)),
+            args: GilCell::new(Some(args)),
+            context,
+            loop_,
+            cancelled: AtomicBool::new(false),
+            source_traceback,
+            repr_cache: GilCell::new(None),
+        })
+    }
+
+    #[inline]
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    fn do_cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let h = slf.get();
+        if h.cancelled.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Like asyncio: in debug mode the repr is kept, since the callback is about to go.
+        if loop_debug(py, &h.loop_) {
+            let r = Self::build_repr(slf)?;
+            *h.repr_cache.borrow_mut(py) = Some(r);
+        }
+        let cb = h.callback.borrow_mut(py).take();
+        let args = h.args.borrow_mut(py).take();
+        drop((cb, args));
+        Ok(())
+    }
+
+    fn repr_info(slf: &Bound<'_, Self>) -> PyResult<Vec<String>> {
+        let py = slf.py();
+        let h = slf.get();
+        let mut info = vec![slf.get_type().name()?.to_string()];
+        if h.is_cancelled() {
+            info.push("cancelled".to_owned());
+        }
+        let cb = h.callback.borrow(py).as_ref().map(|c| c.clone_ref(py));
+        let args = h.args.borrow(py).as_ref().map(|a| a.clone_ref(py));
+        if let Some(cb) = cb {
+            let c = py::cached(py)?;
+            let f = c.format_callback_source.bind(py);
+            let s = if c.debug_format_takes_flag {
+                let debug = loop_debug(py, &h.loop_);
+                let kw = pyo3::types::PyDict::new(py);
+                kw.set_item("debug", debug)?;
+                f.call((cb, args), Some(&kw))?
+            } else {
+                f.call1((cb, args))?
+            };
+            info.push(s.extract::<String>()?);
+        }
+        if let Some(tb) = &h.source_traceback {
+            let tb = tb.bind(py);
+            if tb.len()? > 0 {
+                let frame = tb.get_item(-1)?;
+                info.push(format!("created at {}:{}", frame.get_item(0)?.str()?, frame.get_item(1)?.str()?));
+            }
+        }
+        Ok(info)
+    }
+
+    fn build_repr(slf: &Bound<'_, Self>) -> PyResult<Py<PyString>> {
+        let mut info = Self::repr_info(slf)?;
+        if let Ok(th) = slf.cast::<TimerHandle>() {
+            let pos = if slf.get().is_cancelled() { 2 } else { 1 };
+            let when = PyFloat::new(slf.py(), th.get().when).repr()?.to_string();
+            info.insert(pos.min(info.len()), format!("when={when}"));
+        }
+        Ok(PyString::new(slf.py(), &format!("<{}>", info.join(" "))).unbind())
+    }
+}
+
+/// Run a handle's callback in its context. Errors other than `KeyboardInterrupt`/`SystemExit`
+/// go to the loop's exception handler; those two are returned for the loop to re-raise.
+pub(crate) fn run_handle(py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult<()> {
+    let h = handle.get();
+    let cb = match h.callback.borrow(py).as_ref() {
+        Some(c) => c.clone_ref(py),
+        None => return Ok(()),
+    };
+    let args = match h.args.borrow(py).as_ref() {
+        Some(a) => a.clone_ref(py),
+        None => return Ok(()),
+    };
+    let cb = cb.into_bound(py);
+    let args = args.into_bound(py);
+    match py::call_in_context(py, &h.context, &cb, &args) {
+        Ok(_) => Ok(()),
+        Err(err) if py::is_fatal(py, &err) => Err(err),
+        Err(err) => report_callback_error(py, handle, &cb, &args, err),
+    }
+}
+
+fn report_callback_error(
+    py: Python<'_>,
+    handle: &Bound<'_, Handle>,
+    cb: &Bound<'_, PyAny>,
+    args: &Bound<'_, PyTuple>,
+    err: PyErr,
+) -> PyResult<()> {
+    let loop_ = handle.get().loop_.bind(py);
+    let exc = err.into_value(py);
+    match loop_.call_method1(intern!(py, "_report_callback_error"), (handle, cb, args, exc)) {
+        Ok(_) => Ok(()),
+        Err(e) if py::is_fatal(py, &e) => Err(e),
+        Err(e) => {
+            e.write_unraisable(py, Some(loop_));
+            Ok(())
+        }
+    }
+}
+
+#[pymethods]
+impl Handle {
+    fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::do_cancel(slf)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.is_cancelled()
+    }
+
+    fn get_context(&self, py: Python<'_>) -> Py<PyAny> {
+        self.context.clone_ref(py)
+    }
+
+    fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
+        run_handle(slf.py(), slf)
+    }
+
+    #[getter]
+    fn _callback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.callback.borrow(py).as_ref().map(|c| c.clone_ref(py))
+    }
+
+    #[getter]
+    fn _args(&self, py: Python<'_>) -> Option<Py<PyTuple>> {
+        self.args.borrow(py).as_ref().map(|a| a.clone_ref(py))
+    }
+
+    #[getter]
+    fn _cancelled(&self) -> bool {
+        self.is_cancelled()
+    }
+
+    #[getter]
+    fn _loop(&self, py: Python<'_>) -> Py<PyAny> {
+        self.loop_.clone_ref(py)
+    }
+
+    #[getter]
+    fn _context(&self, py: Python<'_>) -> Py<PyAny> {
+        self.context.clone_ref(py)
+    }
+
+    #[getter]
+    fn _source_traceback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.source_traceback.as_ref().map(|t| t.clone_ref(py))
+    }
+
+    #[getter]
+    fn _repr(&self, py: Python<'_>) -> Option<Py<PyString>> {
+        self.repr_cache.borrow(py).as_ref().map(|r| r.clone_ref(py))
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<Py<PyString>> {
+        if let Some(r) = slf.get().repr_cache.borrow(slf.py()).as_ref() {
+            return Ok(r.clone_ref(slf.py()));
+        }
+        Self::build_repr(slf)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(cb) = self.callback.try_borrow_unguarded() {
+            visit.call(cb.as_ref())?;
+        }
+        if let Some(args) = self.args.try_borrow_unguarded() {
+            visit.call(args.as_ref())?;
+        }
+        visit.call(&self.context)?;
+        visit.call(&self.loop_)?;
+        visit.call(&self.source_traceback)?;
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        Python::attach(|py| {
+            let cb = self.callback.borrow_mut(py).take();
+            let args = self.args.borrow_mut(py).take();
+            drop((cb, args));
+        });
+    }
+}
+
+#[pyclass(frozen, extends = Handle, module = "ferroloop._ferroloop")]
+pub struct TimerHandle {
+    pub(crate) when: f64,
+    scheduled: AtomicBool,
+}
+
+impl TimerHandle {
+    pub(crate) fn new(when: f64) -> Self {
+        Self { when, scheduled: AtomicBool::new(false) }
+    }
+
+    pub(crate) fn is_scheduled(&self) -> bool {
+        self.scheduled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_scheduled(&self, v: bool) {
+        self.scheduled.store(v, Ordering::Relaxed);
+    }
+}
+
+#[pymethods]
+impl TimerHandle {
+    fn when(&self) -> f64 {
+        self.when
+    }
+
+    fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let base = slf.as_super();
+        if !base.get().is_cancelled() && slf.get().scheduled.load(Ordering::Relaxed) {
+            if let Ok(core) = base.get().loop_.bind(py).cast::<LoopCore>() {
+                core.get().timer_handle_cancelled(py);
+            }
+        }
+        Handle::do_cancel(base)
+    }
+
+    #[getter]
+    fn _when(&self) -> f64 {
+        self.when
+    }
+
+    #[getter]
+    fn _scheduled(&self) -> bool {
+        self.scheduled.load(Ordering::Relaxed)
+    }
+
+    fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
+        PyFloat::new(py, self.when).hash()
+    }
+
+    fn __richcmp__(slf: &Bound<'_, Self>, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let Ok(other) = other.cast::<TimerHandle>() else {
+            return Ok(py.NotImplemented());
+        };
+        let (a, b) = (slf.get().when, other.get().when);
+        let r = match op {
+            CompareOp::Lt => a < b,
+            CompareOp::Le => a < b || slf.eq(other)?,
+            CompareOp::Gt => a > b,
+            CompareOp::Ge => a > b || slf.eq(other)?,
+            CompareOp::Eq => timer_eq(slf, other)?,
+            CompareOp::Ne => !timer_eq(slf, other)?,
+        };
+        Ok(pyo3::types::PyBool::new(py, r).to_owned().into_any().unbind())
+    }
+}
+
+fn timer_eq(a: &Bound<'_, TimerHandle>, b: &Bound<'_, TimerHandle>) -> PyResult<bool> {
+    if a.is(b) {
+        return Ok(true);
+    }
+    let py = a.py();
+    let (ha, hb) = (a.as_super().get(), b.as_super().get());
+    if a.get().when != b.get().when || ha.is_cancelled() != hb.is_cancelled() {
+        return Ok(false);
+    }
+    Ok(opt_eq(py, &ha._callback(py), &hb._callback(py))? && opt_eq(py, &ha._args(py), &hb._args(py))?)
+}
+
+fn opt_eq<T>(py: Python<'_>, a: &Option<Py<T>>, b: &Option<Py<T>>) -> PyResult<bool> {
+    match (a, b) {
+        (None, None) => Ok(true),
+        (Some(a), Some(b)) => a.bind(py).as_any().eq(b.bind(py).as_any()),
+        _ => Ok(false),
+    }
+}
+
+/// The loop's debug flag, read directly when it is ours.
+fn loop_debug(py: Python<'_>, loop_: &Py<PyAny>) -> bool {
+    match loop_.bind(py).cast::<LoopCore>() {
+        Ok(core) => core.get().debug(py),
+        Err(_) => loop_.bind(py).call_method0(intern!(py, "get_debug")).and_then(|d| d.is_truthy()).unwrap_or(false),
+    }
+}

@@ -1,0 +1,22 @@
+//! ferroloop: a drop-in replacement for asyncio's event loop.
+//!
+//! This file only wires the module together. See docs/DESIGN.md for the architecture:
+//! `event_loop` (scheduling, timers, `run_once`), `handles`, `reactor` (poller, registry,
+//! waker), `sys` (the OS), `py` (Python glue).
+
+use pyo3::prelude::*;
+
+mod event_loop;
+mod handles;
+mod py;
+mod reactor;
+mod sys;
+
+#[pymodule]
+fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<event_loop::LoopCore>()?;
+    m.add_class::<handles::Handle>()?;
+    m.add_class::<handles::TimerHandle>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

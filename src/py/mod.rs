@@ -1,0 +1,193 @@
+//! Python glue: the GIL-guarded cell, cached imports, running a callback inside its
+//! `contextvars.Context`, and asyncio's callback checks.
+
+use std::cell::{Ref, RefCell, RefMut};
+use std::collections::HashMap;
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyTuple, PyType};
+
+/// Interior mutability for frozen pyclasses, guarded by the GIL.
+///
+/// Every access takes a `Python<'_>` token, so the caller is attached to the interpreter; on a
+/// GIL build that serializes all threads that can reach the cell. The inner `RefCell` still
+/// catches re-entrant misuse (holding a borrow across a call into Python) as a bug.
+pub struct GilCell<T>(RefCell<T>);
+
+// SAFETY: all access goes through `borrow`/`borrow_mut`, which require a `Python<'_>` token, i.e.
+// the GIL is held; two threads can therefore never touch the RefCell at once. (A free-threaded
+// build would need a real lock here; see docs/DESIGN.md.)
+unsafe impl<T: Send> Sync for GilCell<T> {}
+
+impl<T> GilCell<T> {
+    pub const fn new(v: T) -> Self {
+        Self(RefCell::new(v))
+    }
+
+    #[inline]
+    pub fn borrow<'a>(&'a self, _py: Python<'_>) -> Ref<'a, T> {
+        self.0.borrow()
+    }
+
+    #[inline]
+    pub fn borrow_mut<'a>(&'a self, _py: Python<'_>) -> RefMut<'a, T> {
+        self.0.borrow_mut()
+    }
+
+    /// For `__traverse__`, which runs with the GIL held but without a token: skips (returns
+    /// None) when the value is mutably borrowed, which only hides edges from the collector.
+    pub fn try_borrow_unguarded(&self) -> Option<Ref<'_, T>> {
+        self.0.try_borrow().ok()
+    }
+}
+
+/// Imports used on rare paths, fetched once per process.
+pub struct Cached {
+    pub iscoroutine: Py<PyAny>,
+    pub iscoroutinefunction: Py<PyAny>,
+    pub format_callback_source: Py<PyAny>,
+    pub extract_stack: Py<PyAny>,
+    pub getframe: Py<PyAny>,
+    pub function_type: Py<PyType>,
+    pub method_type: Py<PyType>,
+    pub debug_format_takes_flag: bool,
+}
+
+static CACHED: PyOnceLock<Cached> = PyOnceLock::new();
+
+pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
+    CACHED.get_or_try_init(py, || {
+        let coroutines = py.import("asyncio.coroutines")?;
+        // 3.12 renamed the asyncio-aware check to a private name; the public one became
+        // inspect's. The private one is what the loop itself uses.
+        let iscorofunc = match coroutines.getattr("_iscoroutinefunction") {
+            Ok(f) => f,
+            Err(_) => coroutines.getattr("iscoroutinefunction")?,
+        };
+        let fh = py.import("asyncio.format_helpers")?;
+        let types = py.import("types")?;
+        let version = py.version_info();
+        Ok(Cached {
+            iscoroutine: coroutines.getattr("iscoroutine")?.unbind(),
+            iscoroutinefunction: iscorofunc.unbind(),
+            format_callback_source: fh.getattr("_format_callback_source")?.unbind(),
+            extract_stack: fh.getattr("extract_stack")?.unbind(),
+            getframe: py.import("sys")?.getattr("_getframe")?.unbind(),
+            function_type: types.getattr("FunctionType")?.cast_into::<PyType>()?.unbind(),
+            method_type: types.getattr("MethodType")?.cast_into::<PyType>()?.unbind(),
+            debug_format_takes_flag: version >= (3, 12),
+        })
+    })
+}
+
+/// Per-type answers of "is this a coroutine or coroutine function?" for instances that carry
+/// no `__dict__` (so the answer depends on the type alone): builtin methods, C task step
+/// wrappers, `functools.partial`-free callables.
+static TYPE_CACHE: PyOnceLock<GilCell<HashMap<usize, (Py<PyType>, bool)>>> = PyOnceLock::new();
+
+const CO_COROUTINE: i64 = 0x80;
+
+fn is_coroutine_like(py: Python<'_>, cb: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let c = cached(py)?;
+    let ty = cb.get_type();
+    let ptr = cb.as_ptr();
+    // SAFETY: `ptr` is a live object (borrowed from `cb`); the checks only read its type.
+    if unsafe { ffi::PyCFunction_Check(ptr) } != 0 {
+        return Ok(false);
+    }
+    let is_method = ty.is(c.method_type.bind(py));
+    let func = if is_method { cb.getattr(pyo3::intern!(py, "__func__"))? } else { cb.clone() };
+    if func.get_type().is(c.function_type.bind(py)) {
+        // A plain function: a coroutine function iff its code says so, unless it carries
+        // attributes (asyncio's / inspect's markers live in the function's __dict__).
+        // SAFETY: `func` is exactly a PyFunction, so the cast to PyFunctionObject is valid.
+        let dict = unsafe { (*(func.as_ptr() as *mut ffi::PyFunctionObject)).func_dict };
+        // SAFETY: `dict` is either null or a live dict owned by the function.
+        let has_attrs = !dict.is_null() && unsafe { ffi::PyDict_Size(dict) } > 0;
+        if !has_attrs {
+            let code = func.getattr(pyo3::intern!(py, "__code__"))?;
+            let flags: i64 = code.getattr(pyo3::intern!(py, "co_flags"))?.extract()?;
+            return Ok(flags & CO_COROUTINE != 0);
+        }
+        return slow_coroutine_check(py, cb);
+    }
+    if is_method {
+        return slow_coroutine_check(py, cb);
+    }
+    // Instances without a __dict__: the answer is a property of the type.
+    // SAFETY: reading tp_dictoffset of a live type object.
+    let dictoffset = unsafe { (*ty.as_type_ptr()).tp_dictoffset };
+    if dictoffset == 0 {
+        let key = ty.as_ptr() as usize;
+        let cache = TYPE_CACHE.get_or_init(py, || GilCell::new(HashMap::new()));
+        if let Some((_, v)) = cache.borrow(py).get(&key) {
+            return Ok(*v);
+        }
+        let v = slow_coroutine_check(py, cb)?;
+        cache.borrow_mut(py).insert(key, (ty.unbind(), v));
+        return Ok(v);
+    }
+    slow_coroutine_check(py, cb)
+}
+
+fn slow_coroutine_check(py: Python<'_>, cb: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let c = cached(py)?;
+    Ok(c.iscoroutine.bind(py).call1((cb,))?.is_truthy()? || c.iscoroutinefunction.bind(py).call1((cb,))?.is_truthy()?)
+}
+
+/// asyncio's `BaseEventLoop._check_callback`: same checks, same messages.
+pub fn check_callback(py: Python<'_>, cb: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {
+    if is_coroutine_like(py, cb)? {
+        return Err(PyTypeError::new_err(format!("coroutines cannot be used with {method}()")));
+    }
+    if !cb.is_callable() {
+        return Err(PyTypeError::new_err(format!("a callable object was expected by {method}(), got {}", cb.repr()?)));
+    }
+    Ok(())
+}
+
+/// `contextvars.copy_context()` without the Python call.
+pub fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent()) }.map(Bound::unbind)
+}
+
+/// Call `cb(*args)` inside `ctx` (entered and exited with the C API, like `Context.run`).
+#[inline]
+pub fn call_in_context<'py>(
+    py: Python<'py>,
+    ctx: &Py<PyAny>,
+    cb: &Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: `ctx` is a contextvars.Context (checked when the handle was built).
+    if unsafe { ffi::PyContext_Enter(ctx.as_ptr()) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let r = if args.is_empty() { cb.call0() } else { cb.call1(args) };
+    // SAFETY: we entered `ctx` above on this thread; exiting it restores the previous context.
+    if unsafe { ffi::PyContext_Exit(ctx.as_ptr()) } < 0 {
+        let exit_err = PyErr::fetch(py);
+        return Err(r.err().unwrap_or(exit_err));
+    }
+    r
+}
+
+/// `KeyboardInterrupt` and `SystemExit` escape the loop; everything else is reported.
+pub fn is_fatal(py: Python<'_>, err: &PyErr) -> bool {
+    err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py)
+}
+
+/// `format_helpers.extract_stack(sys._getframe(0))` for debug-mode source tracebacks: the
+/// stack of the Python code that called into the loop.
+pub fn source_traceback(py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+    let c = cached(py)?;
+    let frame = match c.getframe.bind(py).call1((0,)) {
+        Ok(f) => f,
+        Err(_) => return Ok(None),
+    };
+    Ok(Some(c.extract_stack.bind(py).call1((frame,))?.unbind()))
+}

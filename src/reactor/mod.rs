@@ -1,0 +1,145 @@
+//! The reactor: the poller, the registry of watched file descriptors, and the waker.
+//!
+//! Ground rules:
+//! - The registry maps each fd to its reader and writer work; the epoll interest always equals
+//!   "has a reader" / "has a writer" (level-triggered, so an undrained fd is reported again on
+//!   the next poll with no extra syscall).
+//! - The waker is one end of a socketpair. `call_soon_threadsafe` writes a zero byte only while
+//!   the loop is (about to be) blocked in the poll; `signal.set_wakeup_fd` writes signal numbers.
+//! - `Epoll` is shared through an `Arc` so the loop thread can poll without the GIL while other
+//!   threads (holding the GIL) add or remove registrations, which epoll allows.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use crate::sys::{self, Epoll, Event, Interest};
+
+/// The token of the waker's read end; fds use their own number as token.
+pub const WAKER_TOKEN: u64 = u64::MAX;
+
+/// What the registry holds per fd. `T` is the loop's work item (a handle today; transports'
+/// Rust-side work later).
+pub struct FdEntry<T> {
+    /// The object the caller registered (an int or an object with `fileno()`), kept so a
+    /// closed socket can still be found by identity, as `selectors` does.
+    pub fileobj: Option<T>,
+    pub reader: Option<T>,
+    pub writer: Option<T>,
+}
+
+impl<T> FdEntry<T> {
+    fn slot(&mut self, which: &Which) -> &mut Option<T> {
+        match which {
+            Which::Reader => &mut self.reader,
+            Which::Writer => &mut self.writer,
+        }
+    }
+
+    fn interest(&self) -> Interest {
+        Interest { read: self.reader.is_some(), write: self.writer.is_some() }
+    }
+}
+
+pub struct Reactor<T> {
+    epoll: Arc<Epoll>,
+    wake_r: OwnedFd,
+    wake_w: OwnedFd,
+    pub registry: HashMap<RawFd, FdEntry<T>>,
+    ep_buf: Vec<libc::epoll_event>,
+}
+
+pub enum Which {
+    Reader,
+    Writer,
+}
+
+impl<T> Reactor<T> {
+    pub fn new() -> io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let (wake_r, wake_w) = sys::socketpair()?;
+        epoll.add(wake_r.as_raw_fd(), Interest { read: true, write: false }, WAKER_TOKEN)?;
+        Ok(Self { epoll: Arc::new(epoll), wake_r, wake_w, registry: HashMap::new(), ep_buf: Vec::with_capacity(256) })
+    }
+
+    pub fn epoll(&self) -> Arc<Epoll> {
+        Arc::clone(&self.epoll)
+    }
+
+    pub fn wake_write_fd(&self) -> RawFd {
+        self.wake_w.as_raw_fd()
+    }
+
+    pub fn wake_read_fd(&self) -> RawFd {
+        self.wake_r.as_raw_fd()
+    }
+
+    /// Install `item` as the fd's reader or writer. Returns what it replaced (the previous
+    /// reader or writer, and the previous file object) for the caller to drop outside any
+    /// borrow. On error the registry is left as it was.
+    pub fn set(&mut self, fd: RawFd, fileobj: T, which: Which, item: T) -> io::Result<(Option<T>, Option<T>)> {
+        let existed = self.registry.contains_key(&fd);
+        let entry = self.registry.entry(fd).or_insert(FdEntry { fileobj: None, reader: None, writer: None });
+        let old = entry.slot(&which).replace(item);
+        let interest = entry.interest();
+        let res =
+            if existed { self.epoll.modify(fd, interest, fd as u64) } else { self.epoll.add(fd, interest, fd as u64) };
+        match res {
+            Ok(()) => Ok((old, entry.fileobj.replace(fileobj))),
+            Err(e) => {
+                *entry.slot(&which) = old;
+                if !existed {
+                    self.registry.remove(&fd);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Remove the fd's reader or writer. Returns it (None when there was none) and, when the
+    /// fd is no longer watched at all, its file object; the caller drops both.
+    pub fn unset(&mut self, fd: RawFd, which: Which) -> io::Result<(Option<T>, Option<T>)> {
+        let Some(entry) = self.registry.get_mut(&fd) else { return Ok((None, None)) };
+        let old = entry.slot(&which).take();
+        let interest = entry.interest();
+        if interest.is_empty() {
+            let fileobj = self.registry.remove(&fd).and_then(|e| e.fileobj);
+            self.epoll.delete(fd)?;
+            Ok((old, fileobj))
+        } else {
+            if old.is_some() {
+                self.epoll.modify(fd, interest, fd as u64)?;
+            }
+            Ok((old, None))
+        }
+    }
+
+    /// Forget every registration (the loop is closing).
+    pub fn clear(&mut self) -> Vec<FdEntry<T>> {
+        let fds: Vec<RawFd> = self.registry.keys().copied().collect();
+        for fd in fds.iter() {
+            let _ = self.epoll.delete(*fd);
+        }
+        self.registry.drain().map(|(_, e)| e).collect()
+    }
+
+    /// Take the event buffer out for a poll that runs without the GIL.
+    pub fn take_buf(&mut self) -> Vec<libc::epoll_event> {
+        std::mem::take(&mut self.ep_buf)
+    }
+
+    pub fn put_buf(&mut self, buf: Vec<libc::epoll_event>) {
+        self.ep_buf = buf;
+    }
+}
+
+/// Poll once; runs without the GIL when `timeout_ms != 0`.
+pub fn poll(
+    epoll: &Epoll,
+    buf: &mut Vec<libc::epoll_event>,
+    out: &mut Vec<Event>,
+    timeout_ms: i32,
+) -> io::Result<usize> {
+    epoll.wait(buf, out, timeout_ms)
+}

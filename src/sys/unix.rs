@@ -1,0 +1,174 @@
+//! Linux system calls: epoll, the self-pipe, the monotonic clock.
+//!
+//! Ground rules: every `unsafe` in the crate that talks to the kernel lives here. Each function
+//! returns `io::Result` and never panics; callers turn errors into Python exceptions. File
+//! descriptors created here are `OwnedFd`s, so dropping them closes them exactly once.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Readiness interest, as the loop's registry sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Interest {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Interest {
+    pub fn is_empty(self) -> bool {
+        !self.read && !self.write
+    }
+
+    fn to_epoll(self) -> u32 {
+        let mut ev = 0u32;
+        if self.read {
+            ev |= libc::EPOLLIN as u32;
+        }
+        if self.write {
+            ev |= libc::EPOLLOUT as u32;
+        }
+        ev
+    }
+}
+
+/// One readiness report: the token it was registered with, and what is ready.
+#[derive(Clone, Copy, Debug)]
+pub struct Event {
+    pub token: u64,
+    pub readable: bool,
+    pub writable: bool,
+}
+
+/// A level-triggered epoll instance.
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: interest.to_epoll(), u64: token };
+        // SAFETY: `ev` is a valid epoll_event that outlives the call; the kernel copies it.
+        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn add(&self, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, interest, token)
+    }
+
+    /// Change the interest of `fd`; re-adds it when the kernel forgot it (the fd was closed and
+    /// its number reused, which drops the registration).
+    pub fn modify(&self, fd: RawFd, interest: Interest, token: u64) -> io::Result<()> {
+        match self.ctl(libc::EPOLL_CTL_MOD, fd, interest, token) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.add(fd, interest, token),
+            other => other,
+        }
+    }
+
+    /// Forget `fd`. A closed fd is already gone from the set, so EBADF/ENOENT are not errors.
+    pub fn delete(&self, fd: RawFd) -> io::Result<()> {
+        match self.ctl(libc::EPOLL_CTL_DEL, fd, Interest::default(), 0) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EBADF)) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Wait for events. `timeout_ms < 0` blocks. Returns the number of entries written into
+    /// `out`, which is cleared first. EINTR is returned as an error for the caller to handle.
+    pub fn wait(&self, buf: &mut Vec<libc::epoll_event>, out: &mut Vec<Event>, timeout_ms: i32) -> io::Result<usize> {
+        out.clear();
+        let cap = buf.capacity().max(64);
+        buf.clear();
+        buf.reserve(cap);
+        // SAFETY: the kernel writes at most `cap` events into the vector's spare capacity,
+        // which `reserve` guaranteed; `set_len` below covers only what it wrote.
+        let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), buf.as_mut_ptr(), cap as libc::c_int, timeout_ms) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `n <= cap` entries were initialised by epoll_wait.
+        unsafe { buf.set_len(n as usize) };
+        let rd_mask = !(libc::EPOLLOUT as u32);
+        let wr_mask = !(libc::EPOLLIN as u32);
+        for ev in buf.iter() {
+            let bits = ev.events;
+            // Like selectors.EpollSelector: HUP/ERR wake both directions.
+            out.push(Event { token: ev.u64, readable: bits & rd_mask != 0, writable: bits & wr_mask != 0 });
+        }
+        Ok(n as usize)
+    }
+}
+
+/// A connected pair of non-blocking, close-on-exec Unix stream sockets.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid two-element array for the kernel to fill.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created by the kernel and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Write one zero byte; a full buffer means a wake-up is already pending, so EAGAIN is fine.
+pub fn write_wakeup(fd: RawFd) {
+    let b = [0u8; 1];
+    // SAFETY: writes one byte from a valid buffer; errors are deliberately ignored.
+    let _ = unsafe { libc::write(fd, b.as_ptr().cast(), 1) };
+}
+
+/// Read everything currently buffered on a non-blocking fd, appending non-zero bytes (signal
+/// numbers written by `signal.set_wakeup_fd`) to `signals`.
+pub fn drain_wakeup(fd: RawFd, signals: &mut Vec<u8>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: reads into a valid stack buffer of the length given.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return;
+        }
+        signals.extend(buf[..n as usize].iter().copied().filter(|&b| b != 0));
+        if (n as usize) < buf.len() {
+            return;
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock behind `time.monotonic()`.
+pub fn monotonic_ns() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the kernel to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+}
+
+/// The calling thread's id as `threading.get_ident()` reports it on Linux.
+pub fn thread_ident() -> u64 {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() as u64 }
+}
