@@ -86,7 +86,8 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
 /// Per-type answers of "is this a coroutine or coroutine function?" for instances that carry
 /// no `__dict__` (so the answer depends on the type alone): builtin methods, C task step
 /// wrappers, `functools.partial`-free callables.
-static TYPE_CACHE: PyOnceLock<GilCell<HashMap<usize, (Py<PyType>, bool)>>> = PyOnceLock::new();
+type TypeCache = GilCell<HashMap<usize, (Py<PyType>, bool)>>;
+static TYPE_CACHE: PyOnceLock<TypeCache> = PyOnceLock::new();
 
 const CO_COROUTINE: i64 = 0x80;
 

@@ -164,7 +164,8 @@ pub fn monotonic_ns() -> i64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec for the kernel to fill; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+    // i64 on every 64-bit Linux target.
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
 /// The calling thread's id as `threading.get_ident()` reports it on Linux.

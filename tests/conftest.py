@@ -1,0 +1,196 @@
+"""Shared fixtures: every behaviour test runs on asyncio's own loop and on ferroloop.
+
+asyncio is the spec: a test that passes on ``[asyncio]`` and fails on ``[ferroloop]`` is a
+ferroloop bug.
+
+* ``loop``: a fresh loop of each kind, with a recording exception handler installed. After the
+  test body, and again after teardown (which shuts async generators and the default executor
+  down like ``asyncio.run`` and closes the loop), the test fails if that handler was called,
+  unless the test asked for the ``handler_calls`` fixture (the list of recorded contexts).
+* ``loop_factory``: the same two kinds as zero-argument factories, for tests that make their
+  own loops (``asyncio.Runner(loop_factory=...)``, ``asyncio.run(..., loop_factory=...)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import ferroloop
+
+LOOP_KINDS = ["asyncio", "ferroloop"]
+
+# The project's root, for subprocesses (so they import the same ferroloop).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def new_asyncio_loop():
+    """asyncio's own default loop, whatever policy a test may have installed."""
+    loop = asyncio.new_event_loop()
+    if isinstance(loop, ferroloop.Loop):  # a leaked ferroloop policy; never expected
+        loop.close()
+        raise AssertionError("asyncio.new_event_loop() returned a ferroloop loop")
+    return loop
+
+
+FACTORIES = {"asyncio": new_asyncio_loop, "ferroloop": ferroloop.new_event_loop}
+
+# Source snippets for subprocesses: a zero-argument factory expression per kind.
+FACTORY_SOURCE = {"asyncio": "asyncio.new_event_loop", "ferroloop": "ferroloop.new_event_loop"}
+
+
+class HandlerRecorder:
+    """An exception handler that records the contexts it is called with."""
+
+    def __init__(self):
+        self.contexts: list[dict] = []
+        self.expected = False
+        self.reported = 0
+
+    def __call__(self, loop, context):
+        self.contexts.append(context)
+
+    def unexpected(self):
+        """Contexts recorded since the last check, unless the test declared it expects them."""
+        if self.expected:
+            return []
+        new = self.contexts[self.reported :]
+        self.reported = len(self.contexts)
+        return new
+
+
+def _describe(contexts):
+    return "; ".join(
+        f"{c.get('message')!r} exception={c.get('exception')!r}" for c in contexts
+    )
+
+
+@pytest.fixture(params=LOOP_KINDS)
+def loop_kind(request):
+    """ "asyncio" or "ferroloop"."""
+    return request.param
+
+
+@pytest.fixture
+def loop_factory(loop_kind):
+    """A zero-argument callable making a new loop of the kind under test."""
+    return FACTORIES[loop_kind]
+
+
+@pytest.fixture
+def exc_recorder():
+    return HandlerRecorder()
+
+
+def _cancel_all_tasks(loop):
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if not tasks:
+        return
+    for t in tasks:
+        t.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+
+@pytest.fixture
+def loop(loop_factory, exc_recorder):
+    """A new loop of the kind under test; closed (after asyncio.run's shutdown steps) on
+    teardown. The test fails if the loop's exception handler was called unexpectedly."""
+    lp = loop_factory()
+    lp.set_exception_handler(exc_recorder)
+    try:
+        yield lp
+    finally:
+        try:
+            if not lp.is_closed() and not lp.is_running():
+                try:
+                    _cancel_all_tasks(lp)
+                    lp.run_until_complete(lp.shutdown_asyncgens())
+                    lp.run_until_complete(lp.shutdown_default_executor())
+                finally:
+                    lp.close()
+        finally:
+            asyncio.set_event_loop(None)
+    bad = exc_recorder.unexpected()
+    if bad:
+        pytest.fail(f"exception handler called unexpectedly (during teardown): {_describe(bad)}")
+
+
+@pytest.fixture
+def handler_calls(loop, exc_recorder):
+    """The contexts passed to the loop's exception handler; requesting this fixture declares
+    that the test expects (and checks) handler calls."""
+    exc_recorder.expected = True
+    return exc_recorder.contexts
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Fail the test itself (not only its teardown) when the handler was called unexpectedly
+    during the test body."""
+    result = yield
+    rec = item.funcargs.get("exc_recorder")
+    if isinstance(rec, HandlerRecorder):
+        bad = rec.unexpected()
+        if bad:
+            pytest.fail(f"exception handler called unexpectedly: {_describe(bad)}")
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _restore_policy():
+    """Tests may install a policy or set an event loop; put asyncio back as it was."""
+    yield
+    if sys.version_info < (3, 14):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_event_loop_policy(None)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def scheduled_timer_count(loop) -> int:
+    """How many timers the loop keeps scheduled (cancelled ones not yet purged included)."""
+    if isinstance(loop, ferroloop.Loop):
+        return loop._queue_sizes()[1]
+    return len(loop._scheduled)
+
+
+def ready_count(loop) -> int:
+    """How many handles wait in the loop's ready queue."""
+    if isinstance(loop, ferroloop.Loop):
+        return loop._queue_sizes()[0]
+    return len(loop._ready)
+
+
+def run_briefly(loop, n: int = 1):
+    """Run ``n`` iterations of the loop (each handles what is ready, without blocking long)."""
+    for _ in range(n):
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+
+
+def run_python(code: str, *, env=None, args=(), timeout: float = 20, **kw):
+    """Run ``code`` in a fresh interpreter (the one running the tests) from the project root.
+    Returns the CompletedProcess (text mode, stdout and stderr captured)."""
+    full_env = dict(os.environ)
+    full_env.pop("PYTHONASYNCIODEBUG", None)
+    full_env.pop("PYTHONDEVMODE", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, *args, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
