@@ -22,7 +22,8 @@ help:  ## list the targets
 	 echo "--- virtualenv .venv-$* with $$py"; \
 	 $$py -m venv .venv-$*; \
 	 .venv-$*/bin/pip install -q --disable-pip-version-check -U pip; \
-	 .venv-$*/bin/pip install -q --disable-pip-version-check $(DEV_DEPS)
+	 .venv-$*/bin/pip install -q --disable-pip-version-check $(DEV_DEPS) \
+	   $(if $(filter bench,$*),-r bench/requirements.txt)
 	@touch $@
 
 .PHONY: check-py313
@@ -32,17 +33,30 @@ check-py313:
 	  echo "!!! CI needs it: install it with 'pyenv install 3.13' and run again."; exit 1; }
 
 # --- builds -----------------------------------------------------------------
-# develop-<name>: build the extension in release mode into that venv.
-# Each interpreter gets its own target dir so the two builds do not evict each other.
+# develop-<name>: build the extension into that venv for the tests: optimised, but with debug
+# assertions and overflow checks on and without LTO (faster to build). Each interpreter gets
+# its own target dir so the builds do not evict each other.
+TEST_BUILD_ENV := CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true \
+	CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
 develop-%: .venv-%/.ok
-	@echo "--- build ferroloop (release) for .venv-$*"
-	CARGO_TARGET_DIR=target/py$* VIRTUAL_ENV=$(CURDIR)/.venv-$* PATH=$(CURDIR)/.venv-$*/bin:$$PATH \
-	  .venv-$*/bin/maturin develop --release -q
+	@echo "--- build ferroloop (test build) for .venv-$*"
+	$(TEST_BUILD_ENV) CARGO_TARGET_DIR=target/test$* VIRTUAL_ENV=$(CURDIR)/.venv-$* \
+	  PATH=$(CURDIR)/.venv-$*/bin:$$PATH .venv-$*/bin/maturin develop --release -q
+
+# The benchmark build: full release profile (fat LTO), installed as a wheel into its own venv.
+.PHONY: build-bench
+build-bench: .venv-bench/.ok
+	@echo "--- build ferroloop (release) for the benchmarks"
+	rm -rf target/wheels-bench
+	CARGO_TARGET_DIR=target/bench .venv-bench/bin/maturin build --release -q \
+	  -i .venv-bench/bin/python -o target/wheels-bench
+	.venv-bench/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps \
+	  target/wheels-bench/ferroloop-*.whl
 
 # --- the two README commands -------------------------------------------------
 .PHONY: bench
-bench: develop-311  ## build, then run the benchmark comparison (quick mode)
-	.venv-311/bin/python bench/run.py --quick
+bench: build-bench  ## build (release), then run the benchmark comparison (quick mode)
+	.venv-bench/bin/python bench/run.py --quick
 
 .PHONY: test
 test: lint test-rust test-311 test-313  ## build and run every test (lints, Rust units, pytest and CPython conformance on 3.11 and 3.13)

@@ -16,7 +16,16 @@ import warnings as _warnings
 from ._ferroloop import Handle, TimerHandle, __version__
 from ._loop import Loop
 
-__all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy", "install", "Handle", "TimerHandle"]
+__all__ = [
+    "Loop",
+    "new_event_loop",
+    "run",
+    "EventLoopPolicy",
+    "install",
+    "Handle",
+    "TimerHandle",
+    "__version__",
+]
 
 
 def new_event_loop() -> Loop:

@@ -22,7 +22,7 @@ import sys
 import threading
 import warnings
 import weakref
-from asyncio import base_events, coroutines, events, format_helpers
+from asyncio import base_events, coroutines, events, format_helpers, tasks
 from asyncio.log import logger
 
 from . import _ferroloop
@@ -37,7 +37,6 @@ _BORROWED = (
     "__repr__",
     "__del__",
     "create_future",
-    "create_task",
     "set_task_factory",
     "get_task_factory",
     "run_until_complete",
@@ -87,6 +86,27 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
     for _name in _BORROWED:
         locals()[_name] = getattr(_BEL, _name)
     del _name
+
+    # --- tasks --------------------------------------------------------------------------
+
+    def create_task(self, coro, *, name=None, context=None, **kwargs):
+        """Schedule a coroutine as a task (the real ``asyncio.Task``, or the task factory's).
+
+        Extra keyword arguments go to the task (or the factory): ``eager_start`` works where
+        ``asyncio.Task`` has it (3.12+), as ``loop.create_task`` does from 3.14.
+        """
+        self._check_closed()
+        if context is not None:
+            kwargs["context"] = context
+        if self._task_factory is None:
+            task = tasks.Task(coro, loop=self, name=name, **kwargs)
+            if task._source_traceback:
+                del task._source_traceback[-1]
+        else:
+            task = self._task_factory(self, coro, **kwargs)
+            if name is not None:
+                task.set_name(name)
+        return task
 
     # --- running ------------------------------------------------------------------------
 
@@ -146,6 +166,7 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
                     f"Closing the loop {self!r} on interpreter shutdown "
                     f"stage, skipping signal handlers removal",
                     ResourceWarning,
+                    stacklevel=2,
                     source=self,
                 )
                 self._signal_handlers.clear()
@@ -175,8 +196,7 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
             done, _ = await asyncio.wait({future}, timeout=timeout)
             if not done:
                 warnings.warn(
-                    "The executor did not finishing joining "
-                    f"its threads within {timeout} seconds.",
+                    f"The executor did not finishing joining its threads within {timeout} seconds.",
                     RuntimeWarning,
                     stacklevel=2,
                 )

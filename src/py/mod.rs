@@ -89,6 +89,12 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
 type TypeCache = GilCell<HashMap<usize, (Py<PyType>, bool)>>;
 static TYPE_CACHE: PyOnceLock<TypeCache> = PyOnceLock::new();
 
+/// "Is this code object a coroutine's?" by code object address. Entries hold a strong
+/// reference, so an address cannot be reused by another code object while it is cached.
+type CodeCache = GilCell<HashMap<usize, (Py<PyAny>, bool)>>;
+static CODE_CACHE: PyOnceLock<CodeCache> = PyOnceLock::new();
+const CODE_CACHE_MAX: usize = 4096;
+
 const CO_COROUTINE: i64 = 0x80;
 
 fn is_coroutine_like(py: Python<'_>, cb: &Bound<'_, PyAny>) -> PyResult<bool> {
@@ -109,9 +115,27 @@ fn is_coroutine_like(py: Python<'_>, cb: &Bound<'_, PyAny>) -> PyResult<bool> {
         // SAFETY: `dict` is either null or a live dict owned by the function.
         let has_attrs = !dict.is_null() && unsafe { ffi::PyDict_Size(dict) } > 0;
         if !has_attrs {
-            let code = func.getattr(pyo3::intern!(py, "__code__"))?;
+            // SAFETY: `func` is exactly a PyFunction; func_code is always a live code object.
+            let code_ptr = unsafe { (*(func.as_ptr() as *mut ffi::PyFunctionObject)).func_code };
+            let key = code_ptr as usize;
+            let cache = CODE_CACHE.get_or_init(py, || GilCell::new(HashMap::new()));
+            if let Some((_, v)) = cache.borrow(py).get(&key) {
+                return Ok(*v);
+            }
+            // SAFETY: `code_ptr` is a live object owned by the function, borrowed here.
+            let code = unsafe { Bound::from_borrowed_ptr(py, code_ptr) };
             let flags: i64 = code.getattr(pyo3::intern!(py, "co_flags"))?.extract()?;
-            return Ok(flags & CO_COROUTINE != 0);
+            let v = flags & CO_COROUTINE != 0;
+            let mut c = cache.borrow_mut(py);
+            if c.len() >= CODE_CACHE_MAX {
+                // Code made at run time (exec, ...) could grow this forever; start over.
+                let old = std::mem::take(&mut *c);
+                drop(c);
+                drop(old);
+                c = cache.borrow_mut(py);
+            }
+            c.insert(key, (code.unbind(), v));
+            return Ok(v);
         }
         return slow_coroutine_check(py, cb);
     }
