@@ -111,7 +111,7 @@ impl Handle {
         let mut info = Self::repr_info(slf)?;
         if let Ok(th) = slf.cast::<TimerHandle>() {
             let pos = if slf.get().is_cancelled() { 2 } else { 1 };
-            let when = PyFloat::new(slf.py(), th.get().when).repr()?.to_string();
+            let when = th.get().when_value(slf.py()).bind(slf.py()).str()?.to_string();
             info.insert(pos.min(info.len()), format!("when={when}"));
         }
         Ok(PyString::new(slf.py(), &format!("<{}>", info.join(" "))).unbind())
@@ -242,13 +242,24 @@ impl Handle {
 
 #[pyclass(frozen, extends = Handle, module = "ferroloop._ferroloop")]
 pub struct TimerHandle {
+    /// The deadline, for ordering.
     pub(crate) when: f64,
+    /// The deadline as `call_at` was given it (asyncio keeps an int an int), if not a float.
+    when_obj: Option<Py<PyAny>>,
     scheduled: AtomicBool,
 }
 
 impl TimerHandle {
-    pub(crate) fn new(when: f64) -> Self {
-        Self { when, scheduled: AtomicBool::new(false) }
+    pub(crate) fn new(when: f64, when_obj: Option<&Bound<'_, PyAny>>) -> Self {
+        let when_obj = when_obj.filter(|w| !w.is_exact_instance_of::<PyFloat>()).map(|w| w.clone().unbind());
+        Self { when, when_obj, scheduled: AtomicBool::new(false) }
+    }
+
+    fn when_value(&self, py: Python<'_>) -> Py<PyAny> {
+        match &self.when_obj {
+            Some(w) => w.clone_ref(py),
+            None => PyFloat::new(py, self.when).into_any().unbind(),
+        }
     }
 
     pub(crate) fn is_scheduled(&self) -> bool {
@@ -262,8 +273,8 @@ impl TimerHandle {
 
 #[pymethods]
 impl TimerHandle {
-    fn when(&self) -> f64 {
-        self.when
+    fn when(&self, py: Python<'_>) -> Py<PyAny> {
+        self.when_value(py)
     }
 
     fn cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -278,8 +289,12 @@ impl TimerHandle {
     }
 
     #[getter]
-    fn _when(&self) -> f64 {
-        self.when
+    fn _when(&self, py: Python<'_>) -> Py<PyAny> {
+        self.when_value(py)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.when_obj)
     }
 
     #[getter]
@@ -288,7 +303,7 @@ impl TimerHandle {
     }
 
     fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
-        PyFloat::new(py, self.when).hash()
+        self.when_value(py).bind(py).hash()
     }
 
     fn __richcmp__(slf: &Bound<'_, Self>, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<Py<PyAny>> {

@@ -19,9 +19,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import ferroloop
+import pytest
 
 LOOP_KINDS = ["asyncio", "ferroloop"]
 
@@ -65,9 +64,7 @@ class HandlerRecorder:
 
 
 def _describe(contexts):
-    return "; ".join(
-        f"{c.get('message')!r} exception={c.get('exception')!r}" for c in contexts
-    )
+    return "; ".join(f"{c.get('message')!r} exception={c.get('exception')!r}" for c in contexts)
 
 
 @pytest.fixture(params=LOOP_KINDS)

@@ -22,7 +22,7 @@ import sys
 import threading
 import warnings
 import weakref
-from asyncio import base_events, coroutines, events, format_helpers, tasks
+from asyncio import base_events, coroutines, events, format_helpers, futures, tasks
 from asyncio.log import logger
 
 from . import _ferroloop
@@ -42,7 +42,6 @@ _BORROWED = (
     "run_until_complete",
     "run_in_executor",
     "set_default_executor",
-    "_do_shutdown",
     "_check_closed",
     "_check_default_executor",
     "_check_running",
@@ -80,7 +79,7 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         self._asyncgens_shutdown_called = False
         self._executor_shutdown_called = False
         self._signal_handlers = {}
-        self._saved_wakeup_fd = None
+        self._owns_wakeup_fd = False
         self.set_debug(coroutines._is_debug_mode())
 
     for _name in _BORROWED:
@@ -129,14 +128,20 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         )
         events._set_running_loop(self)
         # Python-level signal handlers must run promptly while we block in epoll, even when
-        # the signal is delivered to another thread: route signals to our wake-up socket.
+        # the signal is delivered to another thread: route signals to our wake-up socket,
+        # unless someone else (another loop's add_signal_handler, the application) already
+        # routes them somewhere; we never take a wake-up fd away from its owner.
+        self._owns_wakeup_fd = False
         if threading.current_thread() is threading.main_thread():
+            ours = self._wakeup_fd()
             try:
-                self._saved_wakeup_fd = signal.set_wakeup_fd(
-                    self._wakeup_fd(), warn_on_full_buffer=False
-                )
-            except ValueError:
-                self._saved_wakeup_fd = None
+                previous = signal.set_wakeup_fd(ours, warn_on_full_buffer=False)
+            except (ValueError, OSError):
+                previous = None
+            if previous == -1:
+                self._owns_wakeup_fd = True
+            elif previous is not None and previous != ours:
+                signal.set_wakeup_fd(previous)
 
     def _run_forever_cleanup(self):
         self._stopping = False
@@ -146,12 +151,10 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         if self._old_agen_hooks is not None:
             sys.set_asyncgen_hooks(*self._old_agen_hooks)
             self._old_agen_hooks = None
-        saved, self._saved_wakeup_fd = self._saved_wakeup_fd, None
-        if saved is not None and not self._signal_handlers:
-            try:
-                signal.set_wakeup_fd(saved)
-            except ValueError:
-                pass
+        if self._owns_wakeup_fd:
+            self._owns_wakeup_fd = False
+            if not self._signal_handlers:
+                self._release_wakeup_fd()
 
     def close(self):
         """Close the loop: drop pending callbacks, stop watching fds, shut the executor down
@@ -207,6 +210,17 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         finally:
             if not future.done():
                 future.cancel()
+
+    def _do_shutdown(self, future):
+        # Runs in its own thread. The future may have been cancelled (timeout) or the loop
+        # closed meanwhile; neither may turn into an error on the loop.
+        try:
+            self._default_executor.shutdown(wait=True)
+            if not self.is_closed():
+                self.call_soon_threadsafe(futures._set_result_unless_cancelled, future, None)
+        except Exception as ex:
+            if not self.is_closed() and not future.cancelled():
+                self.call_soon_threadsafe(future.set_exception, ex)
 
     # --- callbacks from the Rust core ---------------------------------------------------
 
@@ -300,6 +314,18 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
             signal.set_wakeup_fd(-1)
         except (ValueError, OSError) as exc:
             logger.info("set_wakeup_fd(-1) failed: %s", exc)
+
+    def _release_wakeup_fd(self):
+        """Unset the wake-up fd if it is still ours (someone may have replaced it since)."""
+        try:
+            current = signal.set_wakeup_fd(-1)
+        except (ValueError, OSError):
+            return
+        if current != self._wakeup_fd() and current != -1:
+            try:
+                signal.set_wakeup_fd(current)
+            except (ValueError, OSError):
+                pass
 
     def _handle_signal(self, sig):
         """Called by the core for each signal number read from the wake-up fd."""

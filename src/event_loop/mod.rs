@@ -88,7 +88,9 @@ impl LoopCore {
         Ok(())
     }
 
-    /// Checks shared by call_soon / call_at: closed loop, wrong thread (debug), bad callback.
+    /// asyncio's checks for call_soon / call_at: closed loop; in debug mode only, wrong thread
+    /// and bad callback (outside debug mode a bad callback fails when it runs, and the error
+    /// goes to the exception handler).
     #[inline]
     fn check_schedule(&self, py: Python<'_>, callback: &Bound<'_, PyAny>, method: &str) -> PyResult<bool> {
         let (closed, debug) = {
@@ -100,8 +102,8 @@ impl LoopCore {
         }
         if debug {
             self.check_thread(py)?;
+            py::check_callback(py, callback, method)?;
         }
-        py::check_callback(py, callback, method)?;
         Ok(debug)
     }
 
@@ -136,9 +138,12 @@ impl LoopCore {
         }
     }
 
+    /// `when_obj` is the deadline as the caller gave it (returned by `when()`), when it was
+    /// not a float computed here.
     fn schedule_timer(
         slf: &Bound<'_, Self>,
         when: f64,
+        when_obj: Option<&Bound<'_, PyAny>>,
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
         context: Option<Bound<'_, PyAny>>,
@@ -148,7 +153,7 @@ impl LoopCore {
         let debug = core.check_schedule(py, callback, "call_at")?;
         let when_ns = secs_to_ns(when);
         let base = Self::new_handle(slf, callback, args, context, debug)?;
-        let th = TimerHandle::new(when);
+        let th = TimerHandle::new(when, when_obj);
         th.set_scheduled(true);
         let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
         core.state.borrow_mut(py).timers.push(when_ns, obj.clone_ref(py));
@@ -156,31 +161,40 @@ impl LoopCore {
     }
 }
 
-/// `selectors._fileobj_to_fd`: an int, or an object with `fileno()`; same errors.
-fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
-    let fd: i64 = if fileobj.is_instance_of::<pyo3::types::PyInt>() {
-        fileobj.extract()?
-    } else {
-        let r = fileobj
-            .call_method0(intern!(fileobj.py(), "fileno"))
-            .and_then(|n| n.call_method0(intern!(fileobj.py(), "__index__")).or_else(|_| n.call_method0("__int__")))
-            .and_then(|n| n.extract::<i64>());
-        match r {
-            Ok(fd) => fd,
-            Err(e)
-                if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(fileobj.py())
-                    || e.is_instance_of::<PyTypeError>(fileobj.py())
-                    || e.is_instance_of::<PyValueError>(fileobj.py()) =>
-            {
-                return Err(PyValueError::new_err(format!("Invalid file object: {}", fileobj.repr()?)));
-            }
-            Err(e) => return Err(e),
+/// The number behind a file object: an int as it is, else `fileno()` (asyncio resolves
+/// objects before checking that the loop is open, and checks the range after).
+fn fileobj_number(fileobj: &Bound<'_, PyAny>) -> PyResult<i64> {
+    let py = fileobj.py();
+    if fileobj.is_instance_of::<pyo3::types::PyInt>() {
+        return fileobj.extract();
+    }
+    let r = fileobj
+        .call_method0(intern!(py, "fileno"))
+        .and_then(|n| n.call_method0(intern!(py, "__index__")).or_else(|_| n.call_method0("__int__")))
+        .and_then(|n| n.extract::<i64>());
+    match r {
+        Ok(fd) => Ok(fd),
+        Err(e)
+            if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py)
+                || e.is_instance_of::<PyTypeError>(py)
+                || e.is_instance_of::<PyValueError>(py) =>
+        {
+            Err(PyValueError::new_err(format!("Invalid file object: {}", fileobj.repr()?)))
         }
-    };
+        Err(e) => Err(e),
+    }
+}
+
+fn checked_fd(fd: i64) -> PyResult<RawFd> {
     if fd < 0 || fd > i32::MAX as i64 {
         return Err(PyValueError::new_err(format!("Invalid file descriptor: {fd}")));
     }
     Ok(fd as RawFd)
+}
+
+/// `selectors._fileobj_to_fd`: an int, or an object with `fileno()`; same errors.
+fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+    checked_fd(fileobj_number(fileobj)?)
 }
 
 impl LoopCore {
@@ -214,7 +228,7 @@ impl LoopCore {
     ) -> PyResult<Py<Handle>> {
         let py = slf.py();
         let core = slf.get();
-        let fd = fileobj_to_fd(fileobj)?;
+        let number = fileobj_number(fileobj)?;
         let (closed, debug) = {
             let st = core.state.borrow(py);
             (st.closed, st.debug)
@@ -222,6 +236,7 @@ impl LoopCore {
         if closed {
             return Err(closed_err());
         }
+        let fd = checked_fd(number)?;
         let handle = Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
@@ -308,11 +323,16 @@ impl LoopCore {
     ) -> PyResult<Py<Handle>> {
         let py = slf.py();
         let core = slf.get();
-        if core.state.borrow(py).closed {
+        let (closed, debug) = {
+            let st = core.state.borrow(py);
+            (st.closed, st.debug)
+        };
+        if closed {
             return Err(closed_err());
         }
-        py::check_callback(py, callback, "call_soon_threadsafe")?;
-        let debug = core.debug(py);
+        if debug {
+            py::check_callback(py, callback, "call_soon_threadsafe")?;
+        }
         let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
         core.push_ready(py, h.clone_ref(py));
         core.wake_if_polling(py);
@@ -332,7 +352,7 @@ impl LoopCore {
         }
         let delay: f64 = delay.extract()?;
         let now = ns_to_secs(sys::monotonic_ns());
-        Self::schedule_timer(slf, now + delay, callback, args, context)
+        Self::schedule_timer(slf, now + delay, None, callback, args, context)
     }
 
     #[pyo3(signature = (when, callback, *args, context=None))]
@@ -346,8 +366,8 @@ impl LoopCore {
         if when.is_none() {
             return Err(PyTypeError::new_err("when cannot be None"));
         }
-        let when: f64 = when.extract()?;
-        Self::schedule_timer(slf, when, callback, args, context)
+        let when_f: f64 = when.extract()?;
+        Self::schedule_timer(slf, when_f, Some(when), callback, args, context)
     }
 
     fn time(&self) -> f64 {

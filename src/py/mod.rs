@@ -2,13 +2,12 @@
 //! `contextvars.Context`, and asyncio's callback checks.
 
 use std::cell::{Ref, RefCell, RefMut};
-use std::collections::HashMap;
 
 use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyTuple, PyType};
+use pyo3::types::PyTuple;
 
 /// Interior mutability for frozen pyclasses, guarded by the GIL.
 ///
@@ -51,8 +50,6 @@ pub struct Cached {
     pub format_callback_source: Py<PyAny>,
     pub extract_stack: Py<PyAny>,
     pub getframe: Py<PyAny>,
-    pub function_type: Py<PyType>,
-    pub method_type: Py<PyType>,
     pub debug_format_takes_flag: bool,
 }
 
@@ -68,7 +65,6 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
             Err(_) => coroutines.getattr("iscoroutinefunction")?,
         };
         let fh = py.import("asyncio.format_helpers")?;
-        let types = py.import("types")?;
         let version = py.version_info();
         Ok(Cached {
             iscoroutine: coroutines.getattr("iscoroutine")?.unbind(),
@@ -76,94 +72,20 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
             format_callback_source: fh.getattr("_format_callback_source")?.unbind(),
             extract_stack: fh.getattr("extract_stack")?.unbind(),
             getframe: py.import("sys")?.getattr("_getframe")?.unbind(),
-            function_type: types.getattr("FunctionType")?.cast_into::<PyType>()?.unbind(),
-            method_type: types.getattr("MethodType")?.cast_into::<PyType>()?.unbind(),
             debug_format_takes_flag: version >= (3, 12),
         })
     })
 }
 
-/// Per-type answers of "is this a coroutine or coroutine function?" for instances that carry
-/// no `__dict__` (so the answer depends on the type alone): builtin methods, C task step
-/// wrappers, `functools.partial`-free callables.
-type TypeCache = GilCell<HashMap<usize, (Py<PyType>, bool)>>;
-static TYPE_CACHE: PyOnceLock<TypeCache> = PyOnceLock::new();
-
-/// "Is this code object a coroutine's?" by code object address. Entries hold a strong
-/// reference, so an address cannot be reused by another code object while it is cached.
-type CodeCache = GilCell<HashMap<usize, (Py<PyAny>, bool)>>;
-static CODE_CACHE: PyOnceLock<CodeCache> = PyOnceLock::new();
-const CODE_CACHE_MAX: usize = 4096;
-
-const CO_COROUTINE: i64 = 0x80;
-
+/// asyncio's own "is this a coroutine or a coroutine function?" (debug mode only, so speed
+/// does not matter and exactness does).
 fn is_coroutine_like(py: Python<'_>, cb: &Bound<'_, PyAny>) -> PyResult<bool> {
-    let c = cached(py)?;
-    let ty = cb.get_type();
-    let ptr = cb.as_ptr();
-    // SAFETY: `ptr` is a live object (borrowed from `cb`); the checks only read its type.
-    if unsafe { ffi::PyCFunction_Check(ptr) } != 0 {
-        return Ok(false);
-    }
-    let is_method = ty.is(c.method_type.bind(py));
-    let func = if is_method { cb.getattr(pyo3::intern!(py, "__func__"))? } else { cb.clone() };
-    if func.get_type().is(c.function_type.bind(py)) {
-        // A plain function: a coroutine function iff its code says so, unless it carries
-        // attributes (asyncio's / inspect's markers live in the function's __dict__).
-        // SAFETY: `func` is exactly a PyFunction, so the cast to PyFunctionObject is valid.
-        let dict = unsafe { (*(func.as_ptr() as *mut ffi::PyFunctionObject)).func_dict };
-        // SAFETY: `dict` is either null or a live dict owned by the function.
-        let has_attrs = !dict.is_null() && unsafe { ffi::PyDict_Size(dict) } > 0;
-        if !has_attrs {
-            // SAFETY: `func` is exactly a PyFunction; func_code is always a live code object.
-            let code_ptr = unsafe { (*(func.as_ptr() as *mut ffi::PyFunctionObject)).func_code };
-            let key = code_ptr as usize;
-            let cache = CODE_CACHE.get_or_init(py, || GilCell::new(HashMap::new()));
-            if let Some((_, v)) = cache.borrow(py).get(&key) {
-                return Ok(*v);
-            }
-            // SAFETY: `code_ptr` is a live object owned by the function, borrowed here.
-            let code = unsafe { Bound::from_borrowed_ptr(py, code_ptr) };
-            let flags: i64 = code.getattr(pyo3::intern!(py, "co_flags"))?.extract()?;
-            let v = flags & CO_COROUTINE != 0;
-            let mut c = cache.borrow_mut(py);
-            if c.len() >= CODE_CACHE_MAX {
-                // Code made at run time (exec, ...) could grow this forever; start over.
-                let old = std::mem::take(&mut *c);
-                drop(c);
-                drop(old);
-                c = cache.borrow_mut(py);
-            }
-            c.insert(key, (code.unbind(), v));
-            return Ok(v);
-        }
-        return slow_coroutine_check(py, cb);
-    }
-    if is_method {
-        return slow_coroutine_check(py, cb);
-    }
-    // Instances without a __dict__: the answer is a property of the type.
-    // SAFETY: reading tp_dictoffset of a live type object.
-    let dictoffset = unsafe { (*ty.as_type_ptr()).tp_dictoffset };
-    if dictoffset == 0 {
-        let key = ty.as_ptr() as usize;
-        let cache = TYPE_CACHE.get_or_init(py, || GilCell::new(HashMap::new()));
-        if let Some((_, v)) = cache.borrow(py).get(&key) {
-            return Ok(*v);
-        }
-        let v = slow_coroutine_check(py, cb)?;
-        cache.borrow_mut(py).insert(key, (ty.unbind(), v));
-        return Ok(v);
-    }
-    slow_coroutine_check(py, cb)
-}
-
-fn slow_coroutine_check(py: Python<'_>, cb: &Bound<'_, PyAny>) -> PyResult<bool> {
     let c = cached(py)?;
     Ok(c.iscoroutine.bind(py).call1((cb,))?.is_truthy()? || c.iscoroutinefunction.bind(py).call1((cb,))?.is_truthy()?)
 }
 
-/// asyncio's `BaseEventLoop._check_callback`: same checks, same messages.
+/// asyncio's `BaseEventLoop._check_callback`: same checks, same messages. Like asyncio, the
+/// loop runs it only in debug mode.
 pub fn check_callback(py: Python<'_>, cb: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {
     if is_coroutine_like(py, cb)? {
         return Err(PyTypeError::new_err(format!("coroutines cannot be used with {method}()")));

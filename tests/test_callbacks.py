@@ -1,0 +1,516 @@
+"""call_soon, call_soon_threadsafe and their handles."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import sys
+import threading
+import time
+import unittest.mock
+import warnings
+
+import pytest
+from conftest import run_briefly
+
+var = contextvars.ContextVar("var", default="default")
+
+needs_get_context = pytest.mark.skipif(
+    sys.version_info < (3, 12), reason="Handle.get_context() is new in Python 3.12"
+)
+
+
+def ctx_of(handle):
+    """The handle's context: get_context() (3.12+), else the attribute asyncio keeps."""
+    if sys.version_info >= (3, 12):
+        return handle.get_context()
+    return handle._context
+
+
+NOT_SAME_THREAD = "Non-thread-safe operation invoked on an event loop other than the current one"
+
+
+def test_call_soon_runs_in_fifo_order(loop):
+    seen = []
+    for i in range(100):
+        loop.call_soon(seen.append, i)
+    run_briefly(loop)
+    assert seen == list(range(100))
+
+
+def test_call_soon_passes_args(loop):
+    seen = []
+    loop.call_soon(lambda *a: seen.append(a), 1, "two", None)
+    loop.call_soon(lambda: seen.append(()))
+    run_briefly(loop)
+    assert seen == [(1, "two", None), ()]
+
+
+def test_callback_scheduled_by_callback_runs_next_iteration(loop):
+    seen = []
+
+    def first():
+        seen.append("first")
+        loop.call_soon(seen.append, "nested")
+
+    loop.call_soon(first)
+    loop.call_soon(seen.append, "second")
+    run_briefly(loop)
+    assert seen == ["first", "second"]
+    run_briefly(loop)
+    assert seen == ["first", "second", "nested"]
+
+
+def test_call_soon_returns_handle(loop):
+    h = loop.call_soon(lambda: None)
+    assert not h.cancelled()
+    assert isinstance(ctx_of(h), contextvars.Context)
+    assert h._loop is loop
+    run_briefly(loop)
+
+
+@needs_get_context
+def test_handle_get_context(loop):
+    ctx = contextvars.copy_context()
+    h = loop.call_soon(lambda: None, context=ctx)
+    t = loop.call_later(10, lambda: None, context=ctx)
+    assert h.get_context() is ctx
+    assert t.get_context() is ctx
+    t.cancel()
+    run_briefly(loop)
+
+
+def test_call_soon_context_argument(loop):
+    ctx = contextvars.Context()
+    ctx.run(var.set, "in ctx")
+    seen = []
+    h = loop.call_soon(
+        lambda: seen.append((var.get(), contextvars.copy_context()[var])), context=ctx
+    )
+    assert ctx_of(h) is ctx
+    run_briefly(loop)
+    assert seen == [("in ctx", "in ctx")]
+    assert var.get() == "default"
+
+
+def test_callback_changes_stay_in_its_context(loop):
+    ctx = contextvars.Context()
+    loop.call_soon(var.set, "changed", context=ctx)
+    run_briefly(loop)
+    assert ctx[var] == "changed"
+    assert var.get() == "default"
+
+
+def test_call_soon_default_context_is_a_copy_taken_at_scheduling(loop):
+    def body():
+        var.set("at scheduling")
+        seen = []
+
+        def cb():
+            seen.append(var.get())
+            var.set("set by callback")
+
+        h = loop.call_soon(cb)
+        var.set("after scheduling")
+        run_briefly(loop)
+        assert seen == ["at scheduling"]
+        # The callback ran in a copy: its change is visible there only.
+        assert var.get() == "after scheduling"
+        assert ctx_of(h)[var] == "set by callback"
+        assert ctx_of(h) is not contextvars.copy_context()
+
+    contextvars.copy_context().run(body)
+
+
+def test_call_later_and_call_at_context_argument(loop):
+    ctx = contextvars.Context()
+    ctx.run(var.set, "timer ctx")
+    seen = []
+    h1 = loop.call_later(0, lambda: seen.append(var.get()), context=ctx)
+    h2 = loop.call_at(loop.time(), lambda: seen.append(var.get()), context=ctx)
+    assert ctx_of(h1) is ctx and ctx_of(h2) is ctx
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert seen == ["timer ctx", "timer ctx"]
+
+
+def test_call_soon_threadsafe_context_argument(loop):
+    ctx = contextvars.Context()
+    ctx.run(var.set, "ts ctx")
+    seen = []
+    loop.call_soon_threadsafe(lambda: seen.append(var.get()), context=ctx)
+    run_briefly(loop)
+    assert seen == ["ts ctx"]
+
+
+def test_handle_cancel(loop):
+    seen = []
+    h = loop.call_soon(seen.append, 1)
+    loop.call_soon(seen.append, 2)
+    assert not h.cancelled()
+    h.cancel()
+    assert h.cancelled()
+    h.cancel()  # idempotent
+    assert h.cancelled()
+    run_briefly(loop)
+    assert seen == [2]
+
+
+def test_cancel_clears_callback_and_args(loop):
+    h = loop.call_soon(print, "x")
+    h.cancel()
+    assert h._callback is None
+    assert h._args is None
+
+
+def test_callback_may_cancel_its_own_handle(loop):
+    seen = []
+    holder = []
+
+    def cb():
+        holder[0].cancel()
+        seen.append("ran")
+
+    holder.append(loop.call_soon(cb))
+    run_briefly(loop)
+    assert seen == ["ran"]
+    assert holder[0].cancelled()
+
+
+def test_callback_cancels_later_handle_in_same_iteration(loop):
+    seen = []
+    h2 = None
+
+    def first():
+        seen.append(1)
+        h2.cancel()
+
+    loop.call_soon(first)
+    h2 = loop.call_soon(seen.append, 2)
+    loop.call_soon(seen.append, 3)
+    run_briefly(loop)
+    assert seen == [1, 3]
+
+
+def test_handle_repr_names_callback(loop):
+    def my_little_callback():
+        pass
+
+    h = loop.call_soon(my_little_callback)
+    r = repr(h)
+    assert r.startswith("<Handle ")
+    assert "my_little_callback" in r
+    h.cancel()
+    assert repr(h) == "<Handle cancelled>"
+
+
+def test_handle_repr_shows_args_in_debug(loop):
+    # Python 3.12+ shows the arguments only in debug mode.
+    loop.set_debug(True)
+    h = loop.call_soon(print, 1, "two")
+    assert "print(1, 'two')" in repr(h)
+    h.cancel()
+
+
+def test_handle_run_calls_callback_directly(loop):
+    seen = []
+    h = loop.call_soon(seen.append, "x")
+    h._run()
+    assert seen == ["x"]
+    h.cancel()
+    run_briefly(loop)
+    assert seen == ["x"]
+
+
+def test_handle_run_reports_exception(loop, handler_calls):
+    def boom():
+        raise ZeroDivisionError("boom")
+
+    h = loop.call_soon(boom)
+    h.cancel()  # keep it out of the loop; call it by hand below
+    h2 = loop.call_soon(boom)
+    h2._run()
+    assert len(handler_calls) == 1
+    ctx = handler_calls[0]
+    assert isinstance(ctx["exception"], ZeroDivisionError)
+    assert ctx["handle"] is h2
+    assert ctx["message"].startswith("Exception in callback ")
+    h2.cancel()
+
+
+# --- callback checks (asyncio does them in debug mode) ----------------------------------
+
+
+async def _coro():
+    pass
+
+
+def _schedulers(loop):
+    return {
+        "call_soon": lambda cb: loop.call_soon(cb),
+        "call_soon_threadsafe": lambda cb: loop.call_soon_threadsafe(cb),
+        "call_later": lambda cb: loop.call_later(1, cb),
+        "call_at": lambda cb: loop.call_at(loop.time() + 1, cb),
+    }
+
+
+# call_later is implemented with call_at, so asyncio names call_at in its message.
+METHOD_IN_MESSAGE = {
+    "call_soon": "call_soon",
+    "call_soon_threadsafe": "call_soon_threadsafe",
+    "call_later": "call_at",
+    "call_at": "call_at",
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_IN_MESSAGE))
+def test_coroutine_object_rejected_in_debug(loop, method):
+    loop.set_debug(True)
+    coro = _coro()
+    try:
+        with pytest.raises(TypeError) as ei:
+            _schedulers(loop)[method](coro)
+    finally:
+        coro.close()
+    assert str(ei.value) == f"coroutines cannot be used with {METHOD_IN_MESSAGE[method]}()"
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_IN_MESSAGE))
+def test_coroutine_function_rejected_in_debug(loop, method):
+    loop.set_debug(True)
+    with pytest.raises(TypeError) as ei:
+        _schedulers(loop)[method](_coro)
+    assert str(ei.value) == f"coroutines cannot be used with {METHOD_IN_MESSAGE[method]}()"
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_IN_MESSAGE))
+def test_non_callable_rejected_in_debug(loop, method):
+    loop.set_debug(True)
+    with pytest.raises(TypeError) as ei:
+        _schedulers(loop)[method](1)
+    assert str(ei.value) == (
+        f"a callable object was expected by {METHOD_IN_MESSAGE[method]}(), got 1"
+    )
+
+
+def test_non_callable_accepted_without_debug_and_fails_when_run(loop, handler_calls):
+    """asyncio checks callbacks only in debug mode: otherwise call_soon accepts anything and
+    the TypeError surfaces when the handle runs, through the exception handler."""
+    assert not loop.get_debug()
+    h = loop.call_soon(1)
+    run_briefly(loop)
+    assert len(handler_calls) == 1
+    assert isinstance(handler_calls[0]["exception"], TypeError)
+    assert handler_calls[0]["handle"] is h
+
+
+def test_async_mock_callback_accepted_without_debug(loop):
+    """A realistic case of the above: an AsyncMock used as a loop callback in a unit test.
+    asyncio (non-debug) calls it (the call is recorded; its coroutine is never awaited)."""
+    cb = unittest.mock.AsyncMock()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "coroutine ... was never awaited"
+        loop.call_soon(cb, 1)
+        loop.call_later(0, cb, 2)
+        loop.run_until_complete(asyncio.sleep(0.01))
+        gc.collect()
+    assert cb.call_args_list == [unittest.mock.call(1), unittest.mock.call(2)]
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_IN_MESSAGE))
+def test_closed_loop_rejects_scheduling(loop, method):
+    loop.close()
+    with pytest.raises(RuntimeError, match="^Event loop is closed$"):
+        _schedulers(loop)[method](lambda: None)
+
+
+def test_check_closed_comes_before_callback_check(loop):
+    loop.set_debug(True)
+    loop.close()
+    with pytest.raises(RuntimeError, match="^Event loop is closed$"):
+        loop.call_soon(1)
+
+
+@pytest.mark.parametrize("method", ["call_soon", "call_later", "call_at"])
+def test_wrong_thread_in_debug_mode(loop, method):
+    loop.set_debug(True)
+    errors = []
+
+    def in_thread():
+        try:
+            _schedulers(loop)[method](lambda: None)
+        except BaseException as e:
+            errors.append(e)
+
+    async def main():
+        t = threading.Thread(target=in_thread)
+        t.start()
+        t.join()
+
+    loop.run_until_complete(main())
+    assert len(errors) == 1
+    assert isinstance(errors[0], RuntimeError)
+    assert str(errors[0]) == NOT_SAME_THREAD
+
+
+def test_call_soon_threadsafe_allowed_from_other_thread_in_debug(loop):
+    loop.set_debug(True)
+
+    async def main():
+        fut = loop.create_future()
+        threading.Thread(target=loop.call_soon_threadsafe, args=(fut.set_result, 7)).start()
+        return await fut
+
+    assert loop.run_until_complete(asyncio.wait_for(main(), 10)) == 7
+
+
+def test_call_soon_when_not_running_from_other_thread_in_debug(loop):
+    """The thread check only applies while the loop runs."""
+    loop.set_debug(True)
+    errors = []
+
+    def in_thread():
+        try:
+            loop.call_soon(lambda: None)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    assert errors == []
+    run_briefly(loop)
+
+
+# --- waking the loop from other threads -----------------------------------------------
+
+
+def test_call_soon_threadsafe_from_many_threads_wakes_blocked_loop(loop):
+    nthreads, per_thread = 8, 50
+    total = nthreads * per_thread
+    go = threading.Event()
+    count = 0
+
+    async def main():
+        done = loop.create_future()
+
+        def cb():
+            nonlocal count
+            count += 1
+            if count == total:
+                done.set_result(None)
+
+        def worker():
+            go.wait(10)
+            for i in range(per_thread):
+                loop.call_soon_threadsafe(cb)
+                if i % 10 == 0:
+                    time.sleep(0.005)  # let the loop go back to sleep in the poll
+
+        threads = [threading.Thread(target=worker) for _ in range(nthreads)]
+        for t in threads:
+            t.start()
+        loop.call_soon(go.set)
+        # No timer but the safety net of wait_for: the loop blocks in the poll, and only the
+        # wake-ups from call_soon_threadsafe get it out before the 10 s safety timeout.
+        try:
+            await asyncio.wait_for(done, 10)
+        finally:
+            for t in threads:
+                t.join()
+
+    loop.run_until_complete(main())
+    assert count == total
+
+
+def test_call_soon_threadsafe_wakes_loop_with_no_timers(loop):
+    results = []
+
+    def worker():
+        time.sleep(0.05)  # the loop is blocked in a poll with no timeout by now
+        loop.call_soon_threadsafe(loop.stop)
+        results.append("sent")
+
+    t = threading.Thread(target=worker)
+    # A watchdog so that a lost wake-up fails the test instead of hanging it.
+    watchdog = threading.Timer(10, lambda: loop.call_soon_threadsafe(results.append, "watchdog"))
+    t.start()
+    watchdog.start()
+    try:
+        loop.run_forever()
+    finally:
+        watchdog.cancel()
+        t.join()
+        watchdog.join()
+    assert results == ["sent"]
+
+
+def test_call_soon_threadsafe_wakes_loop_sleeping_on_long_timer(loop):
+    async def main():
+        fut = loop.create_future()
+        long_timer = loop.call_later(20, fut.set_exception, TimeoutError("not woken up"))
+
+        def worker():
+            time.sleep(0.05)
+            loop.call_soon_threadsafe(fut.set_result, "woken")
+
+        t = threading.Thread(target=worker)
+        t.start()
+        start = time.monotonic()
+        try:
+            result = await fut
+        finally:
+            long_timer.cancel()
+            t.join()
+        return result, time.monotonic() - start
+
+    result, elapsed = loop.run_until_complete(main())
+    assert result == "woken"
+    assert elapsed < 10  # far below the 20 s timer
+
+
+def test_call_soon_threadsafe_wakeups_are_not_lost(loop):
+    """Many rounds of: the loop goes to sleep in the poll (or is about to), a thread schedules
+    a callback at a slightly different moment each time. A lost wake-up stalls a round."""
+    rounds = 300
+    go = threading.Event()
+    stop = False
+    state = {"fut": None}
+
+    def worker():
+        i = 0
+        while True:
+            go.wait(10)
+            go.clear()
+            if stop:
+                return
+            # Spin for a varying few microseconds, to hit different points of the loop.
+            end = time.perf_counter() + (i % 7) * 20e-6
+            while time.perf_counter() < end:
+                pass
+            loop.call_soon_threadsafe(state["fut"].set_result, i)
+            i += 1
+
+    async def main():
+        nonlocal stop
+        t = threading.Thread(target=worker)
+        t.start()
+        try:
+            for i in range(rounds):
+                state["fut"] = loop.create_future()
+                go.set()
+                assert await asyncio.wait_for(state["fut"], 5) == i
+        finally:
+            stop = True
+            go.set()
+            t.join()
+
+    loop.run_until_complete(main())
+
+
+def test_call_soon_threadsafe_handle_can_be_cancelled(loop):
+    seen = []
+    h = loop.call_soon_threadsafe(seen.append, 1)
+    h.cancel()
+    run_briefly(loop)
+    assert seen == []

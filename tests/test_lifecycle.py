@@ -1,0 +1,207 @@
+"""Lifetime: loops and handles are freed, file descriptors are released, and an unclosed
+loop warns like asyncio's."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import weakref
+
+import pytest
+from conftest import run_briefly
+
+
+class Payload:
+    """Something to watch with a weak reference."""
+
+
+def _fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _exercise(lp):
+    lp.call_soon(lambda: None)
+    lp.call_later(3600, lp.stop)  # a cycle: loop -> timer -> bound method -> loop
+    lp.run_until_complete(asyncio.sleep(0.001))
+
+
+def test_closed_loop_is_collected(loop_factory):
+    lp = loop_factory()
+    _exercise(lp)
+    lp.close()
+    ref = weakref.ref(lp)
+    del lp
+    gc.collect()
+    assert ref() is None
+
+
+def test_closed_loop_freed_without_gc(loop_factory):
+    """close() drops queued handles, so the loop -> handle -> loop cycles are gone and plain
+    reference counting frees the loop."""
+    lp = loop_factory()
+    lp.call_soon(lp.stop)
+    lp.call_later(3600, lp.stop)
+    lp.run_forever()
+    lp.close()
+    ref = weakref.ref(lp)
+    gc.disable()
+    try:
+        del lp
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_handles_referencing_loop_do_not_leak_it_after_close(loop_factory):
+    lp = loop_factory()
+    handles = [lp.call_soon(lp.stop), lp.call_later(3600, lp.call_soon, lp.stop)]
+    lp.close()
+    ref = weakref.ref(lp)
+    del lp
+    gc.collect()
+    # The handles the test still holds keep the loop alive, as in asyncio ...
+    assert ref() is not None
+    del handles
+    gc.collect()
+    # ... and once they are gone, so is the loop.
+    assert ref() is None
+
+
+def test_callback_args_released_after_run(loop):
+    obj = Payload()
+    ref = weakref.ref(obj)
+    loop.call_soon(lambda o: None, obj)
+    del obj
+    run_briefly(loop)
+    assert ref() is None
+
+
+def test_cancelled_timer_releases_args_immediately(loop):
+    obj = Payload()
+    ref = weakref.ref(obj)
+    h = loop.call_later(3600, lambda o: None, obj)
+    del obj
+    assert ref() is not None
+    h.cancel()
+    assert ref() is None
+
+
+def test_fired_timer_releases_args(loop):
+    obj = Payload()
+    ref = weakref.ref(obj)
+    loop.call_later(0, lambda o: None, obj)
+    del obj
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert ref() is None
+
+
+def test_close_releases_pending_callbacks(loop):
+    objs = [Payload() for _ in range(3)]
+    refs = [weakref.ref(o) for o in objs]
+    loop.call_soon(lambda o: None, objs[0])
+    loop.call_later(3600, lambda o: None, objs[1])
+    loop.call_soon_threadsafe(lambda o: None, objs[2])
+    del objs
+    loop.close()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_close_frees_file_descriptors(loop_factory):
+    # Warm up (imports, lazily created process-wide fds).
+    lp = loop_factory()
+    run_briefly(lp)
+    lp.close()
+    del lp
+    gc.collect()
+    before = _fd_count()
+    for _ in range(200):
+        lp = loop_factory()
+        run_briefly(lp)
+        lp.close()
+    del lp
+    gc.collect()
+    assert _fd_count() <= before
+
+
+def test_loops_alive_together_release_fds(loop_factory):
+    gc.collect()
+    before = _fd_count()
+    loops = [loop_factory() for _ in range(50)]
+    assert _fd_count() > before
+    for lp in loops:
+        lp.close()
+    del loops
+    gc.collect()
+    assert _fd_count() <= before
+
+
+def test_unclosed_loop_warns_resource_warning(loop_factory):
+    lp = loop_factory()
+    lp.call_soon(lambda: None)
+    with pytest.warns(ResourceWarning, match="unclosed event loop"):
+        del lp
+        gc.collect()
+
+
+def test_unclosed_loop_in_reference_cycle_warns_and_is_collected(loop_factory):
+    lp = loop_factory()
+    lp.call_later(3600, lp.stop)  # loop -> timer -> bound method -> loop
+    lp.call_soon(lp.stop)
+    ref = weakref.ref(lp)
+    with pytest.warns(ResourceWarning, match="unclosed event loop"):
+        del lp
+        gc.collect()
+    gc.collect()
+    assert ref() is None
+
+
+def test_unclosed_loop_is_closed_on_deletion(loop_factory):
+    gc.collect()
+    before = _fd_count()
+    lp = loop_factory()
+    run_briefly(lp)
+    ref = weakref.ref(lp)
+    with pytest.warns(ResourceWarning, match="unclosed event loop"):
+        del lp
+        gc.collect()
+    assert ref() is None
+    assert _fd_count() <= before
+
+
+def test_closed_loop_does_not_warn(loop_factory, recwarn):
+    lp = loop_factory()
+    lp.close()
+    del lp
+    gc.collect()
+    assert [w for w in recwarn if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_handle_weakref(loop):
+    h = loop.call_soon(lambda: None)
+    t = loop.call_later(3600, lambda: None)
+    rh, rt = weakref.ref(h), weakref.ref(t)
+    t.cancel()
+    del h, t
+    run_briefly(loop)
+    gc.collect()
+    assert rh() is None
+    assert rt() is None
+
+
+def test_loop_in_thread_freed(loop_factory):
+    import threading
+
+    refs = []
+
+    def in_thread():
+        lp = loop_factory()
+        lp.run_until_complete(asyncio.sleep(0.001))
+        lp.close()
+        refs.append(weakref.ref(lp))
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    gc.collect()
+    assert refs[0]() is None

@@ -1,0 +1,360 @@
+"""call_later, call_at, TimerHandle and the loop's clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import run_briefly, scheduled_timer_count
+
+
+def _run_until(loop, fut_or_coro, timeout=10):
+    return loop.run_until_complete(asyncio.wait_for(fut_or_coro, timeout))
+
+
+def test_call_later_fires_in_deadline_order(loop):
+    seen = []
+    loop.call_later(0.03, seen.append, 3)
+    loop.call_later(0.01, seen.append, 1)
+    loop.call_later(0.02, seen.append, 2)
+    loop.call_later(0, seen.append, 0)
+    loop.run_until_complete(asyncio.sleep(0.08))
+    assert seen == [0, 1, 2, 3]
+
+
+def test_call_at_fires_in_deadline_order(loop):
+    seen = []
+    now = loop.time()
+    for i in (5, 1, 4, 2, 3):
+        loop.call_at(now + i * 0.01, seen.append, i)
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert seen == [1, 2, 3, 4, 5]
+
+
+def test_timers_due_in_the_same_iteration_run_in_deadline_order(loop):
+    seen = []
+    now = loop.time()
+    loop.call_at(now + 0.03, seen.append, "c")
+    loop.call_at(now + 0.01, seen.append, "a")
+    loop.call_at(now + 0.02, seen.append, "b")
+    time.sleep(0.05)  # all three are due before the loop looks at them
+    run_briefly(loop)
+    assert seen == ["a", "b", "c"]
+
+
+def test_equal_deadlines_all_fire_in_one_iteration(loop):
+    seen = []
+    when = loop.time() + 0.01
+    for i in range(50):
+        loop.call_at(when, seen.append, i)
+    time.sleep(0.02)
+    run_briefly(loop)
+    assert sorted(seen) == list(range(50))
+
+
+def test_equal_deadlines_fire_in_scheduling_order(loop, loop_kind):
+    if loop_kind == "asyncio":
+        pytest.skip(
+            "asyncio leaves the order of equal deadlines undefined (its heapq reorders "
+            "them); this is a ferroloop guarantee (docs: 'equal deadlines fire in "
+            "scheduling order')"
+        )
+    seen = []
+    when = loop.time() + 0.01
+    for i in range(200):
+        loop.call_at(when, seen.append, i)
+    time.sleep(0.02)
+    run_briefly(loop)
+    assert seen == list(range(200))
+
+
+def test_call_soon_runs_before_due_timer_scheduled_earlier(loop):
+    """asyncio moves due timers to the *end* of the ready queue after the poll, so a call_soon
+    callback already queued runs first even when the timer was scheduled before it."""
+    seen = []
+    loop.call_at(loop.time() - 1, seen.append, "timer (past deadline)")
+    loop.call_later(0, seen.append, "timer (delay 0)")
+    loop.call_soon(seen.append, "call_soon")
+    run_briefly(loop)
+    assert seen == ["call_soon", "timer (past deadline)", "timer (delay 0)"]
+
+
+def test_negative_delay_and_past_deadline_fire_soon(loop):
+    seen = []
+    loop.call_later(-10, seen.append, "negative")
+    loop.call_at(0, seen.append, "epoch")
+    run_briefly(loop)
+    assert sorted(seen) == ["epoch", "negative"]
+
+
+def test_when_returns_the_deadline(loop):
+    h = loop.call_at(1234.5, lambda: None)
+    assert h.when() == 1234.5
+    before = loop.time()
+    h2 = loop.call_later(10, lambda: None)
+    after = loop.time()
+    assert before + 10 <= h2.when() <= after + 10
+    h.cancel()
+    h2.cancel()
+    assert h.when() == 1234.5  # still available after cancel
+
+
+def test_when_keeps_the_value_given_to_call_at(loop):
+    """asyncio stores the deadline as given: an int stays an int (also in the repr)."""
+    h = loop.call_at(10, lambda: None)
+    assert h.when() == 10
+    assert type(h.when()) is int
+    assert repr(h).startswith("<TimerHandle when=10 ")
+    h.cancel()
+
+
+def test_timer_does_not_fire_early(loop):
+    fired = []
+    h = loop.call_later(0.05, lambda: fired.append(loop.time()))
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert len(fired) == 1
+    assert fired[0] >= h.when() - 1e-6
+
+
+def test_delay_none_rejected(loop):
+    with pytest.raises(TypeError, match="^delay must not be None$"):
+        loop.call_later(None, lambda: None)
+
+
+def test_when_none_rejected(loop):
+    with pytest.raises(TypeError, match="^when cannot be None$"):
+        loop.call_at(None, lambda: None)
+
+
+def test_delay_of_wrong_type_rejected(loop):
+    with pytest.raises(TypeError):
+        loop.call_later("1", lambda: None)
+
+
+def test_int_and_float_delays(loop):
+    seen = []
+    loop.call_later(0, seen.append, "int")
+    loop.call_later(0.0, seen.append, "float")
+    loop.call_at(int(loop.time()), seen.append, "int when")
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert sorted(seen) == ["float", "int", "int when"]
+
+
+def test_huge_and_infinite_delays(loop):
+    seen = []
+    h1 = loop.call_later(1e300, seen.append, "huge")
+    h2 = loop.call_later(float("inf"), seen.append, "inf")
+    h3 = loop.call_at(float("inf"), seen.append, "inf at")
+    loop.call_later(0.01, seen.append, "short")
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert seen == ["short"]
+    for h in (h1, h2, h3):
+        h.cancel()
+    run_briefly(loop)
+
+
+def test_cancelled_timer_does_not_fire(loop):
+    seen = []
+    h = loop.call_later(0.01, seen.append, "cancelled")
+    loop.call_later(0.01, seen.append, "kept")
+    h.cancel()
+    assert h.cancelled()
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert seen == ["kept"]
+
+
+def test_cancel_timer_from_callback_in_same_iteration(loop):
+    seen = []
+    now = loop.time()
+    h2 = None
+
+    def first():
+        seen.append(1)
+        h2.cancel()
+
+    loop.call_at(now + 0.01, first)
+    h2 = loop.call_at(now + 0.02, seen.append, 2)
+    time.sleep(0.03)
+    run_briefly(loop)
+    assert seen == [1]
+
+
+def test_cancel_after_fire_is_harmless(loop):
+    seen = []
+    h = loop.call_later(0, seen.append, 1)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    h.cancel()
+    assert seen == [1]
+    assert h.cancelled()
+
+
+def test_timers_scheduled_from_callbacks(loop):
+    seen = []
+    done = loop.create_future()
+
+    def step(i):
+        seen.append(i)
+        if i < 5:
+            loop.call_later(0.002, step, i + 1)
+        else:
+            done.set_result(None)
+
+    loop.call_later(0.002, step, 0)
+    _run_until(loop, done)
+    assert seen == [0, 1, 2, 3, 4, 5]
+
+
+def test_call_later_zero_from_callback_runs_next_iteration(loop):
+    seen = []
+
+    def cb():
+        seen.append("cb")
+        loop.call_later(0, seen.append, "timer")
+        loop.call_soon(seen.append, "soon")
+
+    loop.call_soon(cb)
+    run_briefly(loop)
+    assert seen == ["cb"]
+    run_briefly(loop)
+    assert seen == ["cb", "soon", "timer"]
+
+
+def test_timer_handle_repr(loop):
+    def my_timer_callback():
+        pass
+
+    h = loop.call_at(1234.5, my_timer_callback)
+    r = repr(h)
+    assert r.startswith("<TimerHandle when=1234.5 ")
+    assert "my_timer_callback" in r
+    h.cancel()
+    assert repr(h) == "<TimerHandle cancelled when=1234.5>"
+
+
+def test_timer_handle_comparisons(loop):
+    def cb():
+        pass
+
+    a = loop.call_at(10, cb)
+    b = loop.call_at(20, cb)
+    a2 = loop.call_at(10, cb)
+    c = loop.call_at(10, cb, "other args")
+    assert a < b and a <= b and b > a and b >= a
+    assert not (b < a) and not (a > b)
+    assert a == a2 and a <= a2 and a >= a2 and not (a != a2)
+    assert a is not a2
+    assert hash(a) == hash(a2) == hash(10.0)
+    assert a != c and not (a == c)
+    assert not (a < c) and not (a > c)
+    # <= and >= mean "< or ==", so equal deadlines with other args are neither.
+    assert not (a <= c) and not (a >= c)
+    a2.cancel()
+    assert a != a2  # a cancelled handle differs from a live one
+    assert len({a, b}) == 2
+    for h in (a, b, c):
+        h.cancel()
+
+
+def test_timer_handle_compared_with_other_types(loop):
+    h = loop.call_at(10, lambda: None)
+    assert h != 10
+    assert not (h == "x")
+    with pytest.raises(TypeError):
+        h < 10  # noqa: B015
+    with pytest.raises(TypeError):
+        h >= loop.call_soon(lambda: None)  # noqa: B015
+    h.cancel()
+    run_briefly(loop)
+
+
+def test_handle_is_not_equal_to_timer_handle_with_same_callback(loop):
+    def cb():
+        pass
+
+    h = loop.call_soon(cb)
+    t = loop.call_later(10, cb)
+    assert h != t and t != h
+    t.cancel()
+    run_briefly(loop)
+
+
+# --- the clock ---------------------------------------------------------------------------
+
+
+def test_time_is_monotonic_clock(loop):
+    for _ in range(100):
+        t0 = time.monotonic()
+        lt = loop.time()
+        t1 = time.monotonic()
+        assert t0 <= lt <= t1
+
+
+def test_time_never_goes_backwards(loop):
+    last = loop.time()
+    for _ in range(10000):
+        now = loop.time()
+        assert now >= last
+        last = now
+
+
+def test_time_inside_callbacks_advances(loop):
+    stamps = []
+
+    async def main():
+        stamps.append(loop.time())
+        await asyncio.sleep(0.05)
+        stamps.append(loop.time())
+
+    loop.run_until_complete(main())
+    assert stamps[1] - stamps[0] >= 0.05 - 1e-3
+
+
+# --- bookkeeping -------------------------------------------------------------------------
+
+
+def test_many_cancelled_timers_do_not_pile_up(loop):
+    live = [loop.call_later(3600, lambda: None) for _ in range(10)]
+    handles = [loop.call_later(3600 + i, lambda: None) for i in range(5000)]
+    assert scheduled_timer_count(loop) == 5010
+    for h in handles:
+        h.cancel()
+    run_briefly(loop)
+    assert scheduled_timer_count(loop) == 10
+    for h in live:
+        h.cancel()
+    run_briefly(loop)
+    assert scheduled_timer_count(loop) == 0
+
+
+def test_cancelled_head_timer_is_dropped(loop):
+    """Below the compaction threshold, cancelled timers at the head of the heap go away."""
+    first = loop.call_later(0.001, lambda: None)
+    later = loop.call_later(3600, lambda: None)
+    first.cancel()
+    run_briefly(loop)
+    assert scheduled_timer_count(loop) == 1
+    later.cancel()
+
+
+def test_timer_cancelled_count(loop):
+    """asyncio's private counter, which libraries peek at (and ferroloop exposes)."""
+    hs = [loop.call_later(3600, lambda: None) for _ in range(5)]
+    assert loop._timer_cancelled_count == 0
+    for h in hs[:3]:
+        h.cancel()
+        h.cancel()  # counted once
+    assert loop._timer_cancelled_count == 3
+    for h in hs[3:]:
+        h.cancel()
+
+
+def test_sleep_loop_with_many_timers(loop):
+    async def sleeper(i):
+        await asyncio.sleep(0.001 * (i % 10))
+        return i
+
+    async def main():
+        return await asyncio.gather(*(sleeper(i) for i in range(2000)))
+
+    assert _run_until(loop, main()) == list(range(2000))
