@@ -173,6 +173,7 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
                     source=self,
                 )
                 self._signal_handlers.clear()
+                self._set_signal_handlers_present(False)
             else:
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
@@ -277,6 +278,7 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
             raise RuntimeError(str(exc))
         handle = self._make_handle(callback, args)
         self._signal_handlers[sig] = handle
+        self._set_signal_handlers_present(True)
         try:
             # The Python-level handler does nothing; the C-level one writes the signal number
             # to the wake-up fd, and the loop dispatches it (see _handle_signal).
@@ -286,6 +288,7 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         except OSError as exc:
             del self._signal_handlers[sig]
             if not self._signal_handlers:
+                self._set_signal_handlers_present(False)
                 self._reset_wakeup_fd()
             if exc.errno == errno.EINVAL:
                 raise RuntimeError(f"sig {sig:d} cannot be caught")
@@ -306,6 +309,7 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
                 raise RuntimeError(f"sig {sig:d} cannot be caught")
             raise
         if not self._signal_handlers:
+            self._set_signal_handlers_present(False)
             self._reset_wakeup_fd()
         return True
 

@@ -46,6 +46,9 @@ pub(crate) struct State {
     /// True while the loop thread is (about to be) blocked in the poll: only then does
     /// `call_soon_threadsafe` need to write the waker.
     polling: bool,
+    /// Signal numbers can arrive on the waker (`add_signal_handler`), so it must be polled
+    /// even while the loop is busy.
+    signal_handlers: bool,
     reactor: Option<Reactor<Py<PyAny>>>,
 }
 
@@ -128,10 +131,12 @@ impl LoopCore {
         self.state.borrow_mut(py).ready.push(h);
     }
 
-    /// Write the waker if the loop is blocked (or about to block) in the poll.
+    /// Write the waker if the loop is blocked (or about to block) in the poll. One byte per
+    /// blocked poll is enough: the flag is cleared by the first writer.
     fn wake_if_polling(&self, py: Python<'_>) {
-        let st = self.state.borrow(py);
+        let mut st = self.state.borrow_mut(py);
         if st.polling {
+            st.polling = false;
             if let Some(r) = &st.reactor {
                 sys::write_wakeup(r.wake_write_fd());
             }
@@ -292,6 +297,7 @@ impl LoopCore {
                 current_handle: None,
                 slow_callback_duration: 0.1,
                 polling: false,
+                signal_handlers: false,
                 reactor: Some(reactor),
             }),
         })
@@ -400,6 +406,11 @@ impl LoopCore {
         if handle.get().is_scheduled() {
             self.timer_handle_cancelled(py);
         }
+    }
+
+    /// Told by the Python side whether any `add_signal_handler` handler is installed.
+    fn _set_signal_handlers_present(&self, py: Python<'_>, present: bool) {
+        self.state.borrow_mut(py).signal_handlers = present;
     }
 
     fn _write_to_self(&self, py: Python<'_>) {

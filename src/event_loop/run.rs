@@ -2,7 +2,8 @@
 //!
 //! 1. drop cancelled timers (compacting the heap when they are over half of it),
 //! 2. poll: without blocking when work is ready or a stop is pending, else until the next
-//!    deadline; the GIL is released only for a poll that may block,
+//!    deadline; the GIL is released only for a poll that may block. A non-blocking poll is
+//!    skipped when no fd and no signal handler is registered (it could find nothing),
 //! 3. queue the handles of ready fds, handle signals and run Python signal handlers,
 //! 4. move due timers behind what is already queued,
 //! 5. run exactly the handles queued so far.
@@ -50,9 +51,21 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         } else {
             -1
         };
+        let signal_handlers = st.signal_handlers;
         let Some(reactor) = st.reactor.as_mut() else {
             return Err(super::closed_err());
         };
+        // With work ready and nothing registered but the waker, a non-blocking poll can find
+        // nothing: the waker is written only while the loop blocks, and signal numbers only
+        // matter when handlers are installed. Skip the syscall.
+        if timeout_ms == 0 && reactor.registry.is_empty() && !signal_handlers {
+            drop(st);
+            for t in garbage.drain(..) {
+                t.get().set_scheduled(false);
+            }
+            drop(garbage);
+            return run_ready(slf);
+        }
         let epoll = reactor.epoll();
         let buf = reactor.take_buf();
         st.polling = timeout_ms != 0;
@@ -136,7 +149,13 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         py.check_signals()?;
     }
 
-    // 4: due timers join the ready queue.
+    run_ready(slf)
+}
+
+/// Steps 4 and 5: due timers join the ready queue, then run what is queued.
+fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    let py = slf.py();
+    let core = slf.get();
     let ntodo = {
         let now_ns = sys::monotonic_ns();
         let mut st = core.state.borrow_mut(py);
