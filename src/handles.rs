@@ -176,6 +176,15 @@ impl Handle {
         run_handle(slf.py(), slf)
     }
 
+    /// asyncio's class, so `isinstance(handle, asyncio.Handle)` holds as it does for
+    /// asyncio's loop (`isinstance` consults `__class__`); `type(handle)` stays this class.
+    #[getter(__class__)]
+    fn class_attr(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let c = py::cached(py)?;
+        Ok(if slf.is_instance_of::<TimerHandle>() { &c.asyncio_timer_handle } else { &c.asyncio_handle }.clone_ref(py))
+    }
+
     #[getter]
     fn _callback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.callback.borrow(py).as_ref().map(|c| c.clone_ref(py))

@@ -80,6 +80,7 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         self._executor_shutdown_called = False
         self._signal_handlers = {}
         self._owns_wakeup_fd = False
+        self._set_custom_clock(type(self).time is not _ferroloop.LoopCore.time)
         self.set_debug(coroutines._is_debug_mode())
 
     for _name in _BORROWED:

@@ -49,6 +49,9 @@ pub(crate) struct State {
     /// Signal numbers can arrive on the waker (`add_signal_handler`), so it must be polled
     /// even while the loop is busy.
     signal_handlers: bool,
+    /// A subclass overrides `time()`: deadlines and "now" then come from it (asyncio's loop
+    /// always asks `self.time()`; plain loops skip the Python call).
+    custom_clock: bool,
     reactor: Option<Reactor<Py<PyAny>>>,
 }
 
@@ -71,6 +74,23 @@ fn closed_err() -> PyErr {
 }
 
 impl LoopCore {
+    /// "Now" on the loop's clock, in nanoseconds.
+    pub(crate) fn now_ns(slf: &Bound<'_, Self>) -> PyResult<i64> {
+        if slf.get().state.borrow(slf.py()).custom_clock {
+            Ok(secs_to_ns(Self::now_secs(slf)?))
+        } else {
+            Ok(sys::monotonic_ns())
+        }
+    }
+
+    fn now_secs(slf: &Bound<'_, Self>) -> PyResult<f64> {
+        if slf.get().state.borrow(slf.py()).custom_clock {
+            slf.call_method0(intern!(slf.py(), "time"))?.extract()
+        } else {
+            Ok(ns_to_secs(sys::monotonic_ns()))
+        }
+    }
+
     pub(crate) fn debug(&self, py: Python<'_>) -> bool {
         self.state.borrow(py).debug
     }
@@ -246,7 +266,7 @@ impl LoopCore {
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
             let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
-            reactor.set(fd, fileobj.clone().unbind(), which, handle.clone_ref(py).into_any())?
+            reactor.set(fd, fileobj.clone().unbind(), which, handle.clone_ref(py).into_any()).map_err(py::os_err)?
         };
         drop(old_fileobj);
         if let Some(old) = old {
@@ -263,7 +283,7 @@ impl LoopCore {
         let (old, old_fileobj) = {
             let mut st = self.state.borrow_mut(py);
             match st.reactor.as_mut() {
-                Some(r) => r.unset(fd, which)?,
+                Some(r) => r.unset(fd, which).map_err(py::os_err)?,
                 None => (None, None),
             }
         };
@@ -284,7 +304,7 @@ impl LoopCore {
     #[pyo3(signature = (*_args, **_kwargs))]
     fn py_new(py: Python<'_>, _args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         let _ = py::cached(py)?;
-        let reactor = Reactor::new()?;
+        let reactor = Reactor::new().map_err(py::os_err)?;
         Ok(Self {
             state: GilCell::new(State {
                 ready: ReadyQueue::default(),
@@ -298,6 +318,7 @@ impl LoopCore {
                 slow_callback_duration: 0.1,
                 polling: false,
                 signal_handlers: false,
+                custom_clock: false,
                 reactor: Some(reactor),
             }),
         })
@@ -357,7 +378,7 @@ impl LoopCore {
             return Err(PyTypeError::new_err("delay must not be None"));
         }
         let delay: f64 = delay.extract()?;
-        let now = ns_to_secs(sys::monotonic_ns());
+        let now = Self::now_secs(slf)?;
         Self::schedule_timer(slf, now + delay, None, callback, args, context)
     }
 
@@ -406,6 +427,11 @@ impl LoopCore {
         if handle.get().is_scheduled() {
             self.timer_handle_cancelled(py);
         }
+    }
+
+    /// Told by the Python side when the class overrides `time()`.
+    fn _set_custom_clock(&self, py: Python<'_>, custom: bool) {
+        self.state.borrow_mut(py).custom_clock = custom;
     }
 
     /// Told by the Python side whether any `add_signal_handler` handler is installed.

@@ -27,6 +27,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     let core = slf.get();
     // Objects removed under the borrow are dropped after it: a drop can run Python code.
     let mut garbage: Vec<Py<TimerHandle>> = Vec::new();
+    let now_ns = LoopCore::now_ns(slf)?;
 
     // 1 + 2a: purge cancelled timers, compute the poll timeout.
     let (timeout_ms, epoll, mut buf) = {
@@ -41,7 +42,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let timeout_ms: i32 = if !st.ready.is_empty() || st.stopping {
             0
         } else if let Some(when_ns) = st.timers.peek_when() {
-            let delta = when_ns.saturating_sub(sys::monotonic_ns());
+            let delta = when_ns.saturating_sub(now_ns);
             if delta <= 0 {
                 0
             } else {
@@ -92,7 +93,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             if let Some(r) = st.reactor.as_mut() {
                 r.put_buf(buf);
             }
-            return Err(e.into());
+            return Err(crate::py::os_err(e));
         }
     };
 
@@ -135,7 +136,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             let mut st = core.state.borrow_mut(py);
             if let Some(r) = st.reactor.as_mut() {
                 for (fd, which) in stale {
-                    dropped.push(r.unset(fd, which)?);
+                    dropped.push(r.unset(fd, which).map_err(crate::py::os_err)?);
                 }
             }
         }
@@ -156,8 +157,8 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
 fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
+    let now_ns = LoopCore::now_ns(slf)?;
     let ntodo = {
-        let now_ns = sys::monotonic_ns();
         let mut st = core.state.borrow_mut(py);
         while let Some(t) = st.timers.pop_due(now_ns) {
             t.get().set_scheduled(false);

@@ -3,7 +3,7 @@
 
 use std::cell::{Ref, RefCell, RefMut};
 
-use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit, PyTypeError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -51,6 +51,9 @@ pub struct Cached {
     pub extract_stack: Py<PyAny>,
     pub getframe: Py<PyAny>,
     pub debug_format_takes_flag: bool,
+    /// `asyncio.Handle` / `asyncio.TimerHandle`: what our handles report as `__class__`.
+    pub asyncio_handle: Py<PyAny>,
+    pub asyncio_timer_handle: Py<PyAny>,
 }
 
 static CACHED: PyOnceLock<Cached> = PyOnceLock::new();
@@ -73,6 +76,8 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
             extract_stack: fh.getattr("extract_stack")?.unbind(),
             getframe: py.import("sys")?.getattr("_getframe")?.unbind(),
             debug_format_takes_flag: version >= (3, 12),
+            asyncio_handle: py.import("asyncio.events")?.getattr("Handle")?.unbind(),
+            asyncio_timer_handle: py.import("asyncio.events")?.getattr("TimerHandle")?.unbind(),
         })
     })
 }
@@ -137,4 +142,19 @@ pub fn source_traceback(py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         Err(_) => return Ok(None),
     };
     Ok(Some(c.extract_stack.bind(py).call1((frame,))?.unbind()))
+}
+
+/// An OS error as Python raises it: `OSError(errno, strerror)`, which Python turns into the
+/// matching subclass (`BlockingIOError`, `PermissionError`, ...). PyO3's own conversion keeps
+/// only the message and loses `errno`.
+pub fn os_err(e: std::io::Error) -> PyErr {
+    match e.raw_os_error() {
+        Some(code) => {
+            let text = e.to_string();
+            let suffix = format!(" (os error {code})");
+            let strerror = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
+            PyOSError::new_err((code, strerror))
+        }
+        None => PyOSError::new_err(e.to_string()),
+    }
 }
