@@ -8,7 +8,7 @@ PY311 ?= $(shell command -v python3.11 || command -v python3)
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13))
 
 VENV ?= .venv
-DEV_DEPS := maturin>=1.7,<2 pytest>=8 pytest-timeout ruff mypy uvloop
+DEV_DEPS := "maturin>=1.7,<2" "pytest>=8" pytest-timeout ruff mypy uvloop
 
 .PHONY: help
 help:  ## list the targets

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import selectors
 import signal
 import sys
 import threading
@@ -60,6 +61,102 @@ _BORROWED = (
 )
 
 
+# asyncio's networking layer, used as it is for now: address resolution, connection and
+# server set-up (BaseEventLoop), socket transports, accept and sock_* (BaseSelectorEventLoop),
+# Unix sockets, pipes and sendfile (_UnixSelectorEventLoop). Looked up on asyncio's
+# SelectorEventLoop, so each name resolves to the most derived implementation of the running
+# version. They run on this loop's Rust reactor through `_add_reader`/`_add_writer`.
+# The per-connection paths move to Rust next (docs/DESIGN.md, "Networking").
+_BORROWED_NETWORKING = (
+    # BaseEventLoop
+    "create_connection",
+    "_create_connection_transport",
+    "_connect_sock",
+    "_ensure_resolved",
+    "_create_server_getaddrinfo",
+    "create_server",
+    "connect_accepted_socket",
+    "create_datagram_endpoint",
+    "sendfile",
+    "_sendfile_fallback",
+    "sock_sendfile",
+    "_sock_sendfile_fallback",
+    "_check_sendfile_params",
+    "start_tls",
+    "connect_read_pipe",
+    "connect_write_pipe",
+    "subprocess_shell",
+    "subprocess_exec",
+    # BaseSelectorEventLoop
+    "_make_socket_transport",
+    "_make_ssl_transport",
+    "_make_datagram_transport",
+    "_start_serving",
+    "_accept_connection",
+    "_accept_connection2",
+    "_stop_serving",
+    "_ensure_fd_no_transport",
+    "add_reader",
+    "remove_reader",
+    "add_writer",
+    "remove_writer",
+    "sock_recv",
+    "_sock_read_done",
+    "_sock_recv",
+    "sock_recv_into",
+    "_sock_recv_into",
+    "sock_sendall",
+    "_sock_sendall",
+    "sock_connect",
+    "_sock_connect",
+    "_sock_write_done",
+    "_sock_connect_cb",
+    "sock_accept",
+    "_sock_accept",
+    "_sendfile_native",
+    # _UnixSelectorEventLoop
+    "_make_read_pipe_transport",
+    "_make_write_pipe_transport",
+    "_make_subprocess_transport",
+    "_child_watcher_callback",
+    "create_unix_connection",
+    "create_unix_server",
+    "_sock_sendfile_native",
+    "_sock_sendfile_native_impl",
+    "_sock_sendfile_update_filepos",
+    "_sock_add_cancellation_callback",
+)
+# Added in 3.11.
+_BORROWED_NETWORKING_OPTIONAL = (
+    "sock_recvfrom",
+    "_sock_recvfrom",
+    "sock_recvfrom_into",
+    "_sock_recvfrom_into",
+    "sock_sendto",
+    "_sock_sendto",
+)
+
+
+class _SelectorView:
+    """The part of a ``selectors`` selector that asyncio's transports consult (their reprs
+    ask whether their fd is being polled), answered from the loop's registry."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop):
+        self._loop = weakref.proxy(loop)
+
+    def get_key(self, fileobj):
+        fd = selectors._fileobj_to_fd(fileobj)
+        events = self._loop._fd_events(fd)
+        if events is None:
+            raise KeyError(f"{fileobj!r} is not registered")
+        return selectors.SelectorKey(fileobj, fd, events, None)
+
+    def get_map(self):
+        return {fd: self.get_key(fd) for fd in self._loop._watched_fds()}
+
+
 def _sighandler_noop(signum, frame):
     """Python-level handler installed for ``add_signal_handler`` signals: the C-level handler
     has already written the signal number to the wake-up fd, which the loop reads."""
@@ -79,12 +176,20 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         self._asyncgens_shutdown_called = False
         self._executor_shutdown_called = False
         self._signal_handlers = {}
+        self._transports = weakref.WeakValueDictionary()
+        self._selector = _SelectorView(self)
+        self._internal_fds = 0
         self._owns_wakeup_fd = False
         self._set_custom_clock(type(self).time is not _ferroloop.LoopCore.time)
         self.set_debug(coroutines._is_debug_mode())
 
     for _name in _BORROWED:
         locals()[_name] = getattr(_BEL, _name)
+    for _name in _BORROWED_NETWORKING:
+        locals()[_name] = getattr(asyncio.SelectorEventLoop, _name)
+    for _name in _BORROWED_NETWORKING_OPTIONAL:
+        if hasattr(asyncio.SelectorEventLoop, _name):
+            locals()[_name] = getattr(asyncio.SelectorEventLoop, _name)
     del _name
 
     # --- tasks --------------------------------------------------------------------------
@@ -238,24 +343,6 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
 
     def _log_slow_callback(self, handle, dt):
         logger.warning("Executing %s took %.3f seconds", base_events._format_handle(handle), dt)
-
-    # --- readers and writers ------------------------------------------------------------
-
-    def add_reader(self, fd, callback, *args):
-        """Call ``callback(*args)`` whenever ``fd`` is readable (level-triggered)."""
-        return self._add_reader(fd, callback, *args)
-
-    def remove_reader(self, fd):
-        """Stop watching ``fd`` for reading; True if it was watched."""
-        return self._remove_reader(fd)
-
-    def add_writer(self, fd, callback, *args):
-        """Call ``callback(*args)`` whenever ``fd`` is writable (level-triggered)."""
-        return self._add_writer(fd, callback, *args)
-
-    def remove_writer(self, fd):
-        """Stop watching ``fd`` for writing; True if it was watched."""
-        return self._remove_writer(fd)
 
     # --- signals (asyncio's Unix rules) -------------------------------------------------
 

@@ -540,6 +540,14 @@ impl LoopCore {
         self.remove_io(py, Which::Writer, fd)
     }
 
+    /// The selector-style event mask watched for `fd` (1 = read, 2 = write), or None when the
+    /// fd is not watched. Backs the `_selector` view that asyncio's transport reprs consult.
+    fn _fd_events(&self, py: Python<'_>, fd: RawFd) -> Option<u8> {
+        let st = self.state.borrow(py);
+        let entry = st.reactor.as_ref()?.registry.get(&fd)?;
+        Some(u8::from(entry.reader.is_some()) | (u8::from(entry.writer.is_some()) << 1))
+    }
+
     /// The fds currently watched (for tests and `close()` bookkeeping).
     fn _watched_fds(&self, py: Python<'_>) -> Vec<RawFd> {
         let st = self.state.borrow(py);
