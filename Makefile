@@ -26,6 +26,8 @@ help:  ## list the targets
 	   $(if $(filter bench,$*),-r bench/requirements.txt)
 	@touch $@
 
+.PRECIOUS: .venv-%/.ok
+
 .PHONY: check-py313
 check-py313:
 	@test -n "$(PY313)" && test -x "$(PY313)" || { \

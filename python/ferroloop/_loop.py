@@ -21,6 +21,7 @@ import selectors
 import signal
 import sys
 import threading
+import types
 import warnings
 import weakref
 from asyncio import base_events, coroutines, events, format_helpers, futures, tasks
@@ -126,7 +127,7 @@ _BORROWED_NETWORKING = (
     "_sock_sendfile_update_filepos",
     "_sock_add_cancellation_callback",
 )
-# Added in 3.11.
+# Added in 3.11 (absent names are skipped).
 _BORROWED_NETWORKING_OPTIONAL = (
     "sock_recvfrom",
     "_sock_recvfrom",
@@ -135,6 +136,54 @@ _BORROWED_NETWORKING_OPTIONAL = (
     "sock_sendto",
     "_sock_sendto",
 )
+
+
+def _borrowable(names, source):
+    """``{name: function}`` for the borrowed methods that exist in this Python version."""
+    return {n: getattr(source, n) for n in names if hasattr(source, n)}
+
+
+def _uses_super(func):
+    code = getattr(func, "__code__", None)
+    return code is not None and "__class__" in code.co_freevars
+
+
+def _parent_implementations(borrowed):
+    """For borrowed methods that call zero-argument ``super()`` (3.13's Unix
+    ``_stop_serving``), the implementation that ``super()`` finds in asyncio's class
+    hierarchy; ``Loop`` puts these on a base class so the same call finds them there."""
+    parents = {}
+    for name, func in borrowed.items():
+        if _uses_super(func):
+            owner = func.__closure__[func.__code__.co_freevars.index("__class__")].cell_contents
+            for klass in owner.__mro__[1:]:
+                if name in vars(klass):
+                    parents[name] = vars(klass)[name]
+                    break
+    return parents
+
+
+def _rebind_super(func, cls):
+    """A copy of ``func`` whose zero-argument ``super()`` starts from ``cls``."""
+    index = func.__code__.co_freevars.index("__class__")
+    cells = list(func.__closure__)
+    cells[index] = types.CellType(cls)
+    new = types.FunctionType(
+        func.__code__, func.__globals__, func.__name__, func.__defaults__, tuple(cells)
+    )
+    new.__kwdefaults__ = func.__kwdefaults__
+    new.__qualname__ = func.__qualname__
+    new.__doc__ = func.__doc__
+    return new
+
+
+_BORROWED_FUNCS = {
+    **_borrowable(_BORROWED, _BEL),
+    **_borrowable(_BORROWED_NETWORKING + _BORROWED_NETWORKING_OPTIONAL, asyncio.SelectorEventLoop),
+}
+
+# What borrowed methods reach through super(); a base class of Loop.
+_SuperTargets = type("_SuperTargets", (), _parent_implementations(_BORROWED_FUNCS))
 
 
 class _SelectorView:
@@ -162,7 +211,7 @@ def _sighandler_noop(signum, frame):
     has already written the signal number to the wake-up fd, which the loop reads."""
 
 
-class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
+class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
     """An asyncio event loop whose core runs in Rust."""
 
     def __init__(self):
@@ -179,18 +228,12 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         self._transports = weakref.WeakValueDictionary()
         self._selector = _SelectorView(self)
         self._internal_fds = 0
+        self._unix_server_sockets = {}  # 3.13's create_unix_server(cleanup_socket=...)
         self._owns_wakeup_fd = False
         self._set_custom_clock(type(self).time is not _ferroloop.LoopCore.time)
         self.set_debug(coroutines._is_debug_mode())
 
-    for _name in _BORROWED:
-        locals()[_name] = getattr(_BEL, _name)
-    for _name in _BORROWED_NETWORKING:
-        locals()[_name] = getattr(asyncio.SelectorEventLoop, _name)
-    for _name in _BORROWED_NETWORKING_OPTIONAL:
-        if hasattr(asyncio.SelectorEventLoop, _name):
-            locals()[_name] = getattr(asyncio.SelectorEventLoop, _name)
-    del _name
+    locals().update(_BORROWED_FUNCS)
 
     # --- tasks --------------------------------------------------------------------------
 
@@ -286,6 +329,8 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
         if self._debug:
             logger.debug("Close %r", self)
         self._close_core()
+        # As asyncio's selector loop does: transports' reprs then read "open"/"closed".
+        self._selector = None
         self._executor_shutdown_called = True
         executor = self._default_executor
         if executor is not None:
@@ -428,3 +473,9 @@ class Loop(_ferroloop.LoopCore, asyncio.AbstractEventLoop):
             self.remove_signal_handler(sig)
         else:
             self._add_callback(handle)
+
+
+for _name, _func in _BORROWED_FUNCS.items():
+    if _uses_super(_func):
+        setattr(Loop, _name, _rebind_super(_func, Loop))
+del _name, _func
