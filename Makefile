@@ -3,12 +3,18 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-PY311 ?= $(shell command -v python3.11 || command -v python3)
-# pyenv's CPython 3.13 build; CI fails loudly when it is missing (see `check-py313`).
-PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13))
+# Interpreters: 3.11 is the machine's own; 3.10, 3.12 and 3.13 are pyenv's builds.
+# `make test` runs on all four and fails loudly when one is missing.
+pyfor = $(firstword $(wildcard $(HOME)/.pyenv/versions/3.$(1)*/bin/python3.$(1)) $(shell command -v python3.$(1)))
+PY311 ?= $(or $(call pyfor,11),$(shell command -v python3))
+PY310 ?= $(call pyfor,10)
+PY312 ?= $(call pyfor,12)
+PY313 ?= $(call pyfor,13)
+PYbench ?= $(PY311)
+TEST_PYTHONS ?= 311 313 310 312
 
 VENV ?= .venv
-DEV_DEPS := "maturin>=1.7,<2" "pytest>=8" pytest-timeout ruff mypy uvloop
+DEV_DEPS := "maturin>=1.7,<2" "pytest>=8" pytest-timeout ruff mypy
 
 .PHONY: help
 help:  ## list the targets
@@ -17,8 +23,10 @@ help:  ## list the targets
 # --- virtualenvs ------------------------------------------------------------
 # venv-<name>: a virtualenv for one interpreter, with the dev dependencies.
 .venv-%/.ok:
-	@py=$(if $(filter 313,$*),$(PY313),$(PY311)); \
-	 test -n "$$py" || { echo "!!! no interpreter for $*"; exit 1; }; \
+	@py="$(PY$*)"; \
+	 test -n "$$py" && test -x "$$py" || { \
+	   echo "!!! CPython $(patsubst 3%,3.%,$*) not found (expected pyenv's build under ~/.pyenv/versions/)."; \
+	   echo "!!! install it with 'pyenv install $(patsubst 3%,3.%,$*)' and run again."; exit 1; }; \
 	 echo "--- virtualenv .venv-$* with $$py"; \
 	 $$py -m venv .venv-$*; \
 	 .venv-$*/bin/pip install -q --disable-pip-version-check -U pip; \
@@ -27,12 +35,6 @@ help:  ## list the targets
 	@touch $@
 
 .PRECIOUS: .venv-%/.ok
-
-.PHONY: check-py313
-check-py313:
-	@test -n "$(PY313)" && test -x "$(PY313)" || { \
-	  echo "!!! CPython 3.13 not found (expected pyenv's build under ~/.pyenv/versions/3.13*)."; \
-	  echo "!!! CI needs it: install it with 'pyenv install 3.13' and run again."; exit 1; }
 
 # --- builds -----------------------------------------------------------------
 # develop-<name>: build the extension into that venv for the tests: optimised, but with debug
@@ -61,7 +63,7 @@ bench: build-bench  ## build (release), then run the benchmark comparison (quick
 	.venv-bench/bin/python bench/run.py --quick
 
 .PHONY: test
-test: lint test-rust test-311 test-313  ## build and run every test (lints, Rust units, pytest and CPython conformance on 3.11 and 3.13)
+test: lint test-rust $(addprefix test-,$(TEST_PYTHONS))  ## build and run every test (lints, Rust units, pytest and CPython conformance on 3.10-3.13)
 	@echo "=== all tests passed"
 
 # --- pieces -----------------------------------------------------------------
@@ -78,8 +80,7 @@ test-rust: .venv-311/.ok  ## Rust unit tests (timer heap, ready queue)
 	  LD_LIBRARY_PATH=$$(.venv-311/bin/python -c 'import sysconfig;print(sysconfig.get_config_var("LIBDIR"))') \
 	  cargo test --lib -q
 
-test-313: check-py313
-test-%: develop-%  ## pytest + stub check + CPython conformance on one interpreter (311 or 313)
+test-%: develop-%  ## pytest + stub check + CPython conformance on one interpreter (310, 311, 312, 313)
 	@echo "=== Python $* : pytest"
 	.venv-$*/bin/python -m pytest -q tests
 	@echo "=== Python $* : type stubs against the extension"

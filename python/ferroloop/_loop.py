@@ -206,6 +206,10 @@ class _SelectorView:
         return {fd: self.get_key(fd) for fd in self._loop._watched_fds()}
 
 
+# `debug=` arrived in a patch release (3.12.1 lacks it): ask the function itself.
+_FORMAT_TAKES_DEBUG = "debug" in format_helpers._format_callback_source.__code__.co_varnames
+
+
 def _sighandler_noop(signum, frame):
     """Python-level handler installed for ``add_signal_handler`` signals: the C-level handler
     has already written the signal number to the wake-up fd, which the loop reads."""
@@ -377,7 +381,7 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
     # --- callbacks from the Rust core ---------------------------------------------------
 
     def _report_callback_error(self, handle, callback, args, exc):
-        if sys.version_info >= (3, 12):
+        if _FORMAT_TAKES_DEBUG:
             cb = format_helpers._format_callback_source(callback, args, debug=self._debug)
         else:
             cb = format_helpers._format_callback_source(callback, args)

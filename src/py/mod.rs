@@ -68,14 +68,16 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
             Err(_) => coroutines.getattr("iscoroutinefunction")?,
         };
         let fh = py.import("asyncio.format_helpers")?;
-        let version = py.version_info();
+        let format_cb = fh.getattr("_format_callback_source")?;
+        // `debug=` arrived in a patch release (absent in 3.12.1): ask the function itself.
+        let takes_debug = format_cb.getattr("__code__")?.getattr("co_varnames")?.contains("debug")?;
         Ok(Cached {
             iscoroutine: coroutines.getattr("iscoroutine")?.unbind(),
             iscoroutinefunction: iscorofunc.unbind(),
-            format_callback_source: fh.getattr("_format_callback_source")?.unbind(),
+            format_callback_source: format_cb.unbind(),
             extract_stack: fh.getattr("extract_stack")?.unbind(),
             getframe: py.import("sys")?.getattr("_getframe")?.unbind(),
-            debug_format_takes_flag: version >= (3, 12),
+            debug_format_takes_flag: takes_debug,
             asyncio_handle: py.import("asyncio.events")?.getattr("Handle")?.unbind(),
             asyncio_timer_handle: py.import("asyncio.events")?.getattr("TimerHandle")?.unbind(),
         })
