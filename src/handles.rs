@@ -58,7 +58,7 @@ impl Handle {
         self.cancelled.load(Ordering::Relaxed)
     }
 
-    fn do_cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
+    pub(crate) fn do_cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let h = slf.get();
         if h.cancelled.swap(true, Ordering::Relaxed) {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import selectors
 import signal
 import sys
@@ -27,7 +28,7 @@ import weakref
 from asyncio import base_events, coroutines, events, format_helpers, futures, tasks
 from asyncio.log import logger
 
-from . import _ferroloop
+from . import _ferroloop, _transports
 
 __all__ = ["Loop"]
 
@@ -89,7 +90,6 @@ _BORROWED_NETWORKING = (
     "subprocess_shell",
     "subprocess_exec",
     # BaseSelectorEventLoop
-    "_make_socket_transport",
     "_make_ssl_transport",
     "_make_datagram_transport",
     "_start_serving",
@@ -206,6 +206,12 @@ class _SelectorView:
         return {fd: self.get_key(fd) for fd in self._loop._watched_fds()}
 
 
+# Stream sockets use the Rust transport (`_transports.StreamTransport`).
+# FERROLOOP_TRANSPORTS=selector selects asyncio's own `_SelectorSocketTransport` instead:
+# an escape hatch, and the A/B switch for benchmarks.
+_RUST_TRANSPORTS = os.environ.get("FERROLOOP_TRANSPORTS", "rust") != "selector"
+_SELECTOR_SOCKET_TRANSPORT = asyncio.SelectorEventLoop._make_socket_transport
+
 # `debug=` arrived in a patch release (3.12.1 lacks it): ask the function itself.
 _FORMAT_TAKES_DEBUG = "debug" in format_helpers._format_callback_source.__code__.co_varnames
 
@@ -238,6 +244,13 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         self.set_debug(coroutines._is_debug_mode())
 
     locals().update(_BORROWED_FUNCS)
+
+    # --- transports ---------------------------------------------------------------------
+
+    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+        if _RUST_TRANSPORTS:
+            return _transports.StreamTransport(self, sock, protocol, waiter, extra, server)
+        return _SELECTOR_SOCKET_TRANSPORT(self, sock, protocol, waiter, extra=extra, server=server)
 
     # --- tasks --------------------------------------------------------------------------
 

@@ -27,14 +27,22 @@ use crate::handles::{Handle, TimerHandle};
 use crate::py::{self, GilCell};
 use crate::reactor::{Reactor, Which};
 use crate::sys;
+use crate::transports::stream::StreamCore;
 use ready::ReadyQueue;
 use timers::TimerHeap;
 
 /// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
 const MAX_POLL_TIMEOUT_MS: i64 = 24 * 3600 * 1000;
 
+/// One unit of work in the ready queue: a Python-visible handle, or readiness of a Rust
+/// transport (which needs no Python object per event).
+pub(crate) enum Work {
+    Handle(Py<Handle>),
+    Stream(Py<StreamCore>, Which),
+}
+
 pub(crate) struct State {
-    ready: ReadyQueue<Py<Handle>>,
+    ready: ReadyQueue<Work>,
     timers: TimerHeap<Py<TimerHandle>>,
     timer_cancelled_count: usize,
     closed: bool,
@@ -148,7 +156,7 @@ impl LoopCore {
     }
 
     fn push_ready(&self, py: Python<'_>, h: Py<Handle>) {
-        self.state.borrow_mut(py).ready.push(h);
+        self.state.borrow_mut(py).ready.push(Work::Handle(h));
     }
 
     /// Write the waker if the loop is blocked (or about to block) in the poll. One byte per
@@ -223,6 +231,32 @@ fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
 }
 
 impl LoopCore {
+    /// Register a Rust work item (a transport core) for one direction of `fd`.
+    pub(crate) fn watch(&self, py: Python<'_>, fd: RawFd, which: Which, item: Py<PyAny>) -> PyResult<()> {
+        let replaced = {
+            let mut st = self.state.borrow_mut(py);
+            if st.closed {
+                return Err(closed_err());
+            }
+            let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
+            reactor.set(fd, item.clone_ref(py), which, item).map_err(py::os_err)?
+        };
+        drop(replaced);
+        Ok(())
+    }
+
+    pub(crate) fn unwatch(&self, py: Python<'_>, fd: RawFd, which: Which) -> PyResult<()> {
+        let removed = {
+            let mut st = self.state.borrow_mut(py);
+            match st.reactor.as_mut() {
+                Some(r) => r.unset(fd, which).map_err(py::os_err)?,
+                None => (None, None),
+            }
+        };
+        drop(removed);
+        Ok(())
+    }
+
     /// Resolve a file object to its registered fd, finding a closed object by identity the way
     /// `selectors` does.
     fn lookup_fd(&self, py: Python<'_>, fileobj: &Bound<'_, PyAny>) -> PyResult<Option<RawFd>> {
@@ -270,7 +304,9 @@ impl LoopCore {
         };
         drop(old_fileobj);
         if let Some(old) = old {
-            old.bind(py).call_method0(intern!(py, "cancel"))?;
+            if let Ok(h) = old.bind(py).cast::<Handle>() {
+                Handle::do_cancel(h)?;
+            }
         }
         Ok(handle)
     }
@@ -289,8 +325,11 @@ impl LoopCore {
         };
         drop(old_fileobj);
         match old {
-            Some(h) => {
-                h.bind(py).call_method0(intern!(py, "cancel"))?;
+            Some(item) => {
+                // A Rust transport registered there has nothing to cancel.
+                if let Ok(h) = item.bind(py).cast::<Handle>() {
+                    Handle::do_cancel(h)?;
+                }
                 Ok(true)
             }
             None => Ok(false),
@@ -622,8 +661,11 @@ impl LoopCore {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         let Some(st) = self.state.try_borrow_unguarded() else { return Ok(()) };
-        for h in st.ready.iter() {
-            visit.call(h)?;
+        for w in st.ready.iter() {
+            match w {
+                Work::Handle(h) => visit.call(h)?,
+                Work::Stream(c, _) => visit.call(c)?,
+            }
         }
         for t in st.timers.iter() {
             visit.call(t)?;

@@ -13,10 +13,11 @@ use std::io;
 use pyo3::intern;
 use pyo3::prelude::*;
 
-use super::{timers, LoopCore, MAX_POLL_TIMEOUT_MS};
+use super::{timers, LoopCore, Work, MAX_POLL_TIMEOUT_MS};
 use crate::handles::{self, Handle, TimerHandle};
 use crate::reactor::{self, Which, WAKER_TOKEN};
 use crate::sys::{self, Event};
+use crate::transports::stream::{self, StreamCore};
 
 fn timer_cancelled(py: Python<'_>, t: &Py<TimerHandle>) -> bool {
     t.bind(py).as_super().get().is_cancelled()
@@ -120,11 +121,15 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                         continue;
                     }
                     let Some(item) = slot else { continue };
-                    let Ok(h) = item.bind(py).cast::<Handle>() else { continue };
-                    if h.get().is_cancelled() {
-                        stale.push((fd, which));
-                    } else {
-                        st.ready.push(h.clone().unbind());
+                    let item = item.bind(py);
+                    if let Ok(h) = item.cast::<Handle>() {
+                        if h.get().is_cancelled() {
+                            stale.push((fd, which));
+                        } else {
+                            st.ready.push(Work::Handle(h.clone().unbind()));
+                        }
+                    } else if let Ok(core) = item.cast::<StreamCore>() {
+                        st.ready.push(Work::Stream(core.clone().unbind(), which));
                     }
                 }
             }
@@ -162,7 +167,7 @@ fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let mut st = core.state.borrow_mut(py);
         while let Some(t) = st.timers.pop_due(now_ns) {
             t.get().set_scheduled(false);
-            st.ready.push(t.into_bound(py).into_super().unbind());
+            st.ready.push(Work::Handle(t.into_bound(py).into_super().unbind()));
         }
         st.ready.begin_iteration()
     };
@@ -173,7 +178,18 @@ fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             let mut st = core.state.borrow_mut(py);
             (st.ready.pop(), st.debug)
         };
-        let Some(handle) = handle else { break };
+        let handle = match handle {
+            None => break,
+            Some(Work::Handle(h)) => h,
+            Some(Work::Stream(core, which)) => {
+                let core = core.bind(py);
+                match which {
+                    Which::Reader => stream::read_ready(core)?,
+                    Which::Writer => stream::write_ready(core)?,
+                }
+                continue;
+            }
+        };
         let h = handle.bind(py);
         if h.get().is_cancelled() {
             continue;

@@ -50,6 +50,7 @@ pub struct Reactor<T> {
     ep_buf: Vec<libc::epoll_event>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Which {
     Reader,
     Writer,

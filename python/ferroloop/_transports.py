@@ -1,0 +1,316 @@
+"""Stream transports: asyncio's ``_SelectorSocketTransport`` contract over a Rust core.
+
+``StreamTransport`` is an ``asyncio.Transport``. Its per-byte work is ``_ferroloop.StreamCore``:
+the core is registered in the loop's reactor (reads go straight from ``recv`` to
+``data_received`` / ``buffer_updated``), and ``transport.write`` is the core's own method,
+set as an instance attribute so a write runs no Python frame. This class keeps the rare
+paths, with asyncio's names, messages and order: connection set-up, EOF, close/abort, fatal
+errors, flow-control callbacks, ``write_eof``, ``set_protocol``, sendfile's empty waiter.
+"""
+
+from __future__ import annotations
+
+import socket
+import warnings
+from asyncio import base_events, constants, futures, protocols, transports, trsock
+from asyncio.log import logger
+
+from . import _ferroloop
+
+__all__ = ["StreamTransport"]
+
+# 3.13 passes the transport to Server._attach/_detach; earlier versions take no argument.
+_SERVER_TRACKS_TRANSPORTS = "transport" in base_events.Server._attach.__code__.co_varnames
+
+
+class StreamTransport(transports._FlowControlMixin):
+    """A TCP or Unix stream socket transport (the counterpart of asyncio's
+    ``_SelectorSocketTransport``). Derives from asyncio's ``_FlowControlMixin`` (a
+    ``Transport``) as asyncio's does: its sendfile fallback checks for it. The mixin's
+    flow-control state is not used; the core keeps it."""
+
+    _start_tls_compatible = True
+    _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
+
+    def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None):
+        super().__init__(extra, loop)
+        self._extra["socket"] = trsock.TransportSocket(sock)
+        try:
+            self._extra["sockname"] = sock.getsockname()
+        except OSError:
+            self._extra["sockname"] = None
+        if "peername" not in self._extra:
+            try:
+                self._extra["peername"] = sock.getpeername()
+            except OSError:
+                self._extra["peername"] = None
+        self._sock = sock
+        self._sock_fd = sock.fileno()
+        self._protocol = protocol
+        self._protocol_connected = True
+        self._paused = False
+        self._server = server
+        self._core = _ferroloop.StreamCore(
+            loop,
+            self,
+            self._sock_fd,
+            protocol,
+            isinstance(protocol, protocols.BufferedProtocol),
+        )
+        # The hot path: transport.write(data) calls straight into Rust.
+        self.write = self._core.write
+        if server is not None:
+            if _SERVER_TRACKS_TRANSPORTS:
+                server._attach(self)
+            else:
+                server._attach()
+        loop._transports[self._sock_fd] = self
+        base_events._set_nodelay(sock)
+        loop.call_soon(protocol.connection_made, self)
+        loop.call_soon(self._start_reading)
+        if waiter is not None:
+            loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+
+    def __repr__(self):
+        info = [self.__class__.__name__]
+        if self._sock is None:
+            info.append("closed")
+        elif self._core.closing:
+            info.append("closing")
+        info.append(f"fd={self._sock_fd}")
+        if self._loop is not None and not self._loop.is_closed() and self._sock is not None:
+            info.append("read=polling" if self._core.reading else "read=idle")
+            state = "polling" if self._core.writing else "idle"
+            info.append(f"write=<{state}, bufsize={self._core.buffer_size}>")
+        return "<{}>".format(" ".join(info))
+
+    def __del__(self, _warn=warnings.warn):
+        if self._sock is not None:
+            _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
+            self._sock.close()
+            if self._server is not None:
+                self._detach_from_server()
+
+    # --- protocol ----------------------------------------------------------------------
+
+    def set_protocol(self, protocol):
+        self._protocol = protocol
+        self._protocol_connected = True
+        self._core.set_protocol(protocol, isinstance(protocol, protocols.BufferedProtocol))
+
+    def get_protocol(self):
+        return self._protocol
+
+    # --- reading -----------------------------------------------------------------------
+
+    def _start_reading(self):
+        if self.is_reading():
+            self._core.start_reading()
+
+    def is_reading(self):
+        return not self.is_closing() and not self._paused
+
+    def pause_reading(self):
+        if not self.is_reading():
+            return
+        self._paused = True
+        self._core.stop_reading()
+        if self._loop.get_debug():
+            logger.debug("%r pauses reading", self)
+
+    def resume_reading(self):
+        if self._core.closing or not self._paused:
+            return
+        self._paused = False
+        self._core.start_reading()
+        if self._loop.get_debug():
+            logger.debug("%r resumes reading", self)
+
+    def _read_ready__on_eof(self):
+        if self._loop.get_debug():
+            logger.debug("%r received EOF", self)
+        try:
+            keep_open = self._protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if keep_open:
+            # The protocol may still write, but nothing more can be read.
+            self._core.stop_reading()
+        else:
+            self.close()
+
+    # --- writing -----------------------------------------------------------------------
+
+    def writelines(self, list_of_data):
+        if self._core.eof:
+            raise RuntimeError("Cannot call writelines() after write_eof()")
+        if self._empty_waiter_set():
+            raise RuntimeError("unable to writelines; sendfile is in progress")
+        if not list_of_data:
+            return
+        self._core.write(b"".join(list_of_data))
+
+    def _empty_waiter_set(self):
+        return getattr(self, "_empty_waiter", None) is not None
+
+    def write_eof(self):
+        if self._core.closing or self._core.eof:
+            return
+        self._core.eof = True
+        if not self._core.buffer_size:
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def _shutdown_write(self):
+        """Called by the core once the buffer drained after write_eof()."""
+        self._sock.shutdown(socket.SHUT_WR)
+
+    def can_write_eof(self):
+        return True
+
+    def get_write_buffer_size(self):
+        return self._core.buffer_size
+
+    def get_write_buffer_limits(self):
+        return (self._core.low_water, self._core.high_water)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._core.set_write_buffer_limits(high, low)
+        self._maybe_pause_protocol()
+
+    def _maybe_pause_protocol(self):
+        if self._core.buffer_size <= self._core.high_water or self._core.protocol_paused:
+            return
+        self._core.protocol_paused = True
+        self._pause_protocol()
+
+    def _pause_protocol(self):
+        """The buffer went over the high-water mark (the core set the paused flag)."""
+        try:
+            self._protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": "protocol.pause_writing() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+
+    def _resume_protocol(self):
+        """The buffer drained to the low-water mark (the core cleared the paused flag)."""
+        try:
+            self._protocol.resume_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._loop.call_exception_handler(
+                {
+                    "message": "protocol.resume_writing() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+
+    @property
+    def _protocol_paused(self):
+        return self._core.protocol_paused
+
+    @_protocol_paused.setter
+    def _protocol_paused(self, value):
+        # _FlowControlMixin.__init__ assigns it before the core exists.
+        core = self.__dict__.get("_core")
+        if core is not None:
+            core.protocol_paused = value
+
+    # sendfile: asyncio's fallback waits until everything written so far has been sent.
+    def _make_empty_waiter(self):
+        if self._empty_waiter_set():
+            raise RuntimeError("Empty waiter is already set")
+        self._empty_waiter = self._loop.create_future()
+        # The core refuses writes while a waiter is set, and resolves it once drained.
+        self._core.set_empty_waiter(self._empty_waiter)
+        if not self._core.buffer_size:
+            self._empty_waiter.set_result(None)
+        return self._empty_waiter
+
+    def _reset_empty_waiter(self):
+        self._empty_waiter = None
+        self._core.set_empty_waiter(None)
+
+    # --- closing -----------------------------------------------------------------------
+
+    def is_closing(self):
+        return self._core.closing
+
+    def close(self):
+        if self._core.closing:
+            return
+        self._core.closing = True
+        self._core.stop_reading()
+        if not self._core.buffer_size:
+            self._core.conn_lost += 1
+            self._core.stop_writing()
+            self._loop.call_soon(self._call_connection_lost, None)
+
+    def abort(self):
+        self._force_close(None)
+
+    def _fatal_error(self, exc, message="Fatal error on transport"):
+        if isinstance(exc, OSError):
+            if self._loop.get_debug():
+                logger.debug("%r: %s", self, message, exc_info=True)
+        else:
+            self._loop.call_exception_handler(
+                {
+                    "message": message,
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
+        self._force_close(exc)
+
+    def _force_close(self, exc):
+        if self._core.conn_lost:
+            return
+        if self._core.buffer_size:
+            self._core.clear_buffer()
+            self._core.stop_writing()
+        if not self._core.closing:
+            self._core.closing = True
+            self._core.stop_reading()
+        self._core.conn_lost += 1
+        self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc):
+        try:
+            if self._protocol_connected:
+                self._protocol.connection_lost(exc)
+        finally:
+            self._sock.close()
+            self._sock = None
+            self._protocol = None
+            self._loop = None
+            self._core.detach()
+            if self._server is not None:
+                self._detach_from_server()
+                self._server = None
+
+    def _detach_from_server(self):
+        if _SERVER_TRACKS_TRANSPORTS:
+            self._server._detach(self)
+        else:
+            self._server._detach()

@@ -1,0 +1,579 @@
+//! `StreamCore`: the per-byte half of a TCP / Unix stream transport.
+//!
+//! The transport users see is `ferroloop._transports.StreamTransport`, a Python subclass of
+//! `asyncio.Transport` (so `isinstance` holds and rare paths stay readable). It owns a
+//! `StreamCore`, registered directly in the reactor: readiness runs `read_ready` /
+//! `write_ready` here with no Python handle, and `transport.write` *is* `StreamCore.write`.
+//!
+//! Ground rules:
+//! - Mirrors asyncio's `_SelectorSocketTransport`: one `recv` per readiness event (256 KiB at
+//!   most), `data_received(bytes)` or `get_buffer`/`buffer_updated` for a BufferedProtocol;
+//!   `write` sends at once when nothing is buffered and buffers the rest; the writer is
+//!   registered only while data waits.
+//! - Rare outcomes (EOF, errors, flow-control callbacks, connection lost) are delegated to
+//!   methods of the Python transport with asyncio's names (`_read_ready__on_eof`,
+//!   `_fatal_error`, `_pause_protocol`, `_resume_protocol`, `_call_connection_lost`).
+//! - `reading`/`writing` say whether the fd is registered for that direction; queued
+//!   readiness for a direction no longer registered is dropped (asyncio cancels the handle).
+//! - No GilCell borrow is held across a call into Python.
+
+use std::cell::RefCell;
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::ffi;
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyTuple};
+use pyo3::{intern, PyTraverseError};
+
+use crate::event_loop::LoopCore;
+use crate::py::{self, GilCell};
+use crate::reactor::Which;
+use crate::sys;
+
+/// asyncio's `max_size` for one read.
+const MAX_READ: usize = 256 * 1024;
+/// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
+const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
+
+thread_local! {
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_READ]);
+}
+
+struct State {
+    transport: Option<Py<PyAny>>,
+    protocol: Option<Py<PyAny>>,
+    buffered: bool,
+    /// The context protocol callbacks run in (copied when reading starts, as asyncio's
+    /// reader handle does).
+    context: Option<Py<PyAny>>,
+    buf: Vec<u8>,
+    head: usize,
+    reading: bool,
+    writing: bool,
+    closing: bool,
+    eof: bool,
+    conn_lost: u32,
+    protocol_paused: bool,
+    high_water: usize,
+    low_water: usize,
+    empty_waiter: Option<Py<PyAny>>,
+}
+
+impl State {
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.head..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.head += n;
+        if self.head == self.buf.len() {
+            self.buf.clear();
+            self.head = 0;
+        } else if self.head > 64 * 1024 && self.head * 2 > self.buf.len() {
+            self.buf.drain(..self.head);
+            self.head = 0;
+        }
+    }
+}
+
+#[pyclass(frozen, module = "ferroloop._ferroloop")]
+pub struct StreamCore {
+    loop_: Py<LoopCore>,
+    fd: RawFd,
+    st: GilCell<State>,
+}
+
+/// A borrowed contiguous byte view of a bytes-like object.
+struct ByteView {
+    view: Box<ffi::Py_buffer>,
+}
+
+impl ByteView {
+    fn new(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+        // SAFETY: Py_buffer is plain data; zeroed is its documented initial state.
+        let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
+        let flags = if writable { ffi::PyBUF_WRITABLE } else { ffi::PyBUF_SIMPLE };
+        // SAFETY: `obj` is live; on success the view must be released (Drop does it).
+        if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
+            return Err(PyErr::fetch(obj.py()));
+        }
+        Ok(Self { view })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        if self.view.len <= 0 {
+            return &[];
+        }
+        // SAFETY: a PyBUF_SIMPLE/WRITABLE export is one contiguous run of `len` bytes that
+        // stays valid until the view is released.
+        unsafe { std::slice::from_raw_parts(self.view.buf as *const u8, self.view.len as usize) }
+    }
+}
+
+impl Drop for ByteView {
+    fn drop(&mut self) {
+        // SAFETY: the view was filled by a successful PyObject_GetBuffer and is released once;
+        // releasing needs the GIL, which every owner of a ByteView holds.
+        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
+    }
+}
+
+impl StreamCore {
+    fn transport(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.st.borrow(py).transport.as_ref().map(|t| t.clone_ref(py))
+    }
+
+    /// Call a method of the Python transport; errors other than KeyboardInterrupt/SystemExit
+    /// are reported as unraisable (the transport methods handle their own errors).
+    fn call_transport<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'py, pyo3::types::PyString>,
+        args: impl pyo3::call::PyCallArgs<'py>,
+    ) -> PyResult<()> {
+        let Some(t) = self.transport(py) else { return Ok(()) };
+        match t.bind(py).call_method1(name, args) {
+            Ok(_) => Ok(()),
+            Err(e) if py::is_fatal(py, &e) => Err(e),
+            Err(e) => {
+                e.write_unraisable(py, Some(t.bind(py)));
+                Ok(())
+            }
+        }
+    }
+
+    fn fatal_error(&self, py: Python<'_>, err: PyErr, message: &str) -> PyResult<()> {
+        if py::is_fatal(py, &err) {
+            return Err(err);
+        }
+        self.call_transport(py, intern!(py, "_fatal_error"), (err.into_value(py), message))
+    }
+
+    fn loop_core(&self) -> &LoopCore {
+        self.loop_.get()
+    }
+
+    fn set_watch(slf: &Bound<'_, Self>, which: Which, on: bool) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        if on {
+            me.loop_core().watch(py, me.fd, which, slf.clone().into_any().unbind())
+        } else {
+            me.loop_core().unwatch(py, me.fd, which)
+        }
+    }
+
+    /// Call `f` inside the transport's context.
+    fn in_context<'py>(
+        &self,
+        py: Python<'py>,
+        cb: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyTuple>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ctx = self.st.borrow(py).context.as_ref().map(|c| c.clone_ref(py));
+        match ctx {
+            Some(ctx) => py::call_in_context(py, &ctx, cb, args),
+            None => cb.call1(args),
+        }
+    }
+
+    fn after_drain(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        let (resume, empty, closing, eof, waiter) = {
+            let mut st = me.st.borrow_mut(py);
+            let size = st.pending().len();
+            let resume = st.protocol_paused && size <= st.low_water;
+            if resume {
+                st.protocol_paused = false;
+            }
+            let empty = size == 0;
+            let waiter = if empty { st.empty_waiter.as_ref().map(|w| w.clone_ref(py)) } else { None };
+            (resume, empty, st.closing, st.eof, waiter)
+        };
+        if resume {
+            me.call_transport(py, intern!(py, "_resume_protocol"), ())?;
+        }
+        if empty {
+            Self::stop_writing_inner(slf)?;
+            if let Some(w) = waiter {
+                let w = w.bind(py);
+                if !w.call_method0(intern!(py, "done"))?.is_truthy()? {
+                    w.call_method1(intern!(py, "set_result"), (py.None(),))?;
+                }
+            }
+            if closing {
+                me.call_transport(py, intern!(py, "_call_connection_lost"), (py.None(),))?;
+            } else if eof {
+                me.call_transport(py, intern!(py, "_shutdown_write"), ())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_writing_inner(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let was = std::mem::replace(&mut slf.get().st.borrow_mut(slf.py()).writing, false);
+        if was {
+            Self::set_watch(slf, Which::Writer, false)?;
+        }
+        Ok(())
+    }
+}
+
+/// Readable: one `recv`, handed to the protocol.
+pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
+    let py = slf.py();
+    let me = slf.get();
+    let (protocol, buffered) = {
+        let st = me.st.borrow(py);
+        if !st.reading || st.conn_lost > 0 {
+            return Ok(());
+        }
+        match &st.protocol {
+            Some(p) => (p.clone_ref(py), st.buffered),
+            None => return Ok(()),
+        }
+    };
+    let protocol = protocol.bind(py);
+    if buffered {
+        let buf = match me.in_context(py, &protocol.getattr(intern!(py, "get_buffer"))?, &PyTuple::new(py, [-1])?) {
+            Ok(b) => b,
+            Err(e) => return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed."),
+        };
+        let view = match ByteView::new(&buf, true) {
+            Ok(v) => v,
+            Err(e) => return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed."),
+        };
+        if view.view.len <= 0 {
+            let e = PyRuntimeError::new_err("get_buffer() returned an empty buffer");
+            return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed.");
+        }
+        // SAFETY: the exported writable view stays valid until `view` is dropped below.
+        let r = unsafe { sys::recv_raw(me.fd, view.view.buf as *mut u8, view.view.len as usize) };
+        drop(view);
+        match r {
+            Ok(0) => me.call_transport(py, intern!(py, "_read_ready__on_eof"), ()),
+            Ok(n) => {
+                let args = PyTuple::new(py, [n])?;
+                match me.in_context(py, &protocol.getattr(intern!(py, "buffer_updated"))?, &args) {
+                    Ok(_) => Ok(()),
+                    Err(e) => me.fatal_error(py, e, "Fatal error: protocol.buffer_updated() call failed."),
+                }
+            }
+            Err(e) if sys::would_block(&e) => Ok(()),
+            Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
+        }
+    } else {
+        let r = READ_BUF.with_borrow_mut(|buf| sys::recv(me.fd, buf).map(|n| PyBytes::new(py, &buf[..n])));
+        match r {
+            Ok(data) if data.as_bytes().is_empty() => me.call_transport(py, intern!(py, "_read_ready__on_eof"), ()),
+            Ok(data) => {
+                let args = PyTuple::new(py, [data])?;
+                match me.in_context(py, &protocol.getattr(intern!(py, "data_received"))?, &args) {
+                    Ok(_) => Ok(()),
+                    Err(e) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
+                }
+            }
+            Err(e) if sys::would_block(&e) => Ok(()),
+            Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
+        }
+    }
+}
+
+/// Writable: send what is buffered.
+pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
+    let py = slf.py();
+    let me = slf.get();
+    let r = {
+        let mut st = me.st.borrow_mut(py);
+        if !st.writing || st.conn_lost > 0 {
+            return Ok(());
+        }
+        let r = sys::send(me.fd, st.pending());
+        if let Ok(n) = r {
+            st.consume(n);
+        }
+        r
+    };
+    match r {
+        Ok(_) => StreamCore::after_drain(slf),
+        Err(e) if sys::would_block(&e) => Ok(()),
+        Err(e) => {
+            StreamCore::stop_writing_inner(slf)?;
+            let waiter = {
+                let mut st = me.st.borrow_mut(py);
+                st.buf.clear();
+                st.head = 0;
+                st.empty_waiter.as_ref().map(|w| w.clone_ref(py))
+            };
+            let err = py::os_err(e);
+            let exc = err.value(py).clone();
+            me.fatal_error(py, err, "Fatal write error on socket transport")?;
+            if let Some(w) = waiter {
+                let w = w.bind(py);
+                if !w.call_method0(intern!(py, "done"))?.is_truthy()? {
+                    w.call_method1(intern!(py, "set_exception"), (exc,))?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[pymethods]
+impl StreamCore {
+    #[new]
+    fn py_new(
+        py: Python<'_>,
+        loop_: &Bound<'_, LoopCore>,
+        transport: Py<PyAny>,
+        fd: RawFd,
+        protocol: Py<PyAny>,
+        buffered: bool,
+    ) -> PyResult<Self> {
+        let _ = py;
+        Ok(Self {
+            loop_: loop_.clone().unbind(),
+            fd,
+            st: GilCell::new(State {
+                transport: Some(transport),
+                protocol: Some(protocol),
+                buffered,
+                context: None,
+                buf: Vec::new(),
+                head: 0,
+                reading: false,
+                writing: false,
+                closing: false,
+                eof: false,
+                conn_lost: 0,
+                protocol_paused: false,
+                high_water: 64 * 1024,
+                low_water: 16 * 1024,
+                empty_waiter: None,
+            }),
+        })
+    }
+
+    /// `transport.write(data)`: asyncio's checks and messages, then send or buffer.
+    fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        if !(data.is_instance_of::<PyBytes>()
+            || data.is_instance_of::<PyByteArray>()
+            || data.is_instance_of::<PyMemoryView>())
+        {
+            return Err(PyTypeError::new_err(format!(
+                "data argument must be a bytes-like object, not {}",
+                data.get_type().name()?.repr()?
+            )));
+        }
+        {
+            let st = me.st.borrow(py);
+            if st.eof {
+                return Err(PyRuntimeError::new_err("Cannot call write() after write_eof()"));
+            }
+            if st.empty_waiter.is_some() {
+                return Err(PyRuntimeError::new_err("unable to write; sendfile is in progress"));
+            }
+        }
+        let view = ByteView::new(data, false)?;
+        let bytes = view.as_slice();
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let conn_lost = me.st.borrow(py).conn_lost;
+        if conn_lost > 0 {
+            if conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES {
+                py.import("asyncio.log")?
+                    .getattr("logger")?
+                    .call_method1("warning", ("socket.send() raised exception.",))?;
+            }
+            me.st.borrow_mut(py).conn_lost += 1;
+            return Ok(());
+        }
+        let (start_writing, over_high) = {
+            let mut st = me.st.borrow_mut(py);
+            let mut rest = bytes;
+            let mut start_writing = false;
+            if st.pending().is_empty() {
+                match sys::send(me.fd, bytes) {
+                    Ok(n) => rest = &bytes[n..],
+                    Err(e) if sys::would_block(&e) => {}
+                    Err(e) => {
+                        drop(st);
+                        drop(view);
+                        return me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport");
+                    }
+                }
+                if rest.is_empty() {
+                    return Ok(());
+                }
+                start_writing = !st.writing;
+                st.writing = true;
+            }
+            st.buf.extend_from_slice(rest);
+            let over = !st.protocol_paused && st.pending().len() > st.high_water;
+            if over {
+                st.protocol_paused = true;
+            }
+            (start_writing, over)
+        };
+        drop(view);
+        if start_writing {
+            Self::set_watch(slf, Which::Writer, true)?;
+        }
+        if over_high {
+            me.call_transport(py, intern!(py, "_pause_protocol"), ())?;
+        }
+        Ok(())
+    }
+
+    /// Start (or resume) reading: register the fd and capture the callbacks' context.
+    fn start_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        let ctx = py::copy_context(py)?;
+        let old = {
+            let mut st = me.st.borrow_mut(py);
+            if st.reading || st.closing {
+                return Ok(());
+            }
+            st.reading = true;
+            st.context.replace(ctx)
+        };
+        drop(old);
+        Self::set_watch(slf, Which::Reader, true)
+    }
+
+    fn stop_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let was = std::mem::replace(&mut slf.get().st.borrow_mut(slf.py()).reading, false);
+        if was {
+            Self::set_watch(slf, Which::Reader, false)?;
+        }
+        Ok(())
+    }
+
+    fn stop_writing(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::stop_writing_inner(slf)
+    }
+
+    /// Drop buffered data (abort / fatal error).
+    fn clear_buffer(&self, py: Python<'_>) {
+        let mut st = self.st.borrow_mut(py);
+        st.buf = Vec::new();
+        st.head = 0;
+    }
+
+    fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>, buffered: bool) {
+        let old = {
+            let mut st = self.st.borrow_mut(py);
+            st.buffered = buffered;
+            st.protocol.replace(protocol)
+        };
+        drop(old);
+    }
+
+    /// Forget the Python objects (after connection_lost), breaking the reference cycle.
+    fn detach(&self, py: Python<'_>) {
+        let old = {
+            let mut st = self.st.borrow_mut(py);
+            (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take())
+        };
+        drop(old);
+    }
+
+    fn set_write_buffer_limits(&self, py: Python<'_>, high: usize, low: usize) {
+        let mut st = self.st.borrow_mut(py);
+        st.high_water = high;
+        st.low_water = low;
+    }
+
+    fn set_empty_waiter(&self, py: Python<'_>, waiter: Option<Py<PyAny>>) {
+        let old = std::mem::replace(&mut self.st.borrow_mut(py).empty_waiter, waiter);
+        drop(old);
+    }
+
+    #[getter]
+    fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    #[getter]
+    fn buffer_size(&self, py: Python<'_>) -> usize {
+        self.st.borrow(py).pending().len()
+    }
+
+    #[getter]
+    fn high_water(&self, py: Python<'_>) -> usize {
+        self.st.borrow(py).high_water
+    }
+
+    #[getter]
+    fn low_water(&self, py: Python<'_>) -> usize {
+        self.st.borrow(py).low_water
+    }
+
+    #[getter]
+    fn reading(&self, py: Python<'_>) -> bool {
+        self.st.borrow(py).reading
+    }
+
+    #[getter]
+    fn writing(&self, py: Python<'_>) -> bool {
+        self.st.borrow(py).writing
+    }
+
+    #[getter]
+    fn get_closing(&self, py: Python<'_>) -> bool {
+        self.st.borrow(py).closing
+    }
+    #[setter]
+    fn set_closing(&self, py: Python<'_>, v: bool) {
+        self.st.borrow_mut(py).closing = v;
+    }
+
+    #[getter]
+    fn get_eof(&self, py: Python<'_>) -> bool {
+        self.st.borrow(py).eof
+    }
+    #[setter]
+    fn set_eof(&self, py: Python<'_>, v: bool) {
+        self.st.borrow_mut(py).eof = v;
+    }
+
+    #[getter]
+    fn get_conn_lost(&self, py: Python<'_>) -> u32 {
+        self.st.borrow(py).conn_lost
+    }
+    #[setter]
+    fn set_conn_lost(&self, py: Python<'_>, v: u32) {
+        self.st.borrow_mut(py).conn_lost = v;
+    }
+
+    #[getter]
+    fn get_protocol_paused(&self, py: Python<'_>) -> bool {
+        self.st.borrow(py).protocol_paused
+    }
+    #[setter]
+    fn set_protocol_paused(&self, py: Python<'_>, v: bool) {
+        self.st.borrow_mut(py).protocol_paused = v;
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.loop_)?;
+        if let Some(st) = self.st.try_borrow_unguarded() {
+            visit.call(&st.transport)?;
+            visit.call(&st.protocol)?;
+            visit.call(&st.context)?;
+            visit.call(&st.empty_waiter)?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        Python::attach(|py| self.detach(py));
+    }
+}
