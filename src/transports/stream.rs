@@ -182,20 +182,24 @@ impl StreamCore {
     fn after_drain(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let me = slf.get();
-        let (resume, empty, closing, eof, waiter) = {
+        let resume = {
             let mut st = me.st.borrow_mut(py);
-            let size = st.pending().len();
-            let resume = st.protocol_paused && size <= st.low_water;
+            let resume = st.protocol_paused && st.pending().len() <= st.low_water;
             if resume {
                 st.protocol_paused = false;
             }
-            let empty = size == 0;
-            let waiter = if empty { st.empty_waiter.as_ref().map(|w| w.clone_ref(py)) } else { None };
-            (resume, empty, st.closing, st.eof, waiter)
+            resume
         };
         if resume {
+            // resume_writing() may write again; emptiness is decided after it returns.
             me.call_transport(py, intern!(py, "_resume_protocol"), ())?;
         }
+        let (empty, closing, eof, waiter) = {
+            let st = me.st.borrow(py);
+            let empty = st.pending().is_empty();
+            let waiter = if empty { st.empty_waiter.as_ref().map(|w| w.clone_ref(py)) } else { None };
+            (empty, st.closing, st.eof, waiter)
+        };
         if empty {
             Self::stop_writing_inner(slf)?;
             if let Some(w) = waiter {
@@ -220,6 +224,18 @@ impl StreamCore {
         }
         Ok(())
     }
+}
+
+/// One `recv` of at most `MAX_READ` bytes into a new `bytes`. The shared buffer is used when
+/// free; a re-entrant call (a finalizer run by the allocation) gets a temporary one.
+fn recv_bytes(py: Python<'_>, fd: RawFd) -> std::io::Result<Bound<'_, PyBytes>> {
+    READ_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => sys::recv(fd, &mut buf).map(|n| PyBytes::new(py, &buf[..n])),
+        Err(_) => {
+            let mut buf = vec![0u8; MAX_READ];
+            sys::recv(fd, &mut buf).map(|n| PyBytes::new(py, &buf[..n]))
+        }
+    })
 }
 
 /// Readable: one `recv`, handed to the protocol.
@@ -266,7 +282,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
     } else {
-        let r = READ_BUF.with_borrow_mut(|buf| sys::recv(me.fd, buf).map(|n| PyBytes::new(py, &buf[..n])));
+        let r = recv_bytes(py, me.fd);
         match r {
             Ok(data) if data.as_bytes().is_empty() => me.call_transport(py, intern!(py, "_read_ready__on_eof"), ()),
             Ok(data) => {
