@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import ferroloop
 import pytest
@@ -191,3 +192,25 @@ def run_python(code: str, *, env=None, args=(), timeout: float = 20, **kw):
         timeout=timeout,
         **kw,
     )
+
+
+def run_forever_with(loop, action, *args, delay=0.05, on_timeout=None, watchdog=10.0):
+    """Run ``loop.run_forever()`` while another thread calls ``action(*args)`` after ``delay``
+    seconds. A watchdog thread (``on_timeout``; default: stop the loop thread-safely) turns a
+    lost wake-up into a test failure instead of a hang."""
+    if on_timeout is None:
+
+        def on_timeout():
+            loop.call_soon_threadsafe(loop.stop)
+
+    timer = threading.Timer(delay, action, args=args)
+    dog = threading.Timer(watchdog, on_timeout)
+    timer.start()
+    dog.start()
+    try:
+        loop.run_forever()
+    finally:
+        timer.cancel()
+        dog.cancel()
+        timer.join()
+        dog.join()

@@ -12,7 +12,7 @@ import unittest.mock
 import warnings
 
 import pytest
-from conftest import run_briefly
+from conftest import run_briefly, run_forever_with
 
 var = contextvars.ContextVar("var", default="default")
 
@@ -427,21 +427,14 @@ def test_call_soon_threadsafe_wakes_loop_with_no_timers(loop):
     results = []
 
     def worker():
-        time.sleep(0.05)  # the loop is blocked in a poll with no timeout by now
+        # The loop is blocked in a poll with no timeout by now.
         loop.call_soon_threadsafe(loop.stop)
         results.append("sent")
 
-    t = threading.Thread(target=worker)
-    # A watchdog so that a lost wake-up fails the test instead of hanging it.
-    watchdog = threading.Timer(10, lambda: loop.call_soon_threadsafe(results.append, "watchdog"))
-    t.start()
-    watchdog.start()
-    try:
-        loop.run_forever()
-    finally:
-        watchdog.cancel()
-        t.join()
-        watchdog.join()
+    # A lost wake-up shows as "watchdog" in the results instead of a hang.
+    run_forever_with(
+        loop, worker, on_timeout=lambda: loop.call_soon_threadsafe(results.append, "watchdog")
+    )
     assert results == ["sent"]
 
 

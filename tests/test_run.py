@@ -9,7 +9,7 @@ from asyncio import base_events
 
 import ferroloop
 import pytest
-from conftest import FACTORIES, LOOP_KINDS, run_briefly
+from conftest import FACTORIES, LOOP_KINDS, run_briefly, run_forever_with
 
 needs_runner = pytest.mark.skipif(
     sys.version_info < (3, 11), reason="asyncio.Runner is new in Python 3.11"
@@ -169,17 +169,7 @@ def test_stop_from_other_thread(loop):
     def stopper():
         loop.call_soon_threadsafe(loop.stop)
 
-    t = threading.Timer(0.05, stopper)
-    watchdog = threading.Timer(10, loop.call_soon_threadsafe, args=(loop.stop,))
-    t.start()
-    watchdog.start()
-    try:
-        loop.run_forever()
-    finally:
-        t.cancel()
-        watchdog.cancel()
-        t.join()
-        watchdog.join()
+    run_forever_with(loop, stopper)
 
 
 def test_is_running_and_is_closed(loop):

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import FACTORY_SOURCE, LOOP_KINDS, ROOT, run_briefly
+from conftest import FACTORY_SOURCE, LOOP_KINDS, ROOT, run_briefly, run_forever_with
 
 pytestmark = pytest.mark.skipif(
     threading.current_thread() is not threading.main_thread(),
@@ -83,17 +83,7 @@ def test_python_handler_runs_while_loop_blocked_without_timer(loop, sender):
         loop.call_soon_threadsafe(loop.stop)
 
     signal.signal(signal.SIGUSR1, handler)
-    t = threading.Timer(0.05, SENDERS[sender], args=(signal.SIGUSR1,))
-    watchdog = threading.Timer(10, loop.call_soon_threadsafe, args=(loop.stop,))
-    t.start()
-    watchdog.start()
-    try:
-        loop.run_forever()
-    finally:
-        t.cancel()
-        watchdog.cancel()
-        t.join()
-        watchdog.join()
+    run_forever_with(loop, SENDERS[sender], signal.SIGUSR1)
     assert ran == [signal.SIGUSR1]
 
 
@@ -358,16 +348,7 @@ def test_signal_handler_wakes_blocked_loop(loop):
         loop.stop()
 
     loop.add_signal_handler(signal.SIGUSR1, cb)
-    t = threading.Timer(0.05, signal.pthread_kill, args=(_main_thread_ident(), signal.SIGUSR1))
-    watchdog = threading.Timer(10, loop.call_soon_threadsafe, args=(loop.stop,))
-    t.start()
-    watchdog.start()
-    try:
-        loop.run_forever()
-    finally:
-        watchdog.cancel()
-        t.join()
-        watchdog.join()
+    run_forever_with(loop, signal.pthread_kill, _main_thread_ident(), signal.SIGUSR1)
     assert got == [1]
 
 
