@@ -12,12 +12,23 @@ from __future__ import annotations
 
 import socket
 import warnings
-from asyncio import base_events, constants, futures, protocols, transports, trsock
+from asyncio import (
+    base_events,
+    constants,
+    futures,
+    protocols,
+    selector_events,
+    transports,
+    trsock,
+)
 from asyncio.log import logger
 
 from . import _ferroloop
 
 __all__ = ["StreamTransport"]
+
+# asyncio's socket transport has its own writelines() (own messages) from 3.12 on.
+_OWN_WRITELINES = "writelines" in vars(selector_events._SelectorSocketTransport)
 
 # 3.13 passes the transport to Server._attach/_detach; earlier versions take no argument.
 _SERVER_TRACKS_TRANSPORTS = "transport" in base_events.Server._attach.__code__.co_varnames
@@ -144,14 +155,18 @@ class StreamTransport(transports._FlowControlMixin):
 
     # --- writing -----------------------------------------------------------------------
 
-    def writelines(self, list_of_data):
-        if self._core.eof:
-            raise RuntimeError("Cannot call writelines() after write_eof()")
-        if self._empty_waiter_set():
-            raise RuntimeError("unable to writelines; sendfile is in progress")
-        if not list_of_data:
-            return
-        self._core.write(b"".join(list_of_data))
+    if _OWN_WRITELINES:
+
+        def writelines(self, list_of_data):
+            if self._core.eof:
+                raise RuntimeError("Cannot call writelines() after write_eof()")
+            if self._empty_waiter_set():
+                raise RuntimeError("unable to writelines; sendfile is in progress")
+            if not list_of_data:
+                return
+            self._core.write(b"".join(list_of_data))
+
+    # Otherwise WriteTransport.writelines: join, then self.write() (with write()'s checks).
 
     def _empty_waiter_set(self):
         return getattr(self, "_empty_waiter", None) is not None
@@ -308,6 +323,8 @@ class StreamTransport(transports._FlowControlMixin):
             if self._server is not None:
                 self._detach_from_server()
                 self._server = None
+        if self._empty_waiter_set():
+            self._empty_waiter.set_exception(ConnectionError("Connection is closed by peer"))
 
     def _detach_from_server(self):
         if _SERVER_TRACKS_TRANSPORTS:

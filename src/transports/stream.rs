@@ -148,7 +148,28 @@ impl StreamCore {
         if py::is_fatal(py, &err) {
             return Err(err);
         }
-        self.call_transport(py, intern!(py, "_fatal_error"), (err.into_value(py), message))
+        let args = (err.into_value(py), message).into_pyobject(py)?;
+        self.call_transport_in_context(py, intern!(py, "_fatal_error"), &args)
+    }
+
+    /// Like `call_transport`, inside the reading context: what asyncio's reader handle runs
+    /// (EOF handling, fatal errors of the read path) sees the protocol callbacks' context.
+    fn call_transport_in_context<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'py, pyo3::types::PyString>,
+        args: &Bound<'py, PyTuple>,
+    ) -> PyResult<()> {
+        let Some(t) = self.transport(py) else { return Ok(()) };
+        let t = t.bind(py);
+        match t.getattr(name).and_then(|m| self.in_context(py, &m, args)) {
+            Ok(_) => Ok(()),
+            Err(e) if py::is_fatal(py, &e) => Err(e),
+            Err(e) => {
+                e.write_unraisable(py, Some(t));
+                Ok(())
+            }
+        }
     }
 
     fn loop_core(&self) -> &LoopCore {
@@ -270,7 +291,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
         let r = unsafe { sys::recv_raw(me.fd, view.view.buf as *mut u8, view.view.len as usize) };
         drop(view);
         match r {
-            Ok(0) => me.call_transport(py, intern!(py, "_read_ready__on_eof"), ()),
+            Ok(0) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
             Ok(n) => {
                 let args = PyTuple::new(py, [n])?;
                 match me.in_context(py, &protocol.getattr(intern!(py, "buffer_updated"))?, &args) {
@@ -284,7 +305,9 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     } else {
         let r = recv_bytes(py, me.fd);
         match r {
-            Ok(data) if data.as_bytes().is_empty() => me.call_transport(py, intern!(py, "_read_ready__on_eof"), ()),
+            Ok(data) if data.as_bytes().is_empty() => {
+                me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py))
+            }
             Ok(data) => {
                 let args = PyTuple::new(py, [data])?;
                 match me.in_context(py, &protocol.getattr(intern!(py, "data_received"))?, &args) {

@@ -1,0 +1,2127 @@
+"""Stream transports over TCP (IPv4, IPv6) and Unix sockets: asyncio's behaviour, on both loops.
+
+ferroloop runs stream sockets on its own transport (``ferroloop._transports.StreamTransport``
+over the Rust ``StreamCore``); asyncio's ``_SelectorSocketTransport`` is the spec. Every test
+runs on both loops through the ``loop`` fixture. Only loopback addresses and Unix sockets are
+used; every wait is bounded (``run``'s timeout, under pytest-timeout's 30 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import hashlib
+import io
+import os
+import random
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import weakref
+
+import pytest
+
+PY312 = sys.version_info >= (3, 12)
+PY313 = sys.version_info >= (3, 13)
+
+TIMEOUT = 20  # seconds, for one run(): below pytest-timeout's 30 s per test
+SMALL_SOCKBUF = 64 * 1024  # kernel buffers for the flow-control tests (bounds what they hold)
+
+
+def _has_ipv6() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+HAS_IPV6 = _has_ipv6()
+
+
+def run(loop, coro, timeout=TIMEOUT):
+    """Run ``coro`` on ``loop``, failing (not hanging) after ``timeout`` seconds."""
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+def payload(n: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def sha(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def shrink_buffers(transport, size=SMALL_SOCKBUF):
+    """Small kernel buffers, so that a few MiB cannot hide in the socket layer."""
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+# --- protocols -----------------------------------------------------------------------------
+
+# Every transport a test protocol sees is tracked, so the ``net`` fixture can close what a
+# failing test left open (an unclosed transport would turn into a ResourceWarning error).
+_TRACKED: list = []
+
+
+class Recorder(asyncio.Protocol):
+    """Records what the transport does to it. ``eof_result`` is what eof_received returns;
+    ``pause_on_made`` pauses reading in connection_made."""
+
+    eof_result = None
+    pause_on_made = False
+    small_buffers = False
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.events: list[str] = []
+        self.data = bytearray()
+        self.transport = None
+        self.made = self.loop.create_future()
+        self.eof = self.loop.create_future()
+        self.lost = self.loop.create_future()
+        self.lost_calls = 0
+        self.pauses = 0
+        self.resumes = 0
+        self.errors: list[str] = []
+        self._data_waiters: list = []
+        self.made_in_task = None
+        self.lost_in_task = None
+        self.on_data = None  # called after each data_received, with the data
+
+    def connection_made(self, transport):
+        _TRACKED.append(transport)
+        self.made_in_task = asyncio.current_task() is not None
+        self.events.append("made")
+        self.transport = transport
+        if self.small_buffers:
+            shrink_buffers(transport)
+        if self.pause_on_made:
+            transport.pause_reading()
+        self.made.set_result(transport)
+
+    def data_received(self, data):
+        if self.events[-1:] != ["data"]:
+            self.events.append("data")
+        self.data += data
+        self._wake()
+        if self.on_data is not None:
+            self.on_data(data)
+
+    def eof_received(self):
+        self.events.append("eof")
+        self.eof.set_result(None)
+        self._wake()
+        return self.eof_result
+
+    def connection_lost(self, exc):
+        self.lost_in_task = asyncio.current_task() is not None
+        self.events.append("lost")
+        self.lost_calls += 1
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self._wake()
+
+    def pause_writing(self):
+        if self.pauses != self.resumes:
+            self.errors.append("pause_writing() while paused")
+        self.pauses += 1
+
+    def resume_writing(self):
+        if self.pauses != self.resumes + 1:
+            self.errors.append("resume_writing() while not paused")
+        self.resumes += 1
+
+    def _wake(self):
+        waiters, self._data_waiters = self._data_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def wait_bytes(self, n):
+        """Until ``n`` bytes arrived (or the stream ended)."""
+        while len(self.data) < n and not self.eof.done() and not self.lost.done():
+            w = self.loop.create_future()
+            self._data_waiters.append(w)
+            await w
+        return bytes(self.data)
+
+
+class Echo(asyncio.Protocol):
+    """Writes back what it receives; closes on EOF (after flushing)."""
+
+    def connection_made(self, transport):
+        _TRACKED.append(transport)
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+
+class BufferedEcho(asyncio.BufferedProtocol):
+    """Echo through get_buffer()/buffer_updated(), with a small buffer (many reads)."""
+
+    def __init__(self, size=4096):
+        self.buf = bytearray(size)
+        self.hints = set()
+
+    def connection_made(self, transport):
+        _TRACKED.append(transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        self.hints.add(sizehint)
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        self.transport.write(bytes(self.buf[:nbytes]))
+
+
+class BufferedRecorder(asyncio.BufferedProtocol):
+    """Collects the stream through a buffer of ``size`` bytes."""
+
+    def __init__(self, size=1000):
+        self.loop = asyncio.get_running_loop()
+        self.buf = bytearray(size)
+        self.data = bytearray()
+        self.hints = set()
+        self.reads = 0
+        self.events: list[str] = []
+        self.made = self.loop.create_future()
+        self.eof = self.loop.create_future()
+        self.lost = self.loop.create_future()
+        self.on_data = None  # called after each buffer_updated, with the new bytes
+
+    def connection_made(self, transport):
+        _TRACKED.append(transport)
+        self.transport = transport
+        self.events.append("made")
+        self.made.set_result(transport)
+
+    def get_buffer(self, sizehint):
+        self.hints.add(sizehint)
+        return self.buf
+
+    def buffer_updated(self, nbytes):
+        if self.events[-1:] != ["data"]:
+            self.events.append("data")
+        self.reads += 1
+        self.data += self.buf[:nbytes]
+        if self.on_data is not None:
+            self.on_data(bytes(self.buf[:nbytes]))
+
+    def eof_received(self):
+        self.events.append("eof")
+        self.eof.set_result(None)
+
+    def connection_lost(self, exc):
+        self.events.append("lost")
+        self.lost.set_result(exc)
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["ipv4", "ipv6", "unix"])
+def family(request):
+    if request.param == "ipv6" and not HAS_IPV6:
+        pytest.skip("no IPv6 loopback: ::1 cannot be bound here")
+    return request.param
+
+
+@pytest.fixture
+def sock_dir():
+    # Short: a Unix socket path is limited to 107 bytes, pytest's tmp_path can be longer.
+    d = tempfile.mkdtemp(prefix="fl-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Net:
+    """Servers and clients of one address family on one loop."""
+
+    def __init__(self, loop, family, sock_dir):
+        self.loop = loop
+        self.family = family
+        self.dir = sock_dir
+        self.servers: list = []
+        self.addr = None
+        self._n = 0
+
+    @property
+    def host(self):
+        return "::1" if self.family == "ipv6" else "127.0.0.1"
+
+    @property
+    def sock_family(self):
+        return {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6, "unix": socket.AF_UNIX}[
+            self.family
+        ]
+
+    def new_path(self):
+        self._n += 1
+        return os.path.join(self.dir, f"s{self._n}.sock")
+
+    def _remember(self, srv):
+        self.servers.append(srv)
+        if self.family == "unix":
+            self.addr = srv.sockets[0].getsockname()
+        else:
+            self.addr = srv.sockets[0].getsockname()[:2]
+        return srv
+
+    async def server(self, factory, **kw):
+        if self.family == "unix":
+            srv = await self.loop.create_unix_server(factory, self.new_path(), **kw)
+        else:
+            srv = await self.loop.create_server(factory, self.host, 0, **kw)
+        return self._remember(srv)
+
+    async def connect(self, factory, addr=None, **kw):
+        addr = addr or self.addr
+        if self.family == "unix":
+            return await self.loop.create_unix_connection(factory, addr, **kw)
+        return await self.loop.create_connection(factory, *addr, **kw)
+
+    async def start_server(self, cb, **kw):
+        if self.family == "unix":
+            srv = await asyncio.start_unix_server(cb, self.new_path(), **kw)
+        else:
+            srv = await asyncio.start_server(cb, self.host, 0, **kw)
+        return self._remember(srv)
+
+    async def open_connection(self, **kw):
+        if self.family == "unix":
+            return await asyncio.open_unix_connection(self.addr, **kw)
+        return await asyncio.open_connection(*self.addr, **kw)
+
+    def plain_socket(self):
+        """A blocking client socket connected to the last server."""
+        s = socket.socket(self.sock_family, socket.SOCK_STREAM)
+        s.settimeout(TIMEOUT)
+        s.connect(self.addr)
+        return s
+
+    async def server_side(self, srv_protocols, index=0):
+        """The server-side protocol of the ``index``-th accepted connection."""
+        while len(srv_protocols) <= index:
+            await asyncio.sleep(0.001)
+        p = srv_protocols[index]
+        if hasattr(p, "made"):
+            await p.made
+        return p
+
+    async def cleanup(self):
+        for tr in _TRACKED:
+            if not tr.is_closing():
+                tr.abort()
+        for srv in self.servers:
+            srv.close()
+        await asyncio.sleep(0.01)
+        for srv in self.servers:
+            await asyncio.wait_for(srv.wait_closed(), 5)
+
+
+@pytest.fixture
+def net(loop, family, sock_dir):
+    _TRACKED.clear()
+    n = Net(loop, family, sock_dir)
+    yield n
+    try:
+        if not loop.is_closed():
+            run(loop, n.cleanup(), timeout=10)
+    finally:
+        _TRACKED.clear()
+
+
+@pytest.fixture
+def tcp_net(loop, sock_dir):
+    """``net`` for tests that only concern IPv4."""
+    _TRACKED.clear()
+    n = Net(loop, "ipv4", sock_dir)
+    yield n
+    try:
+        if not loop.is_closed():
+            run(loop, n.cleanup(), timeout=10)
+    finally:
+        _TRACKED.clear()
+
+
+def collector(factory):
+    """A protocol factory that also lists the protocols it made."""
+    made = []
+
+    def make():
+        p = factory()
+        made.append(p)
+        return p
+
+    return make, made
+
+
+# --- echo ----------------------------------------------------------------------------------
+
+
+def _check_extra_info(net, transport, *, server_side):
+    tsock = transport.get_extra_info("socket")
+    assert isinstance(tsock, asyncio.trsock.TransportSocket)
+    assert tsock.family == net.sock_family
+    assert tsock.type == socket.SOCK_STREAM
+    assert tsock.fileno() >= 0
+    sockname = transport.get_extra_info("sockname")
+    peername = transport.get_extra_info("peername")
+    assert sockname == tsock.getsockname()
+    if net.family == "unix":
+        if server_side:
+            assert sockname == net.addr
+        else:
+            assert peername == net.addr
+    else:
+        assert peername == tsock.getpeername()
+        if server_side:
+            assert sockname[:2] == tuple(net.addr)
+        else:
+            assert peername[:2] == tuple(net.addr)
+            assert sockname[0] == net.host
+        assert len(sockname) == (4 if net.family == "ipv6" else 2)
+    assert transport.get_extra_info("no-such-key") is None
+    assert transport.get_extra_info("no-such-key", "dflt") == "dflt"
+
+
+def test_echo_protocol(loop, net):
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        tr, pr = await net.connect(Recorder)
+        assert isinstance(tr, asyncio.Transport)
+        assert pr.made.done() and pr.events == ["made"]
+        srv_pr = await net.server_side(servers)
+        assert isinstance(srv_pr.transport, asyncio.Transport)
+        _check_extra_info(net, tr, server_side=False)
+        _check_extra_info(net, srv_pr.transport, server_side=True)
+        assert tr.get_extra_info("peername") == srv_pr.transport.get_extra_info("sockname")
+
+        for i in range(20):
+            msg = b"ping %d " % i * (i + 1)
+            tr.write(msg)
+            await srv_pr.wait_bytes(len(msg))
+            srv_pr.transport.write(bytes(srv_pr.data))
+            srv_pr.data.clear()
+            await pr.wait_bytes(len(msg))
+            assert pr.data == msg
+            pr.data.clear()
+
+        tr.write(b"bye")
+        tr.write_eof()
+        await srv_pr.eof
+        assert srv_pr.data == b"bye"
+        assert await srv_pr.lost is None
+        await pr.eof
+        assert await pr.lost is None
+        assert pr.events == ["made", "data", "eof", "lost"]
+        assert srv_pr.events == ["made", "data", "eof", "lost"]
+
+    run(loop, main())
+
+
+def test_echo_buffered_protocol(loop, net):
+    data = payload(1 << 20)
+
+    async def main():
+        factory, servers = collector(BufferedEcho)
+        await net.server(factory)
+        tr, pr = await net.connect(lambda: BufferedRecorder(1000))
+        assert isinstance(tr, asyncio.Transport)
+        _check_extra_info(net, tr, server_side=False)
+        tr.write(data)
+        while len(pr.data) < len(data):
+            await asyncio.sleep(0.001)
+            assert not pr.eof.done()
+        assert sha(pr.data) == sha(data)
+        assert pr.hints == {-1} and servers[0].hints == {-1}
+        assert pr.reads >= len(data) // 1000
+        tr.write_eof()
+        await pr.eof
+        assert await pr.lost is None
+        assert pr.events == ["made", "data", "eof", "lost"]
+
+    run(loop, main())
+
+
+def test_echo_streams(loop, net):
+    blob = payload(3 << 20, seed=2)
+
+    async def handler(reader, writer):
+        assert isinstance(writer.transport, asyncio.Transport)
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    async def main():
+        await net.start_server(handler)
+        reader, writer = await net.open_connection(limit=1 << 16)
+        assert isinstance(writer.transport, asyncio.Transport)
+        _check_extra_info(net, writer.transport, server_side=False)
+        assert writer.get_extra_info("peername") == writer.transport.get_extra_info("peername")
+        for i in range(50):
+            line = b"line %d\n" % i
+            writer.write(line)
+            await writer.drain()
+            assert await reader.readline() == line
+        writer.write(b"exact")
+        assert await reader.readexactly(5) == b"exact"
+
+        async def send():
+            for i in range(0, len(blob), 100_000):
+                writer.write(blob[i : i + 100_000])
+                await writer.drain()
+            assert writer.can_write_eof()
+            writer.write_eof()
+
+        sender = asyncio.ensure_future(send())
+        got = await reader.read()  # to EOF
+        await sender
+        assert len(got) == len(blob)
+        assert sha(got) == sha(blob)
+        assert reader.at_eof()
+        writer.close()
+        await writer.wait_closed()
+        assert writer.transport.is_closing()
+
+    run(loop, main())
+
+
+def test_stream_writer_after_peer_closed(loop, net):
+    """drain() raises once the transport lost its connection (asyncio's streams, over the
+    transport's connection_lost)."""
+
+    async def handler(reader, writer):
+        writer.close()
+
+    async def main():
+        await net.start_server(handler)
+        reader, writer = await net.open_connection()
+        assert await reader.read() == b""
+        writer.close()
+        with pytest.raises(ConnectionError):
+            for _ in range(100):
+                writer.write(b"x" * 1024)
+                await writer.drain()
+        await writer.wait_closed()
+
+    run(loop, main())
+
+
+# --- flow control and large transfers -------------------------------------------------------
+
+HIGH = 32 * 1024
+LOW = 8 * 1024
+BIG = 24 << 20  # each direction
+CHUNK = 256 * 1024
+
+
+class FlowEcho(asyncio.Protocol):
+    """Echo with flow control: pauses reading while its own writes are paused (a proxy)."""
+
+    def __init__(self, on_first_pause):
+        self.on_first_pause = on_first_pause
+        self.pauses = self.resumes = 0
+        self.received = 0
+        self.max_buffer = 0
+        self.errors: list[str] = []
+
+    def connection_made(self, transport):
+        _TRACKED.append(transport)
+        self.transport = transport
+        shrink_buffers(transport)
+        transport.set_write_buffer_limits(high=HIGH, low=LOW)
+
+    def data_received(self, data):
+        self.received += len(data)
+        self.transport.write(data)
+
+    def pause_writing(self):
+        size = self.transport.get_write_buffer_size()
+        self.max_buffer = max(self.max_buffer, size)
+        if size <= HIGH:
+            self.errors.append(f"pause_writing() with {size} buffered")
+        if self.pauses != self.resumes:
+            self.errors.append("pause_writing() while paused")
+        self.pauses += 1
+        self.transport.pause_reading()
+        if self.pauses == 1:
+            self.on_first_pause()
+
+    def resume_writing(self):
+        size = self.transport.get_write_buffer_size()
+        if size > LOW:
+            self.errors.append(f"resume_writing() with {size} buffered")
+        if self.pauses != self.resumes + 1:
+            self.errors.append("resume_writing() while not paused")
+        self.resumes += 1
+        self.transport.resume_reading()
+
+
+class Producer(asyncio.Protocol):
+    """Writes ``data`` in chunks from connection_made and resume_writing (a producer driven
+    by flow control), then write_eof(); hashes what comes back."""
+
+    def __init__(self, data, chunk=CHUNK, *, high=HIGH, low=LOW, read_first=True, on_made=None):
+        self.loop = asyncio.get_running_loop()
+        self.view = memoryview(data)
+        self.chunk = chunk
+        self.high = high
+        self.low = low
+        self.read_first = read_first
+        self.on_made = on_made
+        self.pos = 0
+        self.paused = False
+        self.pauses = self.resumes = 0
+        self.hash = hashlib.sha256()
+        self.received = 0
+        self.errors: list[str] = []
+        self.done = self.loop.create_future()
+        self.lost = self.loop.create_future()
+
+    def connection_made(self, transport):
+        _TRACKED.append(transport)
+        self.transport = transport
+        shrink_buffers(transport)
+        transport.set_write_buffer_limits(high=self.high, low=self.low)
+        if transport.get_write_buffer_limits() != (self.low, self.high):
+            self.errors.append(f"limits {transport.get_write_buffer_limits()}")
+        if not self.read_first:
+            # Read nothing until the server's writes are paused: both sides must pause.
+            transport.pause_reading()
+        if self.on_made is not None:
+            self.on_made(transport)
+        self.pump()
+
+    def pump(self):
+        while not self.paused and self.pos < len(self.view):
+            self.transport.write(self.view[self.pos : self.pos + self.chunk])
+            self.pos += self.chunk
+        if self.pos >= len(self.view):
+            self.transport.write_eof()  # again and again: a no-op after the first
+
+    def pause_writing(self):
+        size = self.transport.get_write_buffer_size()
+        if size <= self.high:
+            self.errors.append(f"pause_writing() with {size} buffered")
+        if self.paused:
+            self.errors.append("pause_writing() while paused")
+        self.paused = True
+        self.pauses += 1
+
+    def resume_writing(self):
+        size = self.transport.get_write_buffer_size()
+        if size > self.low:
+            self.errors.append(f"resume_writing() with {size} buffered")
+        if not self.paused:
+            self.errors.append("resume_writing() while not paused")
+        self.paused = False
+        self.resumes += 1
+        self.pump()
+
+    def data_received(self, data):
+        self.hash.update(data)
+        self.received += len(data)
+
+    def eof_received(self):
+        self.done.set_result(None)
+
+    def connection_lost(self, exc):
+        self.lost.set_result(exc)
+
+
+def test_large_transfer_both_directions_under_flow_control(loop, net):
+    data = payload(BIG, seed=3)
+    expected = sha(data)
+
+    async def main():
+        client = {}
+
+        def server_paused():
+            client["tr"].resume_reading()
+
+        factory, servers = collector(lambda: FlowEcho(server_paused))
+        await net.server(factory)
+        tr, pr = await net.connect(
+            lambda: Producer(data, read_first=False, on_made=lambda t: client.update(tr=t))
+        )
+        await pr.done
+        assert await pr.lost is None
+        srv = servers[0]
+        assert pr.received == BIG and srv.received == BIG
+        assert pr.hash.hexdigest() == expected
+        assert pr.errors == [] and srv.errors == []
+        assert pr.pauses >= 1 and pr.pauses == pr.resumes
+        assert srv.pauses >= 1 and srv.pauses == srv.resumes
+        assert srv.max_buffer > HIGH
+        assert tr.get_write_buffer_size() == 0
+
+    run(loop, main(), timeout=25)
+
+
+def test_write_buffer_limits(loop, tcp_net):
+    async def main():
+        await tcp_net.server(Recorder)
+        tr, pr = await tcp_net.connect(Recorder)
+        assert tr.get_write_buffer_limits() == (16384, 65536)
+        tr.set_write_buffer_limits(high=100)
+        assert tr.get_write_buffer_limits() == (25, 100)
+        tr.set_write_buffer_limits(low=100)
+        assert tr.get_write_buffer_limits() == (100, 400)
+        tr.set_write_buffer_limits(high=10, low=10)
+        assert tr.get_write_buffer_limits() == (10, 10)
+        tr.set_write_buffer_limits(high=0)
+        assert tr.get_write_buffer_limits() == (0, 0)
+        tr.set_write_buffer_limits()
+        assert tr.get_write_buffer_limits() == (16384, 65536)
+        with pytest.raises(ValueError) as e:
+            tr.set_write_buffer_limits(high=1, low=2)
+        assert str(e.value) == "high (1) must be >= low (2) must be >= 0"
+        with pytest.raises(ValueError) as e:
+            tr.set_write_buffer_limits(high=5, low=-1)
+        assert str(e.value) == "high (5) must be >= low (-1) must be >= 0"
+        with pytest.raises(ValueError) as e:
+            tr.set_write_buffer_limits(low=-4)
+        assert str(e.value) == "high (-16) must be >= low (-4) must be >= 0"
+        assert tr.get_write_buffer_limits() == (16384, 65536)  # unchanged by the failures
+        assert tr.get_write_buffer_size() == 0
+        tr.close()
+        assert await pr.lost is None
+
+    run(loop, main())
+
+
+def test_lowering_high_water_pauses_at_once(loop, tcp_net):
+    """set_write_buffer_limits() below what is buffered calls pause_writing() right away."""
+
+    async def main():
+        factory, servers = collector(
+            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        )
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        srv = await tcp_net.server_side(servers)
+        tr.set_write_buffer_limits(high=64 << 20)
+        tr.write(b"x" * (8 << 20))
+        size = tr.get_write_buffer_size()
+        assert 0 < size <= 8 << 20
+        assert pr.pauses == 0
+        tr.set_write_buffer_limits(high=size - 1)
+        assert pr.pauses == 1
+        tr.set_write_buffer_limits(high=size - 2)
+        assert pr.pauses == 1  # already paused
+        srv.transport.resume_reading()
+        await srv.wait_bytes(8 << 20)
+        while pr.resumes == 0:
+            await asyncio.sleep(0.001)
+        assert tr.get_write_buffer_size() <= tr.get_write_buffer_limits()[0]
+        assert pr.errors == []
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_get_write_buffer_size_counts_unsent_bytes(loop, tcp_net):
+    async def main():
+        factory, servers = collector(type("P", (Recorder,), {"pause_on_made": True}))
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        srv = await tcp_net.server_side(servers)
+        shrink_buffers(srv.transport)
+        tr.set_write_buffer_limits(high=1 << 30)
+        assert tr.get_write_buffer_size() == 0
+        tr.write(b"a" * (4 << 20))
+        first = tr.get_write_buffer_size()
+        assert 0 < first <= 4 << 20
+        tr.write(b"b" * 1000)
+        assert tr.get_write_buffer_size() == first + 1000
+        tr.write(bytearray(b"c" * 10))
+        tr.write(memoryview(b"d" * 10))
+        assert tr.get_write_buffer_size() == first + 1020
+        srv.transport.resume_reading()
+        await srv.wait_bytes((4 << 20) + 1020)
+        assert srv.data == b"a" * (4 << 20) + b"b" * 1000 + b"c" * 10 + b"d" * 10
+        while tr.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_writes_from_resume_writing_are_all_sent(loop, net):
+    """resume_writing() that writes more than the socket takes: the transport must keep
+    its writer registered (asyncio checks for an empty buffer after the callback)."""
+    total = 16 << 20
+
+    async def main():
+        factory, servers = collector(type("S", (Recorder,), {"small_buffers": True}))
+        await net.server(factory)
+        # low=0: resume_writing() runs exactly when the buffer has just drained.
+        tr, pr = await net.connect(
+            lambda: Producer(payload(total, seed=4), chunk=1 << 20, high=1, low=0)
+        )
+        srv = await net.server_side(servers)
+        await srv.eof
+        assert len(srv.data) == total
+        assert sha(srv.data) == sha(payload(total, seed=4))
+        assert pr.resumes >= 1 and pr.pauses == pr.resumes
+        assert pr.errors == []
+        srv.transport.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+# --- write / writelines ----------------------------------------------------------------------
+
+
+def test_writelines(loop, net):
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        tr, pr = await net.connect(Recorder)
+        srv = await net.server_side(servers)
+        tr.writelines([b"ab", bytearray(b"cd"), memoryview(b"ef"), b""])
+        tr.writelines([])
+        tr.writelines(iter([b"gh", b"ij"]))
+        tr.writelines([b"k" * 300_000, b"l" * 300_000])
+        expected = b"abcdefghij" + b"k" * 300_000 + b"l" * 300_000
+        await srv.wait_bytes(len(expected))
+        assert srv.data == expected
+        tr.write_eof()
+        with pytest.raises(RuntimeError) as e:
+            tr.writelines([b"late"])
+        # 3.12 gave transports their own writelines(); before, WriteTransport's called write().
+        assert str(e.value) == (
+            "Cannot call writelines() after write_eof()"
+            if PY312
+            else "Cannot call write() after write_eof()"
+        )
+        await srv.eof
+        srv.transport.close()
+        await pr.lost
+        assert srv.data == expected
+
+    run(loop, main())
+
+
+def test_write_type_errors(loop, tcp_net):
+    import array
+
+    async def main():
+        await tcp_net.server(Recorder)
+        tr, pr = await tcp_net.connect(Recorder)
+        for bad, name in [("text", "str"), (None, "NoneType"), (42, "int"), ([b"x"], "list")]:
+            with pytest.raises(TypeError) as e:
+                tr.write(bad)
+            assert str(e.value) == f"data argument must be a bytes-like object, not {name!r}"
+        with pytest.raises(TypeError) as e:
+            tr.write(array.array("b", b"xy"))  # bytes-like, but not one of the three types
+        assert str(e.value) == "data argument must be a bytes-like object, not 'array'"
+
+        class MyBytes(bytes):
+            pass
+
+        tr.write(MyBytes(b"sub"))  # subclasses are fine
+        tr.write(b"")
+        tr.write(bytearray())
+        tr.write(memoryview(b""))
+        assert tr.get_write_buffer_size() == 0
+        tr.write_eof()
+        with pytest.raises(RuntimeError) as e:
+            tr.write(b"after")
+        assert str(e.value) == "Cannot call write() after write_eof()"
+        with pytest.raises(RuntimeError) as e:
+            tr.write(b"")  # the EOF check comes before the empty check
+        assert str(e.value) == "Cannot call write() after write_eof()"
+        with pytest.raises(TypeError):
+            tr.write("text")  # the type check comes first
+        tr.write_eof()  # a second write_eof() is a no-op
+        tr.close()
+        assert await pr.lost is None
+
+    run(loop, main())
+
+
+def test_empty_write_sends_nothing(loop, net):
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        tr, pr = await net.connect(Recorder)
+        srv = await net.server_side(servers)
+        for _ in range(10):
+            tr.write(b"")
+        tr.writelines([b"", b""])
+        tr.write(b"1")
+        tr.write_eof()
+        await srv.eof
+        assert srv.data == b"1"
+        srv.transport.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_write_after_close_is_dropped(loop, tcp_net):
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(Recorder)
+        srv = await tcp_net.server_side(servers)
+        tr.write(b"before")
+        tr.close()
+        assert tr.is_closing()
+        tr.write(b"after")  # no error; nothing sent
+        tr.close()  # idempotent
+        assert await pr.lost is None
+        tr.write(b"after lost")
+        await srv.eof
+        assert srv.data == b"before"
+        assert pr.lost_calls == 1
+
+    run(loop, main())
+
+
+def test_write_memoryview_shapes(loop, tcp_net):
+    """Contiguous memoryviews of any format or shape are sent as their bytes."""
+    import array
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(Recorder)
+        srv = await tcp_net.server_side(servers)
+        ints = array.array("i", [1, 2, 3])
+        tr.write(memoryview(ints))
+        tr.write(memoryview(b"abcdef").cast("B", shape=[2, 3]))
+        expected = ints.tobytes() + b"abcdef"
+        await srv.wait_bytes(len(expected))
+        assert srv.data == expected
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_write_non_contiguous_memoryview(loop, tcp_net, handler_calls):
+    """asyncio hands the view to socket.send(), which refuses it: a fatal write error (the
+    exception handler is called and the transport closes), not an exception from write()."""
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(Recorder)
+        await tcp_net.server_side(servers)
+        raised = None
+        try:
+            tr.write(memoryview(b"abcdef")[::2])
+        except Exception as e:  # asyncio does not raise here
+            raised = e
+            tr.close()
+        exc = await pr.lost
+        return tr, raised, exc
+
+    tr, raised, exc = run(loop, main())
+    assert raised is None
+    assert isinstance(exc, BufferError)
+    assert len(handler_calls) == 1
+    assert handler_calls[0]["message"] == "Fatal write error on socket transport"
+    assert handler_calls[0]["exception"] is exc
+    assert handler_calls[0]["transport"] is tr
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+def test_close_inside_data_received(loop, tcp_net, how):
+    """close()/abort() from data_received: no further data_received, one connection_lost."""
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(Recorder)
+        srv = await tcp_net.server_side(servers)
+        pr.on_data = lambda data: getattr(pr.transport, how)()
+        srv.transport.write(b"first")
+        exc = await pr.lost
+        assert exc is None
+        srv.transport.write(b"more")  # arrives (if at all) after the close: never delivered
+        await srv.lost
+        await asyncio.sleep(0.01)
+        assert pr.events == ["made", "data", "lost"]
+        assert pr.lost_calls == 1
+        assert bytes(pr.data) == b"first"[: len(pr.data)] and len(pr.data) >= 1
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("pending", [False, True], ids=["empty-buffer", "pending-buffer"])
+def test_connection_lost_exception_goes_to_handler(loop, tcp_net, handler_calls, pending):
+    """An exception from connection_lost() reaches the exception handler as the failure of
+    the loop callback that called it, whether close() scheduled it (nothing buffered) or the
+    write path called it once the buffer drained."""
+
+    class P(Recorder):
+        small_buffers = True
+
+        def connection_lost(self, exc):
+            super().connection_lost(exc)
+            raise Boom("connection_lost")
+
+    async def main():
+        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": pending}))
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(P)
+        srv = await tcp_net.server_side(servers)
+        if pending:
+            shrink_buffers(srv.transport)
+            tr.write(b"q" * (4 << 20))
+            assert tr.get_write_buffer_size() > 0
+        tr.close()
+        srv.transport.resume_reading()
+        await pr.lost
+        await srv.lost  # the socket was closed in spite of the error
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return tr
+
+    run(loop, main())
+    assert len(handler_calls) == 1, handler_calls
+    ctx = handler_calls[0]
+    assert ctx["message"].startswith("Exception in callback ")
+    assert type(ctx["exception"]) is Boom
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_base_exception_from_data_received_propagates(loop, tcp_net, exc_type):
+    """KeyboardInterrupt/SystemExit from a protocol callback leave run_until_complete(); the
+    transport is not closed and keeps working when the loop runs again."""
+    state = {}
+
+    async def setup():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(Recorder)
+        srv = await tcp_net.server_side(servers)
+        state.update(tr=tr, pr=pr, srv=srv)
+
+        def raise_once(data):
+            pr.on_data = None
+            raise exc_type("from data_received")
+
+        pr.on_data = raise_once
+        srv.transport.write(b"boom")
+        await asyncio.sleep(5)
+
+    with pytest.raises(exc_type):
+        loop.run_until_complete(setup())
+    tr, pr, srv = state["tr"], state["pr"], state["srv"]
+    assert not tr.is_closing()
+    assert pr.data == b"boom"
+
+    async def after():
+        srv.transport.write(b"again")
+        await pr.wait_bytes(9)
+        assert pr.data == b"boomagain"
+        tr.close()
+        await pr.lost
+
+    run(loop, after())
+
+
+# --- half-close ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep_open", [True, False, None])
+def test_eof_received_return_value(loop, net, keep_open):
+    async def main():
+        factory, servers = collector(type("S", (Recorder,), {"eof_result": keep_open}))
+        await net.server(factory)
+        tr, pr = await net.connect(Recorder)
+        srv = await net.server_side(servers)
+        assert tr.can_write_eof() and srv.transport.can_write_eof()
+        tr.write(b"question")
+        tr.write_eof()
+        assert not tr.is_closing()  # only the write side is shut
+        await srv.eof
+        assert srv.data == b"question"
+        if keep_open:
+            assert not srv.transport.is_closing()
+            srv.transport.write(b"answer")
+            await pr.wait_bytes(6)
+            assert pr.data == b"answer"
+            assert not pr.lost.done()
+            srv.transport.close()
+        else:
+            assert srv.transport.is_closing()  # eof_received() returned false: closed
+        assert await srv.lost is None
+        await pr.eof
+        assert await pr.lost is None
+        assert pr.data == (b"answer" if keep_open else b"")
+        assert srv.events == ["made", "data", "eof", "lost"]
+
+    run(loop, main())
+
+
+def test_write_eof_waits_for_buffered_data(loop, net):
+    size = 8 << 20
+
+    async def main():
+        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": True}))
+        await net.server(factory)
+        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        srv = await net.server_side(servers)
+        data = payload(size, seed=5)
+        tr.write(data)
+        assert tr.get_write_buffer_size() > 0
+        tr.write_eof()
+        assert not tr.is_closing()
+        srv.transport.resume_reading()
+        await srv.eof
+        assert sha(srv.data) == sha(data)
+        srv.transport.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+# --- reset, close, abort ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"], indirect=True)
+@pytest.mark.parametrize("side", ["reading", "writing"])
+def test_peer_reset_reaches_connection_lost(loop, net, side):
+    """The peer closes with SO_LINGER 0 (a RST): connection_lost(exc), no handler call."""
+
+    async def main():
+        listener = socket.create_server((net.host, 0), family=net.sock_family)
+        try:
+            net.addr = listener.getsockname()[:2]
+            tr, pr = await net.connect(Recorder)
+            peer, _ = listener.accept()
+        finally:
+            listener.close()
+        if side == "writing":
+            tr.pause_reading()  # only a write can notice the reset
+        with peer:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if side == "reading":
+            exc = await pr.lost
+            assert isinstance(exc, ConnectionResetError)
+        else:
+            for _ in range(500):
+                if pr.lost.done():
+                    break
+                tr.write(b"x" * 1000)
+                await asyncio.sleep(0.002)
+            exc = await pr.lost
+            assert isinstance(exc, (ConnectionResetError, BrokenPipeError))
+            assert tr.get_write_buffer_size() == 0
+        assert tr.is_closing()
+        assert pr.events == ["made", "lost"]
+        assert pr.lost_calls == 1
+        tr.write(b"ignored")  # after the loss: silently counted, not sent
+
+    run(loop, main())
+
+
+def test_data_written_before_close_reaches_peer(loop, net):
+    size = 6 << 20
+
+    async def main():
+        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": True}))
+        await net.server(factory)
+        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        srv = await net.server_side(servers)
+        data = payload(size, seed=6)
+        tr.write(data[:10])
+        tr.write(data[10:])
+        assert tr.get_write_buffer_size() > 0
+        tr.close()
+        assert tr.is_closing()
+        assert not tr.is_reading()
+        await asyncio.sleep(0.01)
+        assert not pr.lost.done()  # connection_lost waits for the buffer to drain
+        srv.transport.resume_reading()
+        await srv.eof
+        assert sha(srv.data) == sha(data)
+        assert await pr.lost is None
+        assert tr.get_write_buffer_size() == 0
+        await srv.lost
+        assert srv.events == ["made", "data", "eof", "lost"]
+
+    run(loop, main())
+
+
+def test_abort_drops_buffered_data(loop, net):
+    size = 8 << 20
+
+    async def main():
+        factory, servers = collector(
+            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        )
+        await net.server(factory)
+        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        srv = await net.server_side(servers)
+        tr.write(b"x" * size)
+        assert tr.get_write_buffer_size() > 0
+        tr.abort()
+        assert tr.get_write_buffer_size() == 0
+        assert tr.is_closing()
+        assert pr.lost_calls == 0  # connection_lost comes from the loop, not from abort()
+        assert await pr.lost is None
+        assert pr.lost_in_task is False
+        tr.abort()  # no-op now
+        tr.close()
+        await asyncio.sleep(0.01)
+        assert pr.lost_calls == 1
+        srv.transport.resume_reading()
+        await srv.lost
+        assert len(srv.data) < size
+        assert srv.data == b"x" * len(srv.data)
+
+    run(loop, main())
+
+
+def test_abort_after_close_loses_pending_data_once(loop, tcp_net):
+    async def main():
+        factory, servers = collector(
+            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        )
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        await tcp_net.server_side(servers)
+        tr.write(b"x" * (8 << 20))
+        tr.close()
+        assert not pr.lost.done()
+        tr.abort()
+        assert tr.get_write_buffer_size() == 0
+        assert await pr.lost is None
+        await asyncio.sleep(0.01)
+        assert pr.lost_calls == 1
+
+    run(loop, main())
+
+
+# --- reading control -------------------------------------------------------------------------
+
+
+def test_pause_and_resume_reading(loop, net):
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        tr, pr = await net.connect(type("C", (Recorder,), {"pause_on_made": True}))
+        srv = await net.server_side(servers)
+        assert not tr.is_reading()
+        tr.pause_reading()  # already paused: no-op
+        for i in range(5):
+            srv.transport.write(b"chunk%d;" % i)
+        srv.transport.write_eof()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        assert pr.data == b"" and pr.events == ["made"]
+        tr.resume_reading()
+        assert tr.is_reading()
+        tr.resume_reading()  # no-op
+        await pr.eof
+        assert pr.data == b"".join(b"chunk%d;" % i for i in range(5))
+        assert await pr.lost is None
+        assert not tr.is_reading()  # closed
+        tr.resume_reading()  # no-op on a closed transport
+        assert not tr.is_reading()
+
+    run(loop, main())
+
+
+def test_pause_reading_inside_data_received(loop, tcp_net):
+    class OneAtATime(Recorder):
+        def data_received(self, data):
+            super().data_received(data)
+            self.transport.pause_reading()
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(OneAtATime)
+        srv = await tcp_net.server_side(servers)
+        srv.transport.write(b"first")
+        await pr.wait_bytes(5)
+        assert not tr.is_reading()
+        srv.transport.write(b"second")
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        assert pr.data == b"first"
+        tr.resume_reading()
+        await pr.wait_bytes(11)
+        assert pr.data == b"firstsecond"
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_is_closing(loop, tcp_net):
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(Recorder)
+        srv = await tcp_net.server_side(servers)
+        assert not tr.is_closing() and not srv.transport.is_closing()
+        assert tr.is_reading()
+        srv.transport.close()
+        assert srv.transport.is_closing()
+        assert not srv.transport.is_reading()
+        await pr.eof
+        assert tr.is_closing()  # eof_received() returned None
+        assert await pr.lost is None
+        assert tr.is_closing()
+
+    run(loop, main())
+
+
+# --- protocol switching ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["protocol", "buffered"])
+@pytest.mark.parametrize("second", ["protocol", "buffered"])
+def test_set_protocol_mid_stream(loop, tcp_net, first, second):
+    def make(kind):
+        return Recorder() if kind == "protocol" else BufferedRecorder(7)
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        nxt = make(second)
+        a = make(first)
+        seen = []
+
+        def switch(data):
+            # Inside the first protocol's data callback: later reads go to the next one.
+            seen.append(tr.get_protocol() is a)
+            tr.set_protocol(nxt)
+            seen.append(tr.get_protocol() is nxt)
+            a.on_data = None
+            tr.write(b"ack")
+
+        a.on_data = switch
+        tr, _ = await tcp_net.connect(lambda: a)
+        srv = await tcp_net.server_side(servers)
+        srv.transport.write(b"one|")
+        await srv.wait_bytes(3)
+        assert seen == [True, True]
+        srv.transport.write(b"two|" * 10)
+        srv.transport.write_eof()
+        await nxt.eof
+        assert tr.get_protocol() is nxt
+        await nxt.lost
+        assert tr.get_protocol() is None  # dropped once the connection is lost
+        assert bytes(a.data) == b"one|"
+        assert bytes(nxt.data) == b"two|" * 10
+        assert nxt.events == ["data", "eof", "lost"]
+        assert a.events == ["made", "data"]
+
+    run(loop, main())
+
+
+# --- protocol errors -------------------------------------------------------------------------
+
+
+class Boom(Exception):
+    pass
+
+
+def _raising_protocol(where):
+    if where in ("data_received", "eof_received", "oserror"):
+
+        class P(Recorder):
+            def data_received(self, data):
+                super().data_received(data)
+                if where == "data_received":
+                    raise Boom(where)
+                if where == "oserror":
+                    raise ConnectionAbortedError("from data_received")
+
+            def eof_received(self):
+                super().eof_received()
+                raise Boom(where)
+
+        return P()
+
+    class B(BufferedRecorder):
+        def get_buffer(self, sizehint):
+            if where == "get_buffer":
+                raise Boom(where)
+            if where == "get_buffer_empty":
+                return bytearray()
+            if where == "get_buffer_readonly":
+                return b"\0" * 16
+            return super().get_buffer(sizehint)
+
+        def buffer_updated(self, nbytes):
+            super().buffer_updated(nbytes)
+            raise Boom(where)
+
+    return B(16)
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("data_received", "Fatal error: protocol.data_received() call failed."),
+        ("eof_received", "Fatal error: protocol.eof_received() call failed."),
+        ("buffer_updated", "Fatal error: protocol.buffer_updated() call failed."),
+        ("get_buffer", "Fatal error: protocol.get_buffer() call failed."),
+        ("get_buffer_empty", "Fatal error: protocol.get_buffer() call failed."),
+        # asyncio finds out when recv_into() refuses the buffer.
+        ("get_buffer_readonly", "Fatal read error on socket transport"),
+    ],
+)
+def test_protocol_exception_goes_to_handler(loop, tcp_net, handler_calls, where, message):
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        proto = _raising_protocol(where)
+        tr, _ = await tcp_net.connect(lambda: proto)
+        srv = await tcp_net.server_side(servers)
+        if where == "eof_received":
+            srv.transport.write_eof()
+        else:
+            srv.transport.write(b"data")
+        exc = await proto.lost
+        assert tr.is_closing()
+        await srv.lost  # the transport was closed (a reset when data was left unread)
+        return tr, proto, exc
+
+    tr, proto, exc = run(loop, main())
+    assert len(handler_calls) == 1, handler_calls
+    ctx = handler_calls[0]
+    assert set(ctx) == {"message", "exception", "transport", "protocol"}
+    assert ctx["message"] == message
+    assert ctx["transport"] is tr
+    assert ctx["protocol"] is proto
+    assert ctx["exception"] is exc  # connection_lost gets the same exception
+    if where == "get_buffer_empty":
+        assert type(exc) is RuntimeError
+        assert str(exc) == "get_buffer() returned an empty buffer"
+    elif where == "get_buffer_readonly":
+        assert type(exc) is TypeError
+    else:
+        assert type(exc) is Boom and str(exc) == where
+
+
+def test_oserror_in_data_received_is_not_reported(loop, tcp_net):
+    """asyncio logs OSErrors from protocol callbacks only in debug mode; the transport
+    still closes and connection_lost gets the error."""
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        proto = _raising_protocol("oserror")
+        tr, _ = await tcp_net.connect(lambda: proto)
+        srv = await tcp_net.server_side(servers)
+        srv.transport.write(b"data")
+        exc = await proto.lost
+        assert isinstance(exc, ConnectionAbortedError)
+        assert tr.is_closing()
+        await srv.eof
+
+    run(loop, main())  # the fixture fails the test if the handler was called
+
+
+@pytest.mark.parametrize("which", ["pause_writing", "resume_writing"])
+def test_flow_control_callback_exception(loop, tcp_net, handler_calls, which):
+    class P(Recorder):
+        small_buffers = True
+
+        def pause_writing(self):
+            super().pause_writing()
+            if which == "pause_writing":
+                raise Boom(which)
+
+        def resume_writing(self):
+            super().resume_writing()
+            if which == "resume_writing":
+                raise Boom(which)
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(P)
+        srv = await tcp_net.server_side(servers)
+        tr.set_write_buffer_limits(high=1000)
+        tr.write(b"y" * (4 << 20))
+        await srv.wait_bytes(4 << 20)
+        while pr.resumes == 0:
+            await asyncio.sleep(0.001)
+        assert not tr.is_closing()  # such errors do not close the transport
+        tr.write(b"z")
+        await srv.wait_bytes((4 << 20) + 1)
+        tr.close()
+        await pr.lost
+        return tr, pr
+
+    tr, pr = run(loop, main())
+    assert len(handler_calls) == 1, handler_calls
+    ctx = handler_calls[0]
+    assert ctx["message"] == f"protocol.{which}() failed"
+    assert type(ctx["exception"]) is Boom
+    assert ctx["transport"] is tr
+    assert ctx["protocol"] is pr
+
+
+# --- callback order and context --------------------------------------------------------------
+
+
+def test_callbacks_come_from_the_loop_in_order(loop, net):
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        tr, pr = await net.connect(Recorder)
+        # connection_made ran before create_connection() returned, from the loop (not inside
+        # the task that awaits create_connection).
+        assert pr.events == ["made"]
+        assert pr.made_in_task is False
+        srv = await net.server_side(servers)
+        assert srv.made_in_task is False
+        srv.transport.write(b"hi")
+        await pr.wait_bytes(2)
+        tr.close()
+        assert pr.events == ["made", "data"]  # connection_lost is not called from close()
+        assert await pr.lost is None
+        assert pr.lost_in_task is False
+        assert pr.events == ["made", "data", "lost"]
+        await srv.lost
+        assert srv.events == ["made", "eof", "lost"]
+        assert srv.lost_in_task is False
+
+    run(loop, main())
+
+
+cv = contextvars.ContextVar("cv", default="unset")
+
+
+def test_protocol_callbacks_run_in_the_connecting_context(loop, tcp_net):
+    """Callbacks run in (a copy of) the context that made the transport; what data_received
+    sets stays visible to later callbacks of the same reader (asyncio reuses its handle)."""
+
+    class P(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def connection_made(self, transport):
+            self.seen["made"] = cv.get()
+            super().connection_made(transport)
+
+        def data_received(self, data):
+            self.seen.setdefault("data", cv.get())
+            cv.set("set by data_received")
+            super().data_received(data)
+
+        def eof_received(self):
+            self.seen["eof"] = cv.get()
+            return super().eof_received()
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        cv.set("client")
+        tr, pr = await tcp_net.connect(P)
+        srv = await tcp_net.server_side(servers)
+        srv.transport.write(b"x")
+        await pr.wait_bytes(1)
+        srv.transport.close()
+        await pr.lost
+        assert cv.get() == "client"
+        return pr.seen
+
+    seen = run(loop, main())
+    assert seen == {"made": "client", "data": "client", "eof": "set by data_received"}
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+def test_server_close_keeps_live_connections(loop, net):
+    async def main():
+        factory, servers = collector(Echo)
+        srv = await net.server(factory)
+        addr = net.addr
+        assert srv.is_serving()
+        tr, pr = await net.connect(Recorder)
+        tr.write(b"accepted?")
+        await pr.wait_bytes(9)  # the server accepted the connection
+        pr.data.clear()
+        srv.close()
+        assert not srv.is_serving()
+        assert srv.sockets == ()
+        # The established connection still works.
+        tr.write(b"still there")
+        await pr.wait_bytes(11)
+        assert pr.data == b"still there"
+        # New connections are refused (3.13 also removes the Unix socket's file).
+        with pytest.raises(OSError):
+            await net.connect(Recorder, addr=addr)
+        waiter = asyncio.ensure_future(srv.wait_closed())
+        await asyncio.sleep(0.05)
+        # 3.12 made wait_closed() wait for the server's connections.
+        assert waiter.done() is (not PY312)
+        tr.close()
+        await pr.lost
+        await waiter
+
+    run(loop, main())
+
+
+@pytest.mark.skipif(not PY313, reason="Server.close_clients()/abort_clients() are new in 3.13")
+@pytest.mark.parametrize("how", ["close_clients", "abort_clients"])
+def test_server_close_or_abort_clients(loop, net, how):
+    async def main():
+        factory, servers = collector(Recorder)
+        srv = await net.server(factory)
+        clients = [await net.connect(Recorder) for _ in range(3)]
+        while len(servers) < 3:
+            await asyncio.sleep(0.001)
+        srv.close()
+        getattr(srv, how)()
+        for p in servers:
+            assert p.transport.is_closing()
+        for _, pr in clients:
+            exc = await pr.lost
+            assert exc is None or isinstance(exc, ConnectionResetError)
+        await srv.wait_closed()
+        for p in servers:
+            await p.lost
+
+    run(loop, main())
+
+
+def test_server_object_api(loop, net):
+    async def main():
+        srv = await net.server(Echo, start_serving=False)
+        assert isinstance(srv, asyncio.AbstractServer)
+        assert srv.get_loop() is loop
+        assert not srv.is_serving()
+        socks = srv.sockets
+        assert isinstance(socks, tuple) and len(socks) == 1
+        assert isinstance(socks[0], asyncio.trsock.TransportSocket)
+        assert socks[0].family == net.sock_family
+        await srv.start_serving()
+        assert srv.is_serving()
+        tr, pr = await net.connect(Recorder)
+        tr.write(b"abc")
+        await pr.wait_bytes(3)
+        tr.close()
+        await pr.lost
+
+        async with srv as same:
+            assert same is srv
+        assert not srv.is_serving()
+        await srv.wait_closed()
+
+        srv2 = await net.server(Echo)
+        task = asyncio.ensure_future(srv2.serve_forever())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="is already being awaited on serve_forever"):
+            await srv2.serve_forever()
+        assert srv2.is_serving()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not srv2.is_serving()
+        await srv2.wait_closed()
+        with pytest.raises(RuntimeError, match="is closed"):
+            await srv2.serve_forever()
+
+    run(loop, main())
+
+
+def test_server_multiple_clients(loop, net):
+    async def main():
+        await net.server(Echo)
+        conns = [await net.connect(Recorder) for _ in range(20)]
+        for i, (tr, _) in enumerate(conns):
+            tr.write(b"client %d" % i)
+        for i, (tr, pr) in enumerate(conns):
+            msg = b"client %d" % i
+            await pr.wait_bytes(len(msg))
+            assert pr.data == msg
+            tr.close()
+        for _, pr in conns:
+            await pr.lost
+
+    run(loop, main())
+
+
+# --- caller's sockets ------------------------------------------------------------------------
+
+
+def test_create_connection_sock_is_the_transports_socket(loop, net):
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        sock = net.plain_socket()
+        peer = sock.getpeername()
+        if net.family == "unix":
+            tr, pr = await loop.create_unix_connection(Recorder, sock=sock)
+        else:
+            tr, pr = await loop.create_connection(Recorder, sock=sock)
+        tsock = tr.get_extra_info("socket")
+        assert tsock.fileno() == sock.fileno()
+        assert sock.gettimeout() == 0  # asyncio made it non-blocking
+        assert sock.getpeername() == peer
+        assert tr.get_extra_info("peername") == peer
+        tr.write(b"via sock")
+        srv = await net.server_side(servers)
+        await srv.wait_bytes(8)
+        assert srv.data == b"via sock"
+        sock.getsockname()  # still usable while the transport lives
+        tr.close()
+        await pr.lost
+        assert sock.fileno() == -1  # the transport closed the caller's socket object
+
+    run(loop, main())
+
+
+def test_create_server_sock_is_the_servers_socket(loop, net):
+    async def main():
+        if net.family == "unix":
+            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            lsock.bind(net.new_path())
+            srv = await loop.create_unix_server(Echo, sock=lsock)
+        else:
+            lsock = socket.socket(net.sock_family, socket.SOCK_STREAM)
+            lsock.bind((net.host, 0))
+            srv = await loop.create_server(Echo, sock=lsock)
+        net._remember(srv)
+        assert srv.sockets[0].fileno() == lsock.fileno()
+        assert lsock.gettimeout() == 0
+        tr, pr = await net.connect(Recorder)
+        tr.write(b"x")
+        await pr.wait_bytes(1)
+        tr.close()
+        await pr.lost
+        srv.close()
+        await srv.wait_closed()
+        assert lsock.fileno() == -1  # closed with the server
+
+    run(loop, main())
+
+
+def test_connect_accepted_socket(loop, net):
+    async def main():
+        if net.family == "unix":
+            a, b = socket.socketpair()
+        else:
+            with socket.create_server((net.host, 0), family=net.sock_family) as listener:
+                b = socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT)
+                a, _ = listener.accept()
+        with b:
+            tr, pr = await loop.connect_accepted_socket(Echo, a)
+            assert isinstance(tr, asyncio.Transport)
+            assert tr.get_extra_info("socket").fileno() == a.fileno()
+            assert tr.get_extra_info("peername") == b.getsockname()
+            b.setblocking(False)
+            await loop.sock_sendall(b, b"accepted")
+            got = b""
+            while len(got) < 8:
+                got += await loop.sock_recv(b, 100)
+            assert got == b"accepted"
+            b.shutdown(socket.SHUT_WR)
+            assert await loop.sock_recv(b, 100) == b""  # Echo closed on EOF
+        await asyncio.sleep(0.01)
+        assert tr.is_closing()
+        while a.fileno() != -1:
+            await asyncio.sleep(0.001)
+
+    run(loop, main())
+
+
+def test_fd_of_a_transport_is_not_available_to_add_reader(loop, tcp_net):
+    async def main():
+        await tcp_net.server(Echo)
+        tr, pr = await tcp_net.connect(Recorder)
+        fd = tr.get_extra_info("socket").fileno()
+        with pytest.raises(RuntimeError, match="is used by transport"):
+            loop.add_reader(fd, lambda: None)
+        with pytest.raises(RuntimeError, match="is used by transport"):
+            loop.add_writer(fd, lambda: None)
+        with pytest.raises(RuntimeError, match="is used by transport"):
+            loop.remove_reader(fd)
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+# --- ResourceWarning ---------------------------------------------------------------------------
+
+
+def test_unclosed_transport_warns(loop):
+    a, b = socket.socketpair()
+
+    async def main():
+        tr, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
+        tr.pause_reading()  # the loop no longer needs the transport
+        return weakref.ref(tr)
+
+    try:
+        with pytest.warns(ResourceWarning, match="unclosed transport"):
+            ref = run(loop, main())
+            gc.collect()
+            assert ref() is None
+        assert a.fileno() == -1  # __del__ closed the socket
+    finally:
+        a.close()
+        b.close()
+
+
+def test_transport_open_when_loop_closes_warns(loop):
+    a, b = socket.socketpair()
+
+    async def main():
+        await loop.connect_accepted_socket(asyncio.Protocol, a)
+
+    try:
+        with pytest.warns(ResourceWarning, match="unclosed transport"):
+            run(loop, main())
+            loop.close()
+            gc.collect()
+        assert a.fileno() == -1
+    finally:
+        a.close()
+        b.close()
+
+
+# --- sendfile ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    data = payload(3 << 20, seed=7)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        yield f, data
+
+
+@pytest.mark.parametrize(
+    "offset, count", [(0, None), (0, 10), (1000, 5000), (12345, None), (0, 3 << 20)]
+)
+def test_sendfile(loop, net, data_file, offset, count):
+    f, data = data_file
+    expected = data[offset : offset + count if count else None]
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        tr, pr = await net.connect(Recorder)
+        tr.write(b"head|")
+        n = await loop.sendfile(tr, f, offset, count, fallback=False)
+        assert n == len(expected)
+        assert f.tell() == offset + n
+        tr.write(b"|tail")
+        tr.close()
+        srv = await net.server_side(servers)
+        await srv.eof
+        assert sha(srv.data) == sha(b"head|" + expected + b"|tail")
+        assert await pr.lost is None
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_sendfile_fallback(loop, net, fallback):
+    data = payload(2 << 20, seed=8)
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        f = io.BytesIO(data)  # not a regular file: os.sendfile() cannot take it
+        if not fallback:
+            with pytest.raises(asyncio.SendfileNotAvailableError):
+                await loop.sendfile(tr, f, fallback=False)
+            assert tr.is_reading()  # restored
+            tr.write(b"ok")
+            expected = b"ok"
+        else:
+            n = await loop.sendfile(tr, f, 10, None)
+            assert n == len(data) - 10
+            assert f.tell() == len(data)
+            assert tr.get_protocol() is pr  # the fallback's protocol swap is undone
+            assert tr.is_reading()
+            expected = data[10:]
+        tr.close()
+        srv = await net.server_side(servers)
+        await srv.eof
+        assert sha(srv.data) == sha(expected)
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_write_during_sendfile_raises(loop, tcp_net, tmp_path):
+    data = payload(8 << 20, seed=9)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+
+    async def main():
+        factory, servers = collector(
+            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        )
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        srv = await tcp_net.server_side(servers)
+        with open(path, "rb") as f:
+            task = asyncio.ensure_future(loop.sendfile(tr, f))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert not task.done()
+            assert not tr.is_reading()  # native sendfile pauses reading
+            errors = []
+            for call in (lambda: tr.write(b"x"), lambda: tr.writelines([b"x"])):
+                try:
+                    call()
+                except RuntimeError as e:
+                    errors.append(str(e))
+            srv.transport.resume_reading()
+            assert await task == len(data)
+        assert errors == [
+            "unable to write; sendfile is in progress",
+            # 3.12 gave transports their own writelines(); before, it called write().
+            "unable to writelines; sendfile is in progress"
+            if PY312
+            else "unable to write; sendfile is in progress",
+        ]
+        assert tr.is_reading()
+        tr.write(b"after")
+        tr.close()
+        await srv.eof
+        assert sha(srv.data) == sha(data + b"after")
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_sendfile_waits_for_buffered_writes(loop, tcp_net, data_file):
+    f, data = data_file
+    head = payload(6 << 20, seed=10)
+
+    async def main():
+        factory, servers = collector(
+            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        )
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        srv = await tcp_net.server_side(servers)
+        tr.write(head)
+        assert tr.get_write_buffer_size() > 0
+        task = asyncio.ensure_future(loop.sendfile(tr, f))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        srv.transport.resume_reading()
+        assert await task == len(data)
+        tr.close()
+        await srv.eof
+        assert sha(srv.data) == sha(head + data)
+        await pr.lost
+
+    run(loop, main())
+
+
+def test_abort_while_sendfile_waits_for_the_buffer(loop, tcp_net, data_file):
+    """asyncio fails a sendfile() still waiting for the write buffer to drain with
+    ConnectionError when the connection is lost (``_call_connection_lost``)."""
+    f, _ = data_file
+
+    async def main():
+        factory, servers = collector(
+            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        )
+        await tcp_net.server(factory)
+        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        await tcp_net.server_side(servers)
+        tr.write(b"z" * (6 << 20))
+        assert tr.get_write_buffer_size() > 0
+        task = asyncio.ensure_future(loop.sendfile(tr, f))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        tr.abort()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(task, 5)
+        assert await pr.lost is None
+
+    run(loop, main())
+
+
+# --- TLS upgrade -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 'localhost', made at test time."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        cryptography = None
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    if cryptography is not None:
+        _make_cert_with_cryptography(cert, key)
+    elif shutil.which("openssl"):
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    else:
+        pytest.skip("no way to make a certificate: neither 'cryptography' nor 'openssl' here")
+    return str(cert), str(key)
+
+
+def _make_cert_with_cryptography(cert_path, key_path):
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.mark.parametrize("client_kind", ["protocol", "streams"])
+def test_start_tls_upgrade(loop, net, tls_files, client_kind):
+    cert, key = tls_files
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=cert)
+    blob = payload(1 << 20, seed=11)
+    done = []
+
+    async def handler(reader, writer):
+        assert await reader.readline() == b"STARTTLS\n"
+        writer.write(b"GO\n")
+        await writer.drain()
+        await writer.start_tls(server_ctx)
+        assert writer.get_extra_info("ssl_object") is not None
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        done.append(True)
+
+    async def protocol_client():
+        tr, pr = await net.connect(Recorder)
+        tr.write(b"STARTTLS\n")
+        await pr.wait_bytes(3)
+        assert pr.data == b"GO\n"
+        pr.data.clear()
+        tls_tr = await loop.start_tls(tr, pr, client_ctx, server_hostname="localhost")
+        # The plain transport now feeds asyncio's SSL protocol (a BufferedProtocol).
+        assert isinstance(tr.get_protocol(), asyncio.BufferedProtocol)
+        assert tls_tr.get_extra_info("ssl_object") is not None
+        assert tls_tr.get_extra_info("peercert")["subject"] == ((("commonName", "localhost"),),)
+        assert tls_tr.get_extra_info("socket").fileno() == tr.get_extra_info("socket").fileno()
+        tls_tr.write(blob)
+        await pr.wait_bytes(len(blob))
+        assert sha(pr.data) == sha(blob)
+        tls_tr.close()
+        await pr.lost
+        assert tr.is_closing()
+
+    async def streams_client():
+        reader, writer = await net.open_connection()
+        writer.write(b"STARTTLS\n")
+        assert await reader.readline() == b"GO\n"
+        await writer.start_tls(client_ctx, server_hostname="localhost")
+        assert writer.get_extra_info("ssl_object") is not None
+        writer.write(blob)
+        await writer.drain()
+        got = await reader.readexactly(len(blob))
+        assert sha(got) == sha(blob)
+        writer.close()
+        await writer.wait_closed()
+
+    async def main():
+        await net.start_server(handler)
+        await (protocol_client() if client_kind == "protocol" else streams_client())
+        while not done:
+            await asyncio.sleep(0.001)
+
+    run(loop, main())
