@@ -398,9 +398,11 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
             cb = format_helpers._format_callback_source(callback, args, debug=self._debug)
         else:
             cb = format_helpers._format_callback_source(callback, args)
-        context = {"message": f"Exception in callback {cb}", "exception": exc, "handle": handle}
-        if handle._source_traceback:
-            context["source_traceback"] = handle._source_traceback
+        context = {"message": f"Exception in callback {cb}", "exception": exc}
+        if handle is not None:  # None: a transport callback run by the Rust core
+            context["handle"] = handle
+            if handle._source_traceback:
+                context["source_traceback"] = handle._source_traceback
         self.call_exception_handler(context)
 
     def _log_slow_callback(self, handle, dt):

@@ -125,8 +125,7 @@ impl StreamCore {
         self.st.borrow(py).transport.as_ref().map(|t| t.clone_ref(py))
     }
 
-    /// Call a method of the Python transport; errors other than KeyboardInterrupt/SystemExit
-    /// are reported as unraisable (the transport methods handle their own errors).
+    /// Call a method of the Python transport (errors: see `report_callback_error`).
     fn call_transport<'py>(
         &self,
         py: Python<'py>,
@@ -134,11 +133,28 @@ impl StreamCore {
         args: impl pyo3::call::PyCallArgs<'py>,
     ) -> PyResult<()> {
         let Some(t) = self.transport(py) else { return Ok(()) };
-        match t.bind(py).call_method1(name, args) {
+        let method = t.bind(py).getattr(name)?;
+        match method.call1(args) {
+            Ok(_) => Ok(()),
+            Err(e) => self.report_callback_error(py, &method, e),
+        }
+    }
+
+    /// An exception escaping a transport callback goes to the loop's exception handler as
+    /// "Exception in callback ..." (asyncio runs these paths inside a loop handle);
+    /// KeyboardInterrupt/SystemExit propagate.
+    fn report_callback_error(&self, py: Python<'_>, callback: &Bound<'_, PyAny>, err: PyErr) -> PyResult<()> {
+        if py::is_fatal(py, &err) {
+            return Err(err);
+        }
+        let loop_ = self.loop_.bind(py);
+        let exc = err.into_value(py);
+        match loop_.call_method1(intern!(py, "_report_callback_error"), (py.None(), callback, PyTuple::empty(py), exc))
+        {
             Ok(_) => Ok(()),
             Err(e) if py::is_fatal(py, &e) => Err(e),
             Err(e) => {
-                e.write_unraisable(py, Some(t.bind(py)));
+                e.write_unraisable(py, Some(loop_.as_any()));
                 Ok(())
             }
         }
@@ -161,14 +177,10 @@ impl StreamCore {
         args: &Bound<'py, PyTuple>,
     ) -> PyResult<()> {
         let Some(t) = self.transport(py) else { return Ok(()) };
-        let t = t.bind(py);
-        match t.getattr(name).and_then(|m| self.in_context(py, &m, args)) {
+        let method = t.bind(py).getattr(name)?;
+        match self.in_context(py, &method, args) {
             Ok(_) => Ok(()),
-            Err(e) if py::is_fatal(py, &e) => Err(e),
-            Err(e) => {
-                e.write_unraisable(py, Some(t));
-                Ok(())
-            }
+            Err(e) => self.report_callback_error(py, &method, e),
         }
     }
 
@@ -279,14 +291,25 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Ok(b) => b,
             Err(e) => return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed."),
         };
+        // asyncio's order: the length check belongs to get_buffer(), the rest to recv_into().
+        match buf.len() {
+            Ok(0) => {
+                let e = PyRuntimeError::new_err("get_buffer() returned an empty buffer");
+                return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed.");
+            }
+            Ok(_) => {}
+            Err(e) => return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed."),
+        }
         let view = match ByteView::new(&buf, true) {
             Ok(v) => v,
-            Err(e) => return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed."),
+            Err(_) => {
+                let e = PyTypeError::new_err(format!(
+                    "recv_into() argument 'buffer' must be read-write bytes-like object, not {}",
+                    buf.get_type().name()?
+                ));
+                return me.fatal_error(py, e, "Fatal read error on socket transport");
+            }
         };
-        if view.view.len <= 0 {
-            let e = PyRuntimeError::new_err("get_buffer() returned an empty buffer");
-            return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed.");
-        }
         // SAFETY: the exported writable view stays valid until `view` is dropped below.
         let r = unsafe { sys::recv_raw(me.fd, view.view.buf as *mut u8, view.view.len as usize) };
         drop(view);
@@ -418,7 +441,21 @@ impl StreamCore {
                 return Err(PyRuntimeError::new_err("unable to write; sendfile is in progress"));
             }
         }
-        let view = ByteView::new(data, false)?;
+        let view = match ByteView::new(data, false) {
+            Ok(v) => v,
+            Err(e) => {
+                // Like asyncio's send() of such data: a fatal write error when it would be
+                // sent at once, an error from write() when it would be buffered.
+                let sent_at_once = {
+                    let st = me.st.borrow(py);
+                    st.pending().is_empty() && st.conn_lost == 0
+                };
+                if sent_at_once {
+                    return me.fatal_error(py, e, "Fatal write error on socket transport");
+                }
+                return Err(e);
+            }
+        };
         let bytes = view.as_slice();
         if bytes.is_empty() {
             return Ok(());

@@ -1,0 +1,220 @@
+"""``loop.getaddrinfo`` / ``loop.getnameinfo`` give exactly what ``socket.getaddrinfo`` /
+``socket.getnameinfo`` give: same lists, same element types (``AddressFamily`` and
+``SocketKind`` enums, ints, strs, address tuples), same exceptions. Only names that resolve
+locally (IP literals, ``localhost`` from /etc/hosts, service names from /etc/services); a name
+that reaches DNS fails the same way on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import socket
+
+import pytest
+
+TIMEOUT = 20
+
+HOSTS = [
+    None,
+    "127.0.0.1",
+    "::1",
+    "localhost",
+    "0.0.0.0",
+    "::",
+    "127.1",
+    "::ffff:127.0.0.1",
+    b"127.0.0.1",
+    "",
+    "fe80::1%1",
+]
+PORTS = [None, 0, 80, "80", "http", b"https", "ssh", 65535, "nosuchservice"]
+FAMILIES = [0, socket.AF_INET, socket.AF_INET6]
+TYPES = [0, socket.SOCK_STREAM, socket.SOCK_DGRAM]
+PROTOS = [0, socket.IPPROTO_TCP, socket.IPPROTO_UDP]
+FLAGS = [
+    0,
+    socket.AI_PASSIVE,
+    socket.AI_NUMERICHOST,
+    socket.AI_CANONNAME,
+    socket.AI_NUMERICSERV,
+    socket.AI_PASSIVE | socket.AI_NUMERICHOST | socket.AI_CANONNAME,
+    socket.AI_V4MAPPED | socket.AI_ALL,
+]
+
+
+def _cases():
+    cases = []
+    for host, port in itertools.product(HOSTS, PORTS):
+        cases.append((host, port, {}))
+    for host, family, type_, flags in itertools.product(HOSTS, FAMILIES, TYPES, FLAGS):
+        cases.append((host, 80, {"family": family, "type": type_, "flags": flags}))
+    for host, type_, proto in itertools.product(HOSTS, TYPES, PROTOS):
+        cases.append((host, "http", {"type": type_, "proto": proto}))
+    # Errors: a family getaddrinfo cannot serve, a bad socket type, bad argument types.
+    cases += [
+        ("127.0.0.1", 80, {"family": socket.AF_UNIX}),
+        ("127.0.0.1", 80, {"type": 12345}),
+        ("localhost", 80, {"flags": socket.AI_NUMERICHOST}),
+        ("127.0.0.1", "http", {"flags": socket.AI_NUMERICSERV}),
+        (None, None, {}),
+        (None, None, {"flags": socket.AI_PASSIVE}),
+        ("127.0.0.1", 70000, {}),
+        ("127.0.0.1", -1, {}),
+        ("127.0.0.1", 1.5, {}),
+        (1234, 80, {}),
+        ("a" * 300, 80, {"flags": socket.AI_NUMERICHOST}),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def run(loop, coro, timeout=TIMEOUT):
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
+def _outcome(fn, *args, **kw):
+    try:
+        return ("ok", fn(*args, **kw))
+    except Exception as e:
+        return ("error", type(e), e.args)
+
+
+async def _async_outcome(coro_fn, *args, **kw):
+    try:
+        return ("ok", await coro_fn(*args, **kw))
+    except Exception as e:
+        return ("error", type(e), e.args)
+
+
+def _assert_same(got, expected, what):
+    """Equal, and of the same type, all the way down the tuples and lists."""
+    assert type(got) is type(expected), f"{what}: {type(got)} != {type(expected)}"
+    if isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), f"{what}: {got!r} != {expected!r}"
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            _assert_same(g, e, f"{what}[{i}]")
+    else:
+        assert got == expected, f"{what}: {got!r} != {expected!r}"
+
+
+def test_getaddrinfo_matches_socket(loop):
+    expected = [
+        _outcome(
+            socket.getaddrinfo,
+            host,
+            port,
+            kw.get("family", 0),
+            kw.get("type", 0),
+            kw.get("proto", 0),
+            kw.get("flags", 0),
+        )
+        for host, port, kw in CASES
+    ]
+
+    async def main():
+        return await asyncio.gather(
+            *(_async_outcome(loop.getaddrinfo, host, port, **kw) for host, port, kw in CASES)
+        )
+
+    got = run(loop, main())
+    assert len(got) == len(CASES)
+    oks = 0
+    for case, g, e in zip(CASES, got, expected, strict=True):
+        _assert_same(g, e, f"getaddrinfo{case!r}")
+        oks += g[0] == "ok"
+    assert oks > len(CASES) // 2  # the inputs mostly resolve: the comparison means something
+    # The results carry the enums, not bare ints.
+    sample = next(g[1][0] for g in got if g[0] == "ok" and g[1])
+    assert isinstance(sample[0], socket.AddressFamily)
+    assert isinstance(sample[1], socket.SocketKind)
+
+
+def test_getaddrinfo_in_debug_mode(loop):
+    """Debug mode logs slow lookups (asyncio's _getaddrinfo_debug) but returns the same."""
+    loop.set_debug(True)
+    cases = [c for c in CASES if c[0] in ("127.0.0.1", "localhost", None)][:60]
+
+    async def main():
+        return [await _async_outcome(loop.getaddrinfo, h, p, **kw) for h, p, kw in cases]
+
+    try:
+        got = run(loop, main())
+    finally:
+        loop.set_debug(False)
+    for (host, port, kw), g in zip(cases, got, strict=True):
+        e = _outcome(
+            socket.getaddrinfo,
+            host,
+            port,
+            kw.get("family", 0),
+            kw.get("type", 0),
+            kw.get("proto", 0),
+            kw.get("flags", 0),
+        )
+        _assert_same(g, e, f"getaddrinfo{(host, port, kw)!r}")
+
+
+def test_getaddrinfo_signature(loop):
+    sig = inspect.signature(loop.getaddrinfo)
+    assert list(sig.parameters) == ["host", "port", "family", "type", "proto", "flags"]
+    for name in ("family", "type", "proto", "flags"):
+        p = sig.parameters[name]
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default == 0
+    with pytest.raises(TypeError):
+        run(loop, loop.getaddrinfo("127.0.0.1", 80, socket.AF_INET))
+
+
+# 127.0.0.1 has a name in /etc/hosts; the others would need a reverse DNS query (slow where
+# no DNS server answers), so they are looked up with NI_NUMERICHOST.
+NAMED_SOCKADDRS = [("127.0.0.1", 80), ("127.0.0.1", 0), ("127.0.0.1", 53), ("127.0.0.1", 65535)]
+NUMERIC_SOCKADDRS = [
+    ("0.0.0.0", 22),
+    ("::1", 443),
+    ("::1", 443, 0, 0),
+    ("::1", 80, 0, 1),
+    ("::ffff:127.0.0.1", 8080),
+]
+NI_FLAGS = [
+    0,
+    socket.NI_NUMERICHOST,
+    socket.NI_NUMERICSERV,
+    socket.NI_NUMERICHOST | socket.NI_NUMERICSERV,
+    socket.NI_DGRAM,
+    socket.NI_NOFQDN,
+    socket.NI_NAMEREQD,
+]
+BAD_SOCKADDRS = [
+    ("127.0.0.1",),
+    ("localhost", 80),
+    ("not an address", 80),
+    ("127.0.0.1", "80"),
+    ("127.0.0.1", 70000),
+    ("::1", 80, 0, 0, 0),
+    "127.0.0.1",
+    ("127.0.0.1", 80, 0),
+]
+
+
+def test_getnameinfo_matches_socket(loop):
+    cases = [(sa, fl) for sa in NAMED_SOCKADDRS for fl in NI_FLAGS]
+    cases += [(sa, fl | socket.NI_NUMERICHOST) for sa in NUMERIC_SOCKADDRS for fl in NI_FLAGS]
+    cases += [(sa, 0) for sa in BAD_SOCKADDRS]
+    expected = [_outcome(socket.getnameinfo, sa, fl) for sa, fl in cases]
+
+    async def main():
+        return await asyncio.gather(*(_async_outcome(loop.getnameinfo, sa, fl) for sa, fl in cases))
+
+    got = run(loop, main())
+    oks = 0
+    for case, g, e in zip(cases, got, expected, strict=True):
+        _assert_same(g, e, f"getnameinfo{case!r}")
+        oks += g[0] == "ok"
+    assert oks > len(cases) // 2
+
+
+def test_getnameinfo_default_flags(loop):
+    got = run(loop, loop.getnameinfo(("127.0.0.1", 80)))
+    _assert_same(got, socket.getnameinfo(("127.0.0.1", 80), 0), "getnameinfo")
