@@ -60,6 +60,7 @@ build-bench: .venv-bench/.ok
 # --- the two README commands -------------------------------------------------
 .PHONY: bench
 bench: build-bench  ## build (release), then run the benchmark comparison (quick mode)
+	bash bench/install-tools.sh .venv-bench/bin/python
 	.venv-bench/bin/python bench/run.py --quick
 
 .PHONY: test
@@ -71,6 +72,8 @@ test: lint test-rust $(addprefix test-,$(TEST_PYTHONS))  ## build and run every 
 lint: .venv-311/.ok  ## cargo fmt --check, clippy -D warnings, ruff, stub check
 	cargo fmt --all -- --check
 	PYO3_PYTHON=$(CURDIR)/.venv-311/bin/python CARGO_TARGET_DIR=target/lint cargo clippy --all-targets -- -D warnings
+	cargo fmt --manifest-path bench/loadgen/Cargo.toml -- --check
+	CARGO_TARGET_DIR=bench/loadgen/target cargo clippy --manifest-path bench/loadgen/Cargo.toml --all-targets -- -D warnings
 	.venv-311/bin/ruff check python tests bench
 	.venv-311/bin/ruff format --check python tests bench
 
@@ -96,4 +99,4 @@ fmt:  ## format Rust and Python sources
 
 .PHONY: clean
 clean:  ## remove build products and virtualenvs
-	rm -rf target .venv-* python/ferroloop/*.so
+	rm -rf target .venv-* python/ferroloop/*.so bench/loadgen/target

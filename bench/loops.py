@@ -1,8 +1,10 @@
-"""The event loops under comparison, by name. Imported only by the worker processes."""
+"""The event loops under comparison, by name. Imported only by the processes that run a loop
+(``_worker.py``, ``_server.py``)."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 from collections.abc import Callable
 
@@ -12,13 +14,20 @@ LOOPS: dict[str, tuple[str, str]] = {
     "uvloop": ("uvloop", "new_event_loop"),
     "rloop": ("rloop", "new_event_loop"),
     "ferroloop": ("ferroloop", "new_event_loop"),
+    # ferroloop with asyncio's own socket transports instead of its Rust ones: an A/B row for
+    # the network workloads (the micro workloads do not touch transports)
+    "ferroloop-selector": ("ferroloop", "new_event_loop"),
 }
+
+#: environment a loop needs, set before its module is imported
+ENV: dict[str, dict[str, str]] = {"ferroloop-selector": {"FERROLOOP_TRANSPORTS": "selector"}}
 
 NAMES = list(LOOPS)
 
 
 def factory(name: str) -> Callable:
     """The loop factory for ``name``; raises ImportError/AttributeError if unavailable."""
+    os.environ.update(ENV.get(name, {}))
     module, attr = LOOPS[name]
     return getattr(importlib.import_module(module), attr)
 
@@ -31,7 +40,7 @@ def describe(name: str) -> dict:
     else:
         info = {"version": getattr(module, "__version__", None) or _dist_version(name)}
     info["file"] = getattr(module, "__file__", None)
-    if name == "ferroloop":
+    if name.startswith("ferroloop"):
         ext = importlib.import_module("ferroloop._ferroloop")
         info["extension"] = ext.__file__
         try:

@@ -1,13 +1,16 @@
 """ferroloop's side-by-side benchmark suite: ``python bench/run.py --quick``.
 
-Every measurement runs in a fresh subprocess (``_worker.py``). Loops are compared in one run,
-interleaved in rotating order over several rounds; the report gives, per workload, the median
-over rounds of each loop's figure and the median of the per-round ratios ferroloop ÷ uvloop and
-ferroloop ÷ asyncio. See bench/README.md.
+Every measurement runs in a fresh subprocess: ``_worker.py`` for the loop microbenchmarks
+(``micro.py``), a fresh server (``_server.py``, uvicorn, or loadgen's floor server) for the
+network workloads (``netbench.py``). Loops are compared in one run, interleaved in rotating
+order over several rounds; the report gives, per workload, the median over rounds of each
+loop's figure and the median of the per-round ratios ferroloop ÷ uvloop and ferroloop ÷
+asyncio. See bench/README.md.
 
-Installs nothing: the loops it compares are imported in the workers if they are installed
-(see bench/requirements.txt); a missing loop shows ``n/a``, a missing matplotlib skips the
-chart.
+Installs nothing but bench/loadgen, which it builds with cargo when its binary is missing or
+stale: the loops it compares are imported in the workers if they are installed (see
+bench/requirements.txt); a missing loop shows ``n/a``, a missing matplotlib skips the chart, a
+missing wrk skips the HTTP rows (``bench/install-tools.sh`` installs it).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import micro  # noqa: E402
+import netbench  # noqa: E402
 
 WORKER = os.path.join(HERE, "_worker.py")
 RESULTS = os.path.join(HERE, "results")
@@ -34,11 +38,21 @@ LOOP_NAMES = ["asyncio", "uvloop", "rloop", "ferroloop"]
 SUBJECT, BASE_FAST, BASE_STD = "ferroloop", "uvloop", "asyncio"
 
 #: per mode: rounds, measured seconds per (round, workload, loop), minimum warm-up seconds and
-#: target seconds per workload call
+#: target seconds per workload call; for the network workloads: rounds (the first net_rounds
+#: rounds run them), echo measured/warm-up seconds per message size, wrk seconds per HTTP row,
+#: idle connections opened for the memory row, and whether ferroloop-selector is an extra row
 MODES = {
-    "quick": dict(rounds=5, duration=0.4, warmup=0.1, chunk=0.025),
-    "full": dict(rounds=7, duration=2.0, warmup=0.5, chunk=0.05),
-}
+    "quick": dict(
+        rounds=5, duration=0.4, warmup=0.1, chunk=0.025,
+        net_rounds=3, echo_duration=0.2, echo_warmup=0.05, http_duration=1,
+        idle_conns=10_000, selector=False,
+    ),
+    "full": dict(
+        rounds=7, duration=2.0, warmup=0.5, chunk=0.05,
+        net_rounds=7, echo_duration=2.0, echo_warmup=0.5, http_duration=5,
+        idle_conns=10_000, selector=True,
+    ),
+}  # fmt: skip
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -202,7 +216,8 @@ def table(header: list[str], rows: list[list[str]], align: str) -> str:
     return "\n".join(lines)
 
 
-def report(summaries: list[dict], loops: list, pending: list, rounds: int, missing: dict) -> str:
+def report(summaries: list[dict], loops: list, pending: list, rounds: int) -> str:
+    """The markdown tables for the loop microbenchmarks."""
     thr = [s for s in summaries if s["kind"] == "throughput"]
     mem = [s for s in summaries if s["kind"] == "memory"]
     parts = []
@@ -288,19 +303,26 @@ def report(summaries: list[dict], loops: list, pending: list, rounds: int, missi
                 "l" + "r" * (len(loops) + 1) + "rc",
             )
         )
+    return "\n\n".join(parts)
+
+
+def failures(summaries: list[dict], loops: list, missing: dict, extra: list) -> str:
+    """The failed, skipped or unavailable cells with their errors (``extra``: the network
+    rows' notes), or ''."""
     notes = [f"- {lp}: not available ({why})" for lp, why in missing.items()]
     for s in summaries:
         for lp in loops:
             for err in s["loops"][lp].get("errors", []) if lp not in missing else []:
                 notes.append(f"- {lp} / {s['workload']}: {err}")
-    if notes:
-        parts.append("Failed or unavailable measurements (shown as n/a):\n\n" + "\n".join(notes))
-    return "\n\n".join(parts)
+    notes += extra
+    if not notes:
+        return ""
+    return "Failed, skipped or unavailable measurements (shown as n/a):\n\n" + "\n".join(notes)
 
 
-def chart(summaries: list[dict], path: str) -> str | None:
-    """Bar chart of ferroloop ÷ uvloop per throughput workload; None if it was drawn."""
-    rows = [s for s in summaries if s.get(f"ratio_{BASE_FAST}") is not None]
+def chart(rows: list[dict], path: str) -> str | None:
+    """Bar chart of ferroloop's speedup over uvloop per workload (``rows``: dicts with
+    workload, ratio, bar, result); None if it was drawn."""
     if not rows:
         return "no ferroloop ÷ uvloop ratios to draw"
     try:
@@ -312,7 +334,7 @@ def chart(summaries: list[dict], path: str) -> str | None:
         return "matplotlib is not installed (pip install -r bench/requirements.txt)"
     rows = rows[::-1]  # first workload on top
     names = [s["workload"] for s in rows]
-    ratios = [s[f"ratio_{BASE_FAST}"] for s in rows]
+    ratios = [s["ratio"] for s in rows]
     colours = [{"PASS": "#3a8f4b", "MISS": "#c0392b"}.get(s["result"], "#7f8c8d") for s in rows]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.4))
     ys = range(len(rows))
@@ -323,7 +345,11 @@ def chart(summaries: list[dict], path: str) -> str | None:
         ax.text(r, y, f" {r:.2f}×", va="center", fontsize=8)
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(list(ys), names)
-    ax.set_xlabel("ferroloop ÷ uvloop, ops/s (median of per-round ratios; black tick = bar)")
+    ax.set_xlabel(
+        "ferroloop ÷ uvloop: ops/s or req/s; (CPU) rows: uvloop ÷ ferroloop server CPU per"
+        " request\n(median of per-round ratios; black tick = bar)",
+        fontsize=8,
+    )
     ax.set_title("ferroloop vs uvloop (green: meets bar, red: misses)")
     ax.set_xlim(0, max(ratios + [s["bar"] or 0 for s in rows]) * 1.15)
     fig.tight_layout()
@@ -362,6 +388,14 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=float, help="measured seconds per measurement")
     p.add_argument("--json", metavar="PATH", help="results file (default: bench/results/)")
     p.add_argument("--no-chart", action="store_true", help="do not draw bench/results/ratios.png")
+    p.add_argument("--net-rounds", type=int, help="rounds that run the network workloads")
+    p.add_argument("--no-net", action="store_true", help="loop microbenchmarks only")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--selector", action="store_true", default=None,
+                     help="add ferroloop-selector (FERROLOOP_TRANSPORTS=selector) to the network "
+                          "rows (default in --full)")  # fmt: skip
+    sel.add_argument("--no-selector", action="store_false", dest="selector",
+                     help="no ferroloop-selector rows (default in --quick)")  # fmt: skip
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     args = p.parse_args(argv)
     args.mode = args.mode or "quick"
@@ -370,16 +404,26 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cfg = dict(MODES[args.mode])
     if args.list:
         for wl in micro.WORKLOADS.values():
             print(f"{wl.name:32} {wl.doc}")
+        for g in netbench.plan(cfg["idle_conns"]):
+            for row in g.rows if g.kind != "floor" else []:
+                print(f"{row.name:32} {row.doc}")
         return 0
-    cfg = dict(MODES[args.mode])
     if args.rounds:
         cfg["rounds"] = args.rounds
+        cfg["net_rounds"] = args.rounds
+    if args.net_rounds:
+        cfg["net_rounds"] = args.net_rounds
     if args.duration:
         cfg["duration"] = args.duration
+        cfg["echo_duration"] = args.duration
+    if args.selector is not None:
+        cfg["selector"] = args.selector
     rounds = cfg["rounds"]
+    net_rounds = min(cfg["net_rounds"], rounds) if not args.no_net else 0
 
     loops = [name.strip() for name in args.loops.split(",") if name.strip()]
     unknown = [name for name in loops if name not in LOOP_NAMES]
@@ -388,7 +432,8 @@ def main(argv=None) -> int:
     pattern = re.compile(args.only, re.IGNORECASE) if args.only else None
     workloads = [wl for wl in micro.WORKLOADS.values() if not pattern or pattern.search(wl.name)]
     pending = [row for row in micro.PENDING if not pattern or pattern.search(row[0])]
-    if not workloads and not pending:
+    groups = netbench.select_groups(netbench.plan(cfg["idle_conns"]), pattern) if net_rounds else []
+    if not workloads and not pending and not groups:
         sys.exit(f"no workload matches {args.only!r} (see --list)")
 
     started = time.perf_counter()
@@ -402,6 +447,18 @@ def main(argv=None) -> int:
             missing[loop] = probe.get("error") or "probe failed"
             print(f"note: {loop} is not available ({missing[loop]}): n/a", file=sys.stderr)
 
+    def log(msg: str) -> None:
+        print(f"note: {msg}", file=sys.stderr)
+
+    tools = netbench.prepare(groups, log)
+    for note in tools.notes:
+        log(note)
+    if tools.http_error and not tools.wrk:  # no wrk: the HTTP rows are skipped, not n/a
+        groups = [g for g in groups if g.kind != "http"]
+    selector = cfg["selector"] and netbench.SUBJECT in available
+    net_loops = {g.name: netbench.group_loops(g, available, selector) for g in groups}
+    net_runs: dict[str, dict] = {row.name: {} for g in groups for row in g.rows}
+
     worker_opts = [
         f"--duration={cfg['duration']}",
         f"--warmup={cfg['warmup']}",
@@ -410,7 +467,10 @@ def main(argv=None) -> int:
     timeout = 120 + 20 * cfg["duration"]
     runs: dict[str, dict] = {wl.name: {} for wl in workloads}
     raw = []
-    progress = Progress(rounds * len(workloads) * len(available))
+    progress = Progress(
+        rounds * len(workloads) * len(available)
+        + net_rounds * sum(len(net_loops[g.name]) for g in groups)
+    )
     try:
         for r in range(rounds):
             for w, wl in enumerate(workloads):
@@ -421,6 +481,13 @@ def main(argv=None) -> int:
                     res.update(loop=loop, workload=wl.name, round=r, position=pos)
                     runs[wl.name][(loop, r)] = res
                     raw.append(res)
+            for gi, g in enumerate(groups if r < net_rounds else []):
+                for pos, loop in enumerate(rotated(net_loops[g.name], r + gi)):
+                    progress.step(f"round {r + 1}/{rounds} {loop} {g.name}")
+                    for name, res in netbench.run_group(g, loop, cfg, tools).items():
+                        res.update(loop=loop, workload=name, round=r, position=pos)
+                        net_runs[name][(loop, r)] = res
+                        raw.append(res)
     finally:
         progress.close()
     for loop in loops:
@@ -431,6 +498,9 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - started
 
     summaries = [summarize(wl, runs[wl.name], loops, rounds) for wl in workloads]
+    shown = loops + ([netbench.SELECTOR] if selector else [])
+    net_rows = [row for g in groups for row in g.rows]
+    net_summaries = netbench.summarize(net_rows, net_runs, shown, net_rounds)
     stamp = datetime.now(timezone.utc)
     print(f"## ferroloop benchmarks — {args.mode} ({rounds_txt(rounds)} × {cfg['duration']} s)\n")
     print(
@@ -444,8 +514,20 @@ def main(argv=None) -> int:
         if info[SUBJECT].get("debug_build"):
             print("**WARNING: this ferroloop extension has overflow checks (a debug or test build):"
                   " its figures say nothing. Build a release wheel (`make bench`).**")  # fmt: skip
+    if tools.server_cpu is not None and groups:
+        print(
+            f"Network rows: servers pinned to CPU {tools.server_cpu}, load clients to CPU "
+            f"{tools.client_cpu}; {rounds_txt(net_rounds)}."
+        )
     print()
-    print(report(summaries, loops, pending, rounds, missing))
+    notes = [f"- {note}" for note in tools.notes]
+    notes += netbench.errors(net_summaries, skip=set(missing))
+    sections = [
+        report(summaries, loops, pending, rounds),
+        netbench.report(net_summaries, shown, net_rounds, cfg),
+        failures(summaries, loops, missing, notes),
+    ]
+    print("\n\n".join(part for part in sections if part))
     print(f"\nTotal wall time: {elapsed // 60:.0f} min {elapsed % 60:.0f} s.")
 
     os.makedirs(RESULTS, exist_ok=True)
@@ -465,7 +547,7 @@ def main(argv=None) -> int:
                     "argv": sys.argv[1:] if argv is None else argv,
                     "git": git_head(),
                 },
-                "summary": summaries,
+                "summary": summaries + net_summaries,
                 "pending": [dict(workload=n, note=note) for n, note in pending],
                 "runs": raw,
             },
@@ -475,7 +557,17 @@ def main(argv=None) -> int:
     print(f"Raw results: {os.path.relpath(path)}")
     if not args.no_chart:
         png = os.path.join(RESULTS, "ratios.png")
-        skipped = chart([s for s in summaries if s["kind"] == "throughput"], png)
+        rows = [
+            dict(
+                workload=s["workload"],
+                ratio=s[f"ratio_{BASE_FAST}"],
+                bar=s["bar"],
+                result=s["result"],
+            )
+            for s in summaries
+            if s["kind"] == "throughput" and s.get(f"ratio_{BASE_FAST}") is not None
+        ]
+        skipped = chart(rows + netbench.chart_rows(net_summaries), png)
         print(f"Chart skipped: {skipped}." if skipped else f"Chart: {os.path.relpath(png)}")
     return 0
 
