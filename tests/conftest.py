@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -214,3 +215,14 @@ def run_forever_with(loop, action, *args, delay=0.05, on_timeout=None, watchdog=
         dog.cancel()
         timer.join()
         dog.join()
+
+
+@pytest.fixture
+def pair():
+    """A connected non-blocking Unix stream socket pair, closed after the test."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()

@@ -44,17 +44,6 @@ def shrink(sock, size=64 * 1024):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-@pytest.fixture
-def pair():
-    """A connected non-blocking Unix stream socket pair."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
-
-
 @pytest.fixture(params=["ipv4", "ipv6"])
 def inet(request):
     if request.param == "ipv6" and not HAS_IPV6:
