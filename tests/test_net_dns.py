@@ -13,6 +13,7 @@ import socket
 import sys
 
 import pytest
+from conftest import NET_TESTS_NEED_311
 
 TIMEOUT = 20
 
@@ -44,12 +45,7 @@ FLAGS = [
 ]
 
 if sys.version_info < (3, 11):
-    pytest.skip(
-        "written against asyncio 3.11+ (3.10's asyncio differs in sslproto, flow control and "
-        "getaddrinfo details, so the asyncio parameter cannot serve as the spec here); "
-        "3.10 networking is covered by CPython's own test_asyncio in tests/cpython",
-        allow_module_level=True,
-    )
+    pytest.skip(NET_TESTS_NEED_311, allow_module_level=True)
 
 
 def _cases():

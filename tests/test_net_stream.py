@@ -25,6 +25,7 @@ import tempfile
 import weakref
 
 import pytest
+from conftest import NET_TESTS_NEED_311
 
 PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)
@@ -33,12 +34,7 @@ TIMEOUT = 20  # seconds, for one run(): below pytest-timeout's 30 s per test
 SMALL_SOCKBUF = 64 * 1024  # kernel buffers for the flow-control tests (bounds what they hold)
 
 if sys.version_info < (3, 11):
-    pytest.skip(
-        "written against asyncio 3.11+ (3.10's asyncio differs in sslproto, flow control and "
-        "getaddrinfo details, so the asyncio parameter cannot serve as the spec here); "
-        "3.10 networking is covered by CPython's own test_asyncio in tests/cpython",
-        allow_module_level=True,
-    )
+    pytest.skip(NET_TESTS_NEED_311, allow_module_level=True)
 
 
 def _has_ipv6() -> bool:
