@@ -457,11 +457,6 @@ impl LoopCore {
         }
     }
 
-    fn _add_callback_signalsafe(&self, py: Python<'_>, handle: &Bound<'_, Handle>) {
-        self._add_callback(py, handle);
-        self._write_to_self(py);
-    }
-
     fn _timer_handle_cancelled(&self, py: Python<'_>, handle: &Bound<'_, TimerHandle>) {
         if handle.get().is_scheduled() {
             self.timer_handle_cancelled(py);

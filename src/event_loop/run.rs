@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 
 use super::{timers, LoopCore, Work, MAX_POLL_TIMEOUT_MS};
 use crate::handles::{self, Handle, TimerHandle};
-use crate::reactor::{self, Which, WAKER_TOKEN};
+use crate::reactor::{Which, WAKER_TOKEN};
 use crate::sys::{self, Event};
 use crate::transports::stream::{self, StreamCore};
 
@@ -81,9 +81,9 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     // 2b: poll.
     let mut events: Vec<Event> = Vec::new();
     let res = if timeout_ms == 0 {
-        reactor::poll(&epoll, &mut buf, &mut events, 0)
+        epoll.wait(&mut buf, &mut events, 0)
     } else {
-        py.detach(|| reactor::poll(&epoll, &mut buf, &mut events, timeout_ms))
+        py.detach(|| epoll.wait(&mut buf, &mut events, timeout_ms))
     };
     let interrupted = match res {
         Ok(_) => false,

@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use crate::sys::{self, Epoll, Event, Interest};
+use crate::sys::{self, Epoll, Interest};
 
 /// The token of the waker's read end; fds use their own number as token.
 pub const WAKER_TOKEN: u64 = u64::MAX;
@@ -133,14 +133,4 @@ impl<T> Reactor<T> {
     pub fn put_buf(&mut self, buf: Vec<libc::epoll_event>) {
         self.ep_buf = buf;
     }
-}
-
-/// Poll once; runs without the GIL when `timeout_ms != 0`.
-pub fn poll(
-    epoll: &Epoll,
-    buf: &mut Vec<libc::epoll_event>,
-    out: &mut Vec<Event>,
-    timeout_ms: i32,
-) -> io::Result<usize> {
-    epoll.wait(buf, out, timeout_ms)
 }

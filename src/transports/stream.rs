@@ -236,10 +236,7 @@ impl StreamCore {
         if empty {
             Self::stop_writing_inner(slf)?;
             if let Some(w) = waiter {
-                let w = w.bind(py);
-                if !w.call_method0(intern!(py, "done"))?.is_truthy()? {
-                    w.call_method1(intern!(py, "set_result"), (py.None(),))?;
-                }
+                settle_waiter(w.bind(py), intern!(py, "set_result"), py.None().into_bound(py))?;
             }
             if closing {
                 me.call_transport(py, intern!(py, "_call_connection_lost"), (py.None(),))?;
@@ -257,6 +254,19 @@ impl StreamCore {
         }
         Ok(())
     }
+}
+
+/// Resolve sendfile's empty waiter (`set_result` / `set_exception`) unless it is done already.
+fn settle_waiter<'py>(
+    waiter: &Bound<'py, PyAny>,
+    method: &Bound<'py, pyo3::types::PyString>,
+    value: Bound<'py, PyAny>,
+) -> PyResult<()> {
+    let py = waiter.py();
+    if !waiter.call_method0(intern!(py, "done"))?.is_truthy()? {
+        waiter.call_method1(method, (value,))?;
+    }
+    Ok(())
 }
 
 /// One `recv` of at most `MAX_READ` bytes into a new `bytes`. The shared buffer is used when
@@ -374,10 +384,7 @@ pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             let exc = err.value(py).clone();
             me.fatal_error(py, err, "Fatal write error on socket transport")?;
             if let Some(w) = waiter {
-                let w = w.bind(py);
-                if !w.call_method0(intern!(py, "done"))?.is_truthy()? {
-                    w.call_method1(intern!(py, "set_exception"), (exc,))?;
-                }
+                settle_waiter(w.bind(py), intern!(py, "set_exception"), exc.into_any())?;
             }
             Ok(())
         }
