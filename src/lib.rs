@@ -10,6 +10,7 @@ mod event_loop;
 mod handles;
 mod py;
 mod reactor;
+mod sockops;
 mod sys;
 mod transports;
 
@@ -19,6 +20,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
     m.add_class::<transports::stream::StreamCore>()?;
+    m.add_class::<sockops::SockOp>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

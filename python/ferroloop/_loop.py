@@ -16,6 +16,7 @@ Division of labour (see docs/DESIGN.md):
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import errno
 import os
 import selectors
@@ -64,8 +65,10 @@ _BORROWED = (
 
 
 # asyncio's networking layer, used as it is for now: address resolution, connection and
-# server set-up (BaseEventLoop), socket transports, accept and sock_* (BaseSelectorEventLoop),
-# Unix sockets, pipes and sendfile (_UnixSelectorEventLoop). Looked up on asyncio's
+# server set-up (BaseEventLoop), accept, sock_connect and readers/writers
+# (BaseSelectorEventLoop), Unix sockets, pipes and sendfile (_UnixSelectorEventLoop).
+# sock_recv/_into, sock_recvfrom/_into, sock_sendall, sock_sendto and sock_accept are Rust
+# (`LoopCore`, src/sockops.rs). Looked up on asyncio's
 # SelectorEventLoop, so each name resolves to the most derived implementation of the running
 # version. They run on this loop's Rust reactor through `_add_reader`/`_add_writer`.
 # The per-connection paths move to Rust next (docs/DESIGN.md, "Networking").
@@ -101,19 +104,11 @@ _BORROWED_NETWORKING = (
     "remove_reader",
     "add_writer",
     "remove_writer",
-    "sock_recv",
     "_sock_read_done",
-    "_sock_recv",
-    "sock_recv_into",
-    "_sock_recv_into",
-    "sock_sendall",
-    "_sock_sendall",
     "sock_connect",
     "_sock_connect",
     "_sock_write_done",
     "_sock_connect_cb",
-    "sock_accept",
-    "_sock_accept",
     "_sendfile_native",
     # _UnixSelectorEventLoop
     "_make_read_pipe_transport",
@@ -126,15 +121,6 @@ _BORROWED_NETWORKING = (
     "_sock_sendfile_native_impl",
     "_sock_sendfile_update_filepos",
     "_sock_add_cancellation_callback",
-)
-# Added in 3.11 (absent names are skipped).
-_BORROWED_NETWORKING_OPTIONAL = (
-    "sock_recvfrom",
-    "_sock_recvfrom",
-    "sock_recvfrom_into",
-    "_sock_recvfrom_into",
-    "sock_sendto",
-    "_sock_sendto",
 )
 
 
@@ -179,7 +165,7 @@ def _rebind_super(func, cls):
 
 _BORROWED_FUNCS = {
     **_borrowable(_BORROWED, _BEL),
-    **_borrowable(_BORROWED_NETWORKING + _BORROWED_NETWORKING_OPTIONAL, asyncio.SelectorEventLoop),
+    **_borrowable(_BORROWED_NETWORKING, asyncio.SelectorEventLoop),
 }
 
 # What borrowed methods reach through super(); a base class of Loop.
@@ -205,6 +191,10 @@ class _SelectorView:
     def get_map(self):
         return {fd: self.get_key(fd) for fd in self._loop._watched_fds()}
 
+
+# `sock_*` calls return `_ferroloop.SockOp` objects: coroutines as far as asyncio can tell
+# (`asyncio.iscoroutine`, `create_task`, `wait_for`), like uvloop's compiled coroutines.
+collections.abc.Coroutine.register(_ferroloop.SockOp)
 
 # Stream sockets use the Rust transport (`_transports.StreamTransport`).
 # FERROLOOP_TRANSPORTS=selector selects asyncio's own `_SelectorSocketTransport` instead:

@@ -26,6 +26,7 @@ use pyo3::{intern, PyTraverseError};
 use crate::handles::{Handle, TimerHandle};
 use crate::py::{self, GilCell};
 use crate::reactor::{Reactor, Which};
+use crate::sockops::{self, SockOp};
 use crate::sys;
 use crate::transports::stream::StreamCore;
 use ready::ReadyQueue;
@@ -39,6 +40,7 @@ const MAX_POLL_TIMEOUT_MS: i64 = 24 * 3600 * 1000;
 pub(crate) enum Work {
     Handle(Py<Handle>),
     Stream(Py<StreamCore>, Which),
+    Sock(Py<SockOp>),
 }
 
 pub(crate) struct State {
@@ -225,6 +227,11 @@ fn checked_fd(fd: i64) -> PyResult<RawFd> {
     Ok(fd as RawFd)
 }
 
+/// An idle `sock_*` registration (kept to save an `epoll_ctl`; invisible to callers).
+fn is_idle_marker(py: Python<'_>, item: &Py<PyAny>) -> bool {
+    item.bind(py).cast::<SockOp>().is_ok_and(|op| op.get().is_idle(py))
+}
+
 /// `selectors._fileobj_to_fd`: an int, or an object with `fileno()`; same errors.
 fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
     checked_fd(fileobj_number(fileobj)?)
@@ -254,6 +261,52 @@ impl LoopCore {
             }
         };
         drop(removed);
+        Ok(())
+    }
+
+    /// Put a waiting `sock_*` operation in the fd's slot. An idle marker left by an earlier
+    /// operation on the same open socket is swapped out without an `epoll_ctl` (the kernel
+    /// already watches the fd for this direction).
+    pub(crate) fn arm_sock(
+        &self,
+        py: Python<'_>,
+        fd: RawFd,
+        which: Which,
+        op: &Bound<'_, SockOp>,
+        sock: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let current = {
+            let st = self.state.borrow(py);
+            if st.closed {
+                return Err(closed_err());
+            }
+            let reactor = st.reactor.as_ref().ok_or_else(closed_err)?;
+            reactor.item(fd, which).map(|i| i.clone_ref(py))
+        };
+        if let Some(cur) = current {
+            if let Ok(prev) = cur.bind(py).cast::<SockOp>() {
+                if prev.get().is_idle(py) && prev.get().same_socket(py, sock, fd) {
+                    let old = {
+                        let mut st = self.state.borrow_mut(py);
+                        st.reactor.as_mut().and_then(|r| r.swap_item(fd, which, op.clone().into_any().unbind()))
+                    };
+                    drop((old, cur));
+                    return Ok(());
+                }
+            }
+        }
+        self.watch(py, fd, which, op.clone().into_any().unbind())
+    }
+
+    /// Take a `sock_*` operation out of the fd's slot, if the slot still holds it.
+    pub(crate) fn disarm_sock(&self, py: Python<'_>, fd: RawFd, which: Which, op: &Bound<'_, SockOp>) -> PyResult<()> {
+        let ours = {
+            let st = self.state.borrow(py);
+            st.reactor.as_ref().and_then(|r| r.item(fd, which)).is_some_and(|i| i.bind(py).is(op))
+        };
+        if ours {
+            self.unwatch(py, fd, which)?;
+        }
         Ok(())
     }
 
@@ -326,11 +379,12 @@ impl LoopCore {
         drop(old_fileobj);
         match old {
             Some(item) => {
-                // A Rust transport registered there has nothing to cancel.
+                // A Rust transport registered there has nothing to cancel; an idle `sock_*`
+                // marker was not a registration as far as the caller can tell.
                 if let Ok(h) = item.bind(py).cast::<Handle>() {
                     Handle::do_cancel(h)?;
                 }
-                Ok(true)
+                Ok(!is_idle_marker(py, &item))
             }
             None => Ok(false),
         }
@@ -579,15 +633,70 @@ impl LoopCore {
     fn _fd_events(&self, py: Python<'_>, fd: RawFd) -> Option<u8> {
         let st = self.state.borrow(py);
         let entry = st.reactor.as_ref()?.registry.get(&fd)?;
-        Some(u8::from(entry.reader.is_some()) | (u8::from(entry.writer.is_some()) << 1))
+        let active = |slot: &Option<Py<PyAny>>| slot.as_ref().is_some_and(|i| !is_idle_marker(py, i));
+        let mask = u8::from(active(&entry.reader)) | (u8::from(active(&entry.writer)) << 1);
+        (mask != 0).then_some(mask)
     }
 
     /// The fds currently watched (for tests and `close()` bookkeeping).
     fn _watched_fds(&self, py: Python<'_>) -> Vec<RawFd> {
-        let st = self.state.borrow(py);
-        let mut v: Vec<RawFd> = st.reactor.as_ref().map(|r| r.registry.keys().copied().collect()).unwrap_or_default();
+        let mut v: Vec<RawFd> = {
+            let st = self.state.borrow(py);
+            st.reactor.as_ref().map(|r| r.registry.keys().copied().collect()).unwrap_or_default()
+        };
+        v.retain(|fd| self._fd_events(py, *fd).is_some());
         v.sort_unstable();
         v
+    }
+
+    // --- sock_* (see sockops.rs) ---------------------------------------------------------
+
+    fn sock_recv(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, n: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
+        sockops::recv(slf, sock, n)
+    }
+
+    fn sock_recv_into(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, buf: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
+        sockops::recv_into(slf, sock, buf)
+    }
+
+    fn sock_recvfrom(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        bufsize: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<SockOp>> {
+        sockops::recvfrom(slf, sock, bufsize)
+    }
+
+    #[pyo3(signature = (sock, buf, nbytes=None))]
+    fn sock_recvfrom_into(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        buf: &Bound<'_, PyAny>,
+        nbytes: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<SockOp>> {
+        let py = slf.py();
+        let nbytes = match nbytes {
+            Some(n) => n,
+            None => 0i32.into_pyobject(py)?.into_any(),
+        };
+        sockops::recvfrom_into(slf, sock, buf, &nbytes)
+    }
+
+    fn sock_sendall(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
+        sockops::sendall(slf, sock, data)
+    }
+
+    fn sock_sendto(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+        address: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<SockOp>> {
+        sockops::sendto(slf, sock, data, address)
+    }
+
+    fn sock_accept(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
+        sockops::accept(slf, sock)
     }
 
     // --- state that asyncio keeps as attributes ------------------------------------------
@@ -660,6 +769,7 @@ impl LoopCore {
             match w {
                 Work::Handle(h) => visit.call(h)?,
                 Work::Stream(c, _) => visit.call(c)?,
+                Work::Sock(o) => visit.call(o)?,
             }
         }
         for t in st.timers.iter() {

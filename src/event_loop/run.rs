@@ -16,6 +16,7 @@ use pyo3::prelude::*;
 use super::{timers, LoopCore, Work, MAX_POLL_TIMEOUT_MS};
 use crate::handles::{self, Handle, TimerHandle};
 use crate::reactor::{Which, WAKER_TOKEN};
+use crate::sockops::{self, SockOp};
 use crate::sys::{self, Event};
 use crate::transports::stream::{self, StreamCore};
 
@@ -130,6 +131,8 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                         }
                     } else if let Ok(core) = item.cast::<StreamCore>() {
                         st.ready.push(Work::Stream(core.clone().unbind(), which));
+                    } else if let Ok(op) = item.cast::<SockOp>() {
+                        st.ready.push(Work::Sock(op.clone().unbind()));
                     }
                 }
             }
@@ -187,6 +190,10 @@ fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                     Which::Reader => stream::read_ready(core)?,
                     Which::Writer => stream::write_ready(core)?,
                 }
+                continue;
+            }
+            Some(Work::Sock(op)) => {
+                sockops::run(op.bind(py))?;
                 continue;
             }
         };

@@ -54,6 +54,12 @@ pub struct Cached {
     /// `asyncio.Handle` / `asyncio.TimerHandle`: what our handles report as `__class__`.
     pub asyncio_handle: Py<PyAny>,
     pub asyncio_timer_handle: Py<PyAny>,
+    /// `asyncio.Future`, what `sock_*` operations wait on.
+    pub future: Py<PyAny>,
+    /// `socket.socket`: exactly this type gets direct syscalls in `sock_*`.
+    pub socket_type: Py<PyAny>,
+    /// `asyncio.base_events._check_ssl_socket`.
+    pub check_ssl_socket: Py<PyAny>,
 }
 
 static CACHED: PyOnceLock<Cached> = PyOnceLock::new();
@@ -80,6 +86,9 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
             debug_format_takes_flag: takes_debug,
             asyncio_handle: py.import("asyncio.events")?.getattr("Handle")?.unbind(),
             asyncio_timer_handle: py.import("asyncio.events")?.getattr("TimerHandle")?.unbind(),
+            future: py.import("asyncio.futures")?.getattr("Future")?.unbind(),
+            socket_type: py.import("socket")?.getattr("socket")?.unbind(),
+            check_ssl_socket: py.import("asyncio.base_events")?.getattr("_check_ssl_socket")?.unbind(),
         })
     })
 }
@@ -158,5 +167,40 @@ pub fn os_err(e: std::io::Error) -> PyErr {
             PyOSError::new_err((code, strerror))
         }
         None => PyOSError::new_err(e.to_string()),
+    }
+}
+
+/// A borrowed contiguous byte view of a bytes-like object.
+pub struct ByteView {
+    pub view: Box<ffi::Py_buffer>,
+}
+
+impl ByteView {
+    pub fn new(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+        // SAFETY: Py_buffer is plain data; zeroed is its documented initial state.
+        let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
+        let flags = if writable { ffi::PyBUF_WRITABLE } else { ffi::PyBUF_SIMPLE };
+        // SAFETY: `obj` is live; on success the view must be released (Drop does it).
+        if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
+            return Err(PyErr::fetch(obj.py()));
+        }
+        Ok(Self { view })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        if self.view.len <= 0 {
+            return &[];
+        }
+        // SAFETY: a PyBUF_SIMPLE/WRITABLE export is one contiguous run of `len` bytes that
+        // stays valid until the view is released.
+        unsafe { std::slice::from_raw_parts(self.view.buf as *const u8, self.view.len as usize) }
+    }
+}
+
+impl Drop for ByteView {
+    fn drop(&mut self) {
+        // SAFETY: the view was filled by a successful PyObject_GetBuffer and is released once;
+        // releasing needs the GIL, which every owner of a ByteView holds.
+        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
     }
 }

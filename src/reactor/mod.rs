@@ -116,6 +116,26 @@ impl<T> Reactor<T> {
         }
     }
 
+    /// The item in the fd's reader or writer slot.
+    pub fn item(&self, fd: RawFd, which: Which) -> Option<&T> {
+        let entry = self.registry.get(&fd)?;
+        match which {
+            Which::Reader => entry.reader.as_ref(),
+            Which::Writer => entry.writer.as_ref(),
+        }
+    }
+
+    /// Put `item` in an occupied slot without telling the kernel: the interest is unchanged.
+    /// Returns the previous item; `None` (and nothing changed) when the slot was empty.
+    pub fn swap_item(&mut self, fd: RawFd, which: Which, item: T) -> Option<T> {
+        let entry = self.registry.get_mut(&fd)?;
+        let slot = entry.slot(&which);
+        if slot.is_none() {
+            return None;
+        }
+        slot.replace(item)
+    }
+
     /// Forget every registration (the loop is closing).
     pub fn clear(&mut self) -> Vec<FdEntry<T>> {
         let fds: Vec<RawFd> = self.registry.keys().copied().collect();

@@ -174,10 +174,11 @@ pub fn thread_ident() -> u64 {
     unsafe { libc::pthread_self() as u64 }
 }
 
-/// `recv(2)` into `buf`; `Ok(0)` is end of stream.
+/// `recv(2)` into `buf`; `Ok(0)` is end of stream. Never blocks (`MSG_DONTWAIT`), even on a
+/// socket the caller left in blocking mode.
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the kernel writes at most `buf.len()` bytes into the valid, writable `buf`.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -191,7 +192,7 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 /// `ptr` must be valid for writes of `len` bytes for the duration of the call.
 pub unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
     // SAFETY: guaranteed by the caller.
-    let n = unsafe { libc::recv(fd, ptr.cast(), len, 0) };
+    let n = unsafe { libc::recv(fd, ptr.cast(), len, libc::MSG_DONTWAIT) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -199,10 +200,11 @@ pub unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize>
     }
 }
 
-/// `send(2)` without SIGPIPE (a closed peer is an EPIPE error, as in Python).
+/// `send(2)` without SIGPIPE (a closed peer is an EPIPE error, as in Python) and without
+/// blocking (`MSG_DONTWAIT`).
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: reads at most `buf.len()` bytes from the valid `buf`.
-    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+    let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -21,14 +21,13 @@ use std::cell::RefCell;
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
-use pyo3::ffi;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyTuple};
 use pyo3::{intern, PyTraverseError};
 
 use crate::event_loop::LoopCore;
-use crate::py::{self, GilCell};
+use crate::py::{self, ByteView, GilCell};
 use crate::reactor::Which;
 use crate::sys;
 
@@ -83,41 +82,6 @@ pub struct StreamCore {
     loop_: Py<LoopCore>,
     fd: RawFd,
     st: GilCell<State>,
-}
-
-/// A borrowed contiguous byte view of a bytes-like object.
-struct ByteView {
-    view: Box<ffi::Py_buffer>,
-}
-
-impl ByteView {
-    fn new(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
-        // SAFETY: Py_buffer is plain data; zeroed is its documented initial state.
-        let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
-        let flags = if writable { ffi::PyBUF_WRITABLE } else { ffi::PyBUF_SIMPLE };
-        // SAFETY: `obj` is live; on success the view must be released (Drop does it).
-        if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
-            return Err(PyErr::fetch(obj.py()));
-        }
-        Ok(Self { view })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        if self.view.len <= 0 {
-            return &[];
-        }
-        // SAFETY: a PyBUF_SIMPLE/WRITABLE export is one contiguous run of `len` bytes that
-        // stays valid until the view is released.
-        unsafe { std::slice::from_raw_parts(self.view.buf as *const u8, self.view.len as usize) }
-    }
-}
-
-impl Drop for ByteView {
-    fn drop(&mut self) {
-        // SAFETY: the view was filled by a successful PyObject_GetBuffer and is released once;
-        // releasing needs the GIL, which every owner of a ByteView holds.
-        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
-    }
 }
 
 impl StreamCore {
@@ -269,13 +233,15 @@ fn settle_waiter<'py>(
     Ok(())
 }
 
-/// One `recv` of at most `MAX_READ` bytes into a new `bytes`. The shared buffer is used when
-/// free; a re-entrant call (a finalizer run by the allocation) gets a temporary one.
-fn recv_bytes(py: Python<'_>, fd: RawFd) -> std::io::Result<Bound<'_, PyBytes>> {
+/// One `recv` of at most `limit` (capped at `MAX_READ`) bytes into a new `bytes`. The shared
+/// buffer is used when free; a re-entrant call (a finalizer run by the allocation) gets a
+/// temporary one.
+pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Result<Bound<'_, PyBytes>> {
+    let limit = limit.min(MAX_READ);
     READ_BUF.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => sys::recv(fd, &mut buf).map(|n| PyBytes::new(py, &buf[..n])),
+        Ok(mut buf) => sys::recv(fd, &mut buf[..limit]).map(|n| PyBytes::new(py, &buf[..n])),
         Err(_) => {
-            let mut buf = vec![0u8; MAX_READ];
+            let mut buf = vec![0u8; limit];
             sys::recv(fd, &mut buf).map(|n| PyBytes::new(py, &buf[..n]))
         }
     })
@@ -336,7 +302,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
     } else {
-        let r = recv_bytes(py, me.fd);
+        let r = recv_bytes(py, me.fd, MAX_READ);
         match r {
             Ok(data) if data.as_bytes().is_empty() => {
                 me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py))

@@ -1,0 +1,667 @@
+//! asyncio's low-level socket API (`sock_recv`, `sock_recv_into`, `sock_recvfrom`,
+//! `sock_recvfrom_into`, `sock_sendall`, `sock_sendto`, `sock_accept`) in Rust.
+//!
+//! Each call returns a `SockOp`: a coroutine-like object (registered as a
+//! `collections.abc.Coroutine`), so `await`, `create_task()` and `wait_for()` treat it as they
+//! treat asyncio's coroutines. Its first step tries the operation at once; only when the socket
+//! is not ready does it create an `asyncio.Future`, put itself in the reactor's slot for the fd
+//! and yield the future to the task. Readiness runs the operation here (no Python handle, no
+//! `functools.partial`), keeps the outcome and resolves the future with `None`; the task's next
+//! step hands the outcome back.
+//!
+//! Ground rules:
+//! - Same order of checks, same exceptions as asyncio's `selector_events` (SSL socket check,
+//!   debug-mode blocking check, try, then wait; "is used by transport" and "Event loop is
+//!   closed" only when it has to wait).
+//! - Objects whose type is exactly `socket.socket` get direct non-blocking syscalls on their fd
+//!   for recv / recv_into / sendall; any other object has its own methods called, as asyncio
+//!   does (so subclasses and look-alikes behave as they do under asyncio).
+//! - Reads register lazily: a finished read stays in its reactor slot as an idle marker, so the
+//!   next read of the same socket (checked by weak reference and fd) re-arms without an
+//!   `epoll_ctl`; readiness that finds an idle marker removes it. Writes unregister when done,
+//!   since a socket is nearly always writable.
+//! - A cancelled operation (its future done before readiness) does nothing; the task then
+//!   throws `CancelledError` in, which unregisters the operation if the slot is still its own.
+//! - No GilCell borrow is held across a call into Python.
+
+use std::os::fd::RawFd;
+
+use pyo3::exceptions::{
+    PyBlockingIOError, PyInterruptedError, PyRuntimeError, PyStopIteration, PyTypeError, PyValueError,
+};
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PySlice, PyTuple, PyType, PyWeakrefReference};
+use pyo3::{intern, PyTraverseError};
+
+use crate::event_loop::LoopCore;
+use crate::py::{self, ByteView, GilCell};
+use crate::reactor::Which;
+use crate::sys;
+use crate::transports::stream::recv_bytes;
+
+/// What one operation does, with the objects it needs until it finishes.
+enum Kind {
+    /// `sock.recv(n)`; `n` as given (asyncio passes it on unchanged).
+    Recv(Py<PyAny>),
+    RecvInto(Py<PyAny>),
+    RecvFrom(Py<PyAny>),
+    /// Buffer and byte count (`len(buf)` when the caller gave 0).
+    RecvFromInto(Py<PyAny>, Py<PyAny>),
+    /// Data (a `memoryview` for objects that get their own methods called) and bytes sent.
+    SendAll(Py<PyAny>, usize),
+    SendTo(Py<PyAny>, Py<PyAny>),
+    Accept,
+    /// Finished: nothing held.
+    Spent,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// Created, not yet stepped.
+    Init,
+    /// Registered in the reactor, future yielded to the task.
+    Waiting,
+    /// Outcome stored, future resolved; the task's next step returns it.
+    Completed,
+    /// Returned or raised; in the reactor at most as an idle marker.
+    Done,
+}
+
+struct OpState {
+    phase: Phase,
+    sock: Option<Py<PyAny>>,
+    /// Weak reference to the socket, kept after the end so the next read of the same socket
+    /// can reuse the idle registration.
+    sock_ref: Option<Py<PyAny>>,
+    /// Direct syscalls on `fd` (an exact `socket.socket`).
+    direct: bool,
+    fd: RawFd,
+    kind: Kind,
+    fut: Option<Py<PyAny>>,
+    outcome: Option<PyResult<Py<PyAny>>>,
+}
+
+#[pyclass(frozen, module = "ferroloop._ferroloop")]
+pub struct SockOp {
+    loop_: Py<LoopCore>,
+    name: &'static str,
+    which: Which,
+    st: GilCell<OpState>,
+}
+
+/// What one attempt at the operation gave.
+enum Attempt {
+    Done(Py<PyAny>),
+    WouldBlock,
+}
+
+fn is_retry(py: Python<'_>, e: &PyErr) -> bool {
+    e.is_instance_of::<PyBlockingIOError>(py) || e.is_instance_of::<PyInterruptedError>(py)
+}
+
+fn stop_iteration(value: Py<PyAny>) -> PyErr {
+    PyStopIteration::new_err((value,))
+}
+
+impl SockOp {
+    fn new(loop_: &Bound<'_, LoopCore>, name: &'static str, sock: &Bound<'_, PyAny>, kind: Kind) -> Self {
+        let which = match kind {
+            Kind::SendAll(..) | Kind::SendTo(..) => Which::Writer,
+            _ => Which::Reader,
+        };
+        Self {
+            loop_: loop_.clone().unbind(),
+            name,
+            which,
+            st: GilCell::new(OpState {
+                phase: Phase::Init,
+                sock: Some(sock.clone().unbind()),
+                sock_ref: None,
+                direct: false,
+                fd: -1,
+                kind,
+                fut: None,
+                outcome: None,
+            }),
+        }
+    }
+
+    /// True when the operation no longer waits: its reactor slot is only an idle marker.
+    pub(crate) fn is_idle(&self, py: Python<'_>) -> bool {
+        matches!(self.st.borrow(py).phase, Phase::Completed | Phase::Done)
+    }
+
+    /// Whether an idle `self` may be replaced by `other` without telling the kernel: same
+    /// socket object, still open on the same fd.
+    pub(crate) fn same_socket(&self, py: Python<'_>, sock: &Bound<'_, PyAny>, fd: RawFd) -> bool {
+        let st = self.st.borrow(py);
+        if st.fd != fd {
+            return false;
+        }
+        match &st.sock_ref {
+            Some(r) => match r.bind(py).cast::<PyWeakrefReference>() {
+                Ok(r) => r.upgrade().is_some_and(|s| s.is(sock)),
+                Err(_) => false,
+            },
+            None => false,
+        }
+    }
+
+    /// Forget everything held (the outcome is taken by the caller first).
+    fn finish(&self, py: Python<'_>) -> (Option<Py<PyAny>>, Kind, Option<Py<PyAny>>) {
+        let mut st = self.st.borrow_mut(py);
+        st.phase = Phase::Done;
+        (st.sock.take(), std::mem::replace(&mut st.kind, Kind::Spent), st.fut.take())
+    }
+
+    /// The first step: asyncio's checks, then one attempt.
+    fn start(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let me = slf.get();
+        let sock = me.st.borrow(py).sock.as_ref().map(|s| s.clone_ref(py));
+        let Some(sock) = sock else { return Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")) };
+        let sock = sock.bind(py);
+        let cached = py::cached(py)?;
+        let direct = sock.get_type().is(cached.socket_type.bind(py));
+        if !direct {
+            cached.check_ssl_socket.bind(py).call1((sock,))?;
+        }
+        let core = me.loop_.get();
+        if core.debug(py) {
+            let timeout = sock.call_method0(intern!(py, "gettimeout"))?;
+            if !timeout.eq(0)? {
+                return Err(PyValueError::new_err("the socket must be non-blocking"));
+            }
+        }
+        if direct {
+            let fd: RawFd = sock.call_method0(intern!(py, "fileno"))?.extract()?;
+            let mut st = me.st.borrow_mut(py);
+            st.direct = true;
+            st.fd = fd;
+        }
+        Self::prepare(slf)?;
+        match Self::attempt(slf, sock, true)? {
+            Attempt::Done(v) => {
+                drop(me.finish(py));
+                Err(stop_iteration(v))
+            }
+            Attempt::WouldBlock => Self::wait(slf, sock),
+        }
+    }
+
+    /// Argument handling asyncio does before the first attempt: `recvfrom_into`'s default
+    /// byte count, and the `memoryview` that `sendall` slices on objects called by method.
+    fn prepare(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        let (direct, a, b) = {
+            let st = me.st.borrow(py);
+            match &st.kind {
+                Kind::RecvFromInto(buf, n) => (st.direct, Some(buf.clone_ref(py)), Some(n.clone_ref(py))),
+                Kind::SendAll(data, _) => (st.direct, Some(data.clone_ref(py)), None),
+                _ => return Ok(()),
+            }
+        };
+        // The calls below may run Python code (`__len__`, `__bool__`): no borrow held.
+        let replacement = match (a, b) {
+            (Some(buf), Some(n)) if !n.bind(py).is_truthy()? => Some(buf.bind(py).len()?.into_pyobject(py)?.into_any()),
+            (Some(data), None) if !direct => Some(py.import("builtins")?.getattr("memoryview")?.call1((data,))?),
+            _ => None,
+        };
+        if let Some(new) = replacement {
+            match &mut me.st.borrow_mut(py).kind {
+                Kind::RecvFromInto(_, n) => *n = new.unbind(),
+                Kind::SendAll(data, _) => *data = new.unbind(),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// One try. `first` is the call's own attempt (asyncio's first `sendto` has no flags).
+    fn attempt(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, first: bool) -> PyResult<Attempt> {
+        let py = slf.py();
+        let me = slf.get();
+        let (direct, fd) = {
+            let st = me.st.borrow(py);
+            (st.direct, st.fd)
+        };
+        // Clone what the kind needs out of the cell: the calls below run Python code.
+        enum Job {
+            Recv(Py<PyAny>),
+            RecvInto(Py<PyAny>),
+            RecvFrom(Py<PyAny>),
+            RecvFromInto(Py<PyAny>, Py<PyAny>),
+            SendAll(Py<PyAny>, usize),
+            SendTo(Py<PyAny>, Py<PyAny>),
+            Accept,
+        }
+        let job = match &me.st.borrow(py).kind {
+            Kind::Recv(n) => Job::Recv(n.clone_ref(py)),
+            Kind::RecvInto(b) => Job::RecvInto(b.clone_ref(py)),
+            Kind::RecvFrom(n) => Job::RecvFrom(n.clone_ref(py)),
+            Kind::RecvFromInto(b, n) => Job::RecvFromInto(b.clone_ref(py), n.clone_ref(py)),
+            Kind::SendAll(d, pos) => Job::SendAll(d.clone_ref(py), *pos),
+            Kind::SendTo(d, a) => Job::SendTo(d.clone_ref(py), a.clone_ref(py)),
+            Kind::Accept => Job::Accept,
+            Kind::Spent => return Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+        };
+        let method = |name: &Bound<'_, pyo3::types::PyString>, args: &Bound<'_, PyTuple>| -> PyResult<Attempt> {
+            match sock.call_method1(name, args) {
+                Ok(v) => Ok(Attempt::Done(v.unbind())),
+                Err(e) if is_retry(py, &e) => Ok(Attempt::WouldBlock),
+                Err(e) => Err(e),
+            }
+        };
+        match job {
+            Job::Recv(n) if direct => {
+                let n: isize = n.bind(py).extract()?;
+                if n < 0 {
+                    return Err(PyValueError::new_err("negative buffersize in recv"));
+                }
+                match recv_bytes(py, fd, n as usize) {
+                    Ok(b) => Ok(Attempt::Done(b.into_any().unbind())),
+                    Err(e) if sys::would_block(&e) => Ok(Attempt::WouldBlock),
+                    Err(e) => Err(py::os_err(e)),
+                }
+            }
+            Job::Recv(n) => method(intern!(py, "recv"), &PyTuple::new(py, [n])?),
+            Job::RecvInto(buf) if direct => {
+                let view = ByteView::new(buf.bind(py), true).map_err(|_| {
+                    let tname = buf.bind(py).get_type().name().map(|n| n.to_string()).unwrap_or_default();
+                    PyTypeError::new_err(format!(
+                        "recv_into() argument 'buffer' must be read-write bytes-like object, not {tname}"
+                    ))
+                })?;
+                // SAFETY: the exported writable view stays valid until `view` is dropped below.
+                let r = unsafe { sys::recv_raw(fd, view.view.buf as *mut u8, view.view.len.max(0) as usize) };
+                drop(view);
+                match r {
+                    Ok(n) => Ok(Attempt::Done(n.into_pyobject(py)?.into_any().unbind())),
+                    Err(e) if sys::would_block(&e) => Ok(Attempt::WouldBlock),
+                    Err(e) => Err(py::os_err(e)),
+                }
+            }
+            Job::RecvInto(buf) => method(intern!(py, "recv_into"), &PyTuple::new(py, [buf])?),
+            Job::RecvFrom(n) => method(intern!(py, "recvfrom"), &PyTuple::new(py, [n])?),
+            Job::RecvFromInto(buf, n) => method(intern!(py, "recvfrom_into"), &PyTuple::new(py, [buf, n])?),
+            Job::SendAll(data, pos) => {
+                let (sent, total) = if direct {
+                    let view = ByteView::new(data.bind(py), false)?;
+                    let bytes = view.as_slice();
+                    let total = bytes.len();
+                    let r = sys::send(fd, &bytes[pos.min(total)..]);
+                    drop(view);
+                    match r {
+                        Ok(n) => (n, total),
+                        Err(e) if sys::would_block(&e) => (0, total),
+                        Err(e) => return Err(py::os_err(e)),
+                    }
+                } else {
+                    let data = data.bind(py);
+                    let total = data.len()?;
+                    let chunk = if pos == 0 {
+                        data.clone()
+                    } else {
+                        data.get_item(PySlice::new(py, pos as isize, isize::MAX, 1))?
+                    };
+                    match sock.call_method1(intern!(py, "send"), (chunk,)) {
+                        Ok(n) => (n.extract::<usize>()?, total),
+                        Err(e) if is_retry(py, &e) => (0, total),
+                        Err(e) => return Err(e),
+                    }
+                };
+                let pos = pos + sent;
+                if pos >= total {
+                    Ok(Attempt::Done(py.None()))
+                } else {
+                    if let Kind::SendAll(_, p) = &mut me.st.borrow_mut(py).kind {
+                        *p = pos;
+                    }
+                    Ok(Attempt::WouldBlock)
+                }
+            }
+            Job::SendTo(data, addr) => {
+                if first {
+                    method(intern!(py, "sendto"), &PyTuple::new(py, [data, addr])?)
+                } else {
+                    let flags = 0i32.into_pyobject(py)?.into_any().unbind();
+                    method(intern!(py, "sendto"), &PyTuple::new(py, [data, flags, addr])?)
+                }
+            }
+            Job::Accept => match sock.call_method0(intern!(py, "accept")) {
+                Ok(pair) => {
+                    let conn = pair.get_item(0)?;
+                    conn.call_method1(intern!(py, "setblocking"), (false,))?;
+                    Ok(Attempt::Done(pair.unbind()))
+                }
+                Err(e) if is_retry(py, &e) => Ok(Attempt::WouldBlock),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// Not ready: create the future, register, yield the future.
+    fn wait(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let me = slf.get();
+        let loop_ = me.loop_.bind(py);
+        let cached = py::cached(py)?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(intern!(py, "loop"), loop_)?;
+        let fut = cached.future.bind(py).call((), Some(&kwargs))?;
+        let fd = if me.st.borrow(py).direct {
+            me.st.borrow(py).fd
+        } else {
+            let fd: RawFd = sock.call_method0(intern!(py, "fileno"))?.extract()?;
+            me.st.borrow_mut(py).fd = fd;
+            fd
+        };
+        // asyncio's `_ensure_fd_no_transport`, consulted only when a transport holds the fd.
+        let transports = loop_.getattr(intern!(py, "_transports"))?;
+        let in_use = match transports.getattr(intern!(py, "data")) {
+            Ok(data) => data.contains(fd)?,
+            Err(_) => true,
+        };
+        if in_use {
+            loop_.call_method1(intern!(py, "_ensure_fd_no_transport"), (fd,))?;
+        }
+        if me.st.borrow(py).sock_ref.is_none() {
+            // Sockets without weak-reference support just never reuse an idle registration.
+            let r = PyWeakrefReference::new(sock).ok().map(|r| r.into_any().unbind());
+            me.st.borrow_mut(py).sock_ref = r;
+        }
+        loop_.get().arm_sock(py, fd, me.which, slf, sock)?;
+        fut.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
+        let yielded = fut.clone().unbind();
+        {
+            let mut st = me.st.borrow_mut(py);
+            st.fut = Some(fut.unbind());
+            st.phase = Phase::Waiting;
+        }
+        Ok(yielded)
+    }
+
+    /// Leave the reactor if the slot is still this operation's.
+    fn disarm(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        let fd = me.st.borrow(py).fd;
+        if fd >= 0 {
+            me.loop_.get().disarm_sock(py, fd, me.which, slf)?;
+        }
+        Ok(())
+    }
+
+    fn step(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let me = slf.get();
+        let phase = me.st.borrow(py).phase;
+        match phase {
+            Phase::Init => {
+                let r = Self::start(slf);
+                if let Err(e) = &r {
+                    if !e.is_instance_of::<PyStopIteration>(py) && me.st.borrow(py).phase == Phase::Init {
+                        drop(me.finish(py));
+                    }
+                }
+                r
+            }
+            Phase::Waiting => {
+                // Resumed before the outcome: yield the same future again.
+                let fut = me.st.borrow(py).fut.as_ref().map(|f| f.clone_ref(py));
+                match fut {
+                    Some(f) => {
+                        f.bind(py).setattr(intern!(py, "_asyncio_future_blocking"), true)?;
+                        Ok(f)
+                    }
+                    None => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+                }
+            }
+            Phase::Completed => {
+                let outcome = me.st.borrow_mut(py).outcome.take();
+                let held = me.finish(py);
+                drop(held);
+                match outcome {
+                    Some(Ok(v)) => Err(stop_iteration(v)),
+                    Some(Err(e)) => Err(e),
+                    None => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+                }
+            }
+            Phase::Done => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+        }
+    }
+
+    /// End a waiting operation from outside (an exception thrown in, or `close()`).
+    fn abandon(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        let phase = me.st.borrow(py).phase;
+        if matches!(phase, Phase::Waiting | Phase::Completed) {
+            Self::disarm(slf)?;
+        }
+        let outcome = me.st.borrow_mut(py).outcome.take();
+        let held = me.finish(py);
+        drop((outcome, held));
+        Ok(())
+    }
+}
+
+/// Readiness of the fd an operation waits on (run from the loop's ready queue). An unexpected
+/// error goes to the exception handler, as an error in asyncio's reader callback would.
+pub(crate) fn run(slf: &Bound<'_, SockOp>) -> PyResult<()> {
+    let py = slf.py();
+    match ready(slf) {
+        Ok(()) => Ok(()),
+        Err(e) if py::is_fatal(py, &e) => Err(e),
+        Err(e) => {
+            let loop_ = slf.get().loop_.bind(py);
+            let args = (py.None(), slf, PyTuple::empty(py), e.into_value(py));
+            match loop_.call_method1(intern!(py, "_report_callback_error"), args) {
+                Err(e) if py::is_fatal(py, &e) => Err(e),
+                Err(e) => {
+                    e.write_unraisable(py, Some(loop_.as_any()));
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+            }
+        }
+    }
+}
+
+fn ready(slf: &Bound<'_, SockOp>) -> PyResult<()> {
+    let py = slf.py();
+    let me = slf.get();
+    let (phase, fut, sock) = {
+        let st = me.st.borrow(py);
+        (st.phase, st.fut.as_ref().map(|f| f.clone_ref(py)), st.sock.as_ref().map(|s| s.clone_ref(py)))
+    };
+    let (Phase::Waiting, Some(fut), Some(sock)) = (phase, fut, sock) else {
+        // An idle marker: nobody waits, so stop watching.
+        return SockOp::disarm(slf);
+    };
+    let fut = fut.bind(py);
+    if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
+        // Cancelled: the task will throw CancelledError in; nothing more to do here.
+        return SockOp::disarm(slf);
+    }
+    let outcome = match SockOp::attempt(slf, sock.bind(py), false) {
+        Ok(Attempt::WouldBlock) => return Ok(()),
+        Ok(Attempt::Done(v)) => Ok(v),
+        Err(e) if py::is_fatal(py, &e) => return Err(e),
+        Err(e) => Err(e),
+    };
+    {
+        let mut st = me.st.borrow_mut(py);
+        st.outcome = Some(outcome);
+        st.phase = Phase::Completed;
+    }
+    if me.which == Which::Writer {
+        SockOp::disarm(slf)?;
+    }
+    fut.call_method1(intern!(py, "set_result"), (py.None(),))?;
+    Ok(())
+}
+
+#[pymethods]
+impl SockOp {
+    fn __await__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        Self::step(slf)
+    }
+
+    fn send(slf: &Bound<'_, Self>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        if !value.is_none() && slf.get().st.borrow(slf.py()).phase == Phase::Init {
+            return Err(PyTypeError::new_err("can't send non-None value to a just-started coroutine"));
+        }
+        Self::step(slf)
+    }
+
+    #[pyo3(signature = (typ, val=None, tb=None))]
+    fn throw(
+        slf: &Bound<'_, Self>,
+        typ: &Bound<'_, PyAny>,
+        val: Option<&Bound<'_, PyAny>>,
+        tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let exc = if let Ok(t) = typ.cast::<PyType>() {
+            match val {
+                Some(v) if v.is_instance(t)? => v.clone(),
+                Some(v) if !v.is_none() => t.call1((v,))?,
+                _ => t.call0()?,
+            }
+        } else {
+            typ.clone()
+        };
+        if let Some(tb) = tb.filter(|t| !t.is_none()) {
+            exc.setattr(intern!(py, "__traceback__"), tb)?;
+        }
+        Self::abandon(slf)?;
+        Err(PyErr::from_value(exc))
+    }
+
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::abandon(slf)
+    }
+
+    #[getter]
+    fn __name__(&self) -> &'static str {
+        self.name
+    }
+
+    #[getter]
+    fn __qualname__(&self) -> String {
+        format!("Loop.{}", self.name)
+    }
+
+    #[getter]
+    fn cr_await(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let st = self.st.borrow(py);
+        if st.phase == Phase::Waiting {
+            st.fut.as_ref().map(|f| f.clone_ref(py))
+        } else {
+            None
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<ferroloop {} coroutine>", self.name)
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.loop_)?;
+        let Some(st) = self.st.try_borrow_unguarded() else { return Ok(()) };
+        visit.call(&st.sock)?;
+        visit.call(&st.sock_ref)?;
+        visit.call(&st.fut)?;
+        if let Some(Ok(v)) = &st.outcome {
+            visit.call(v)?;
+        }
+        match &st.kind {
+            Kind::Recv(a) | Kind::RecvInto(a) | Kind::RecvFrom(a) | Kind::SendAll(a, _) => visit.call(a)?,
+            Kind::RecvFromInto(a, b) | Kind::SendTo(a, b) => {
+                visit.call(a)?;
+                visit.call(b)?;
+            }
+            Kind::Accept | Kind::Spent => {}
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        Python::attach(|py| {
+            let held = {
+                let mut st = self.st.borrow_mut(py);
+                (
+                    st.sock.take(),
+                    st.sock_ref.take(),
+                    st.fut.take(),
+                    st.outcome.take(),
+                    std::mem::replace(&mut st.kind, Kind::Spent),
+                )
+            };
+            drop(held);
+        });
+    }
+}
+
+/// The `LoopCore` methods: build the operation; the checks run on its first step, as in
+/// asyncio's `async def`s.
+fn make(loop_: &Bound<'_, LoopCore>, name: &'static str, sock: &Bound<'_, PyAny>, kind: Kind) -> PyResult<Py<SockOp>> {
+    Py::new(loop_.py(), SockOp::new(loop_, name, sock, kind))
+}
+
+pub(crate) fn recv(loop_: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>, n: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
+    make(loop_, "sock_recv", sock, Kind::Recv(n.clone().unbind()))
+}
+
+pub(crate) fn recv_into(
+    loop_: &Bound<'_, LoopCore>,
+    sock: &Bound<'_, PyAny>,
+    buf: &Bound<'_, PyAny>,
+) -> PyResult<Py<SockOp>> {
+    make(loop_, "sock_recv_into", sock, Kind::RecvInto(buf.clone().unbind()))
+}
+
+pub(crate) fn recvfrom(
+    loop_: &Bound<'_, LoopCore>,
+    sock: &Bound<'_, PyAny>,
+    bufsize: &Bound<'_, PyAny>,
+) -> PyResult<Py<SockOp>> {
+    make(loop_, "sock_recvfrom", sock, Kind::RecvFrom(bufsize.clone().unbind()))
+}
+
+pub(crate) fn recvfrom_into(
+    loop_: &Bound<'_, LoopCore>,
+    sock: &Bound<'_, PyAny>,
+    buf: &Bound<'_, PyAny>,
+    nbytes: &Bound<'_, PyAny>,
+) -> PyResult<Py<SockOp>> {
+    make(loop_, "sock_recvfrom_into", sock, Kind::RecvFromInto(buf.clone().unbind(), nbytes.clone().unbind()))
+}
+
+pub(crate) fn sendall(
+    loop_: &Bound<'_, LoopCore>,
+    sock: &Bound<'_, PyAny>,
+    data: &Bound<'_, PyAny>,
+) -> PyResult<Py<SockOp>> {
+    make(loop_, "sock_sendall", sock, Kind::SendAll(data.clone().unbind(), 0))
+}
+
+pub(crate) fn sendto(
+    loop_: &Bound<'_, LoopCore>,
+    sock: &Bound<'_, PyAny>,
+    data: &Bound<'_, PyAny>,
+    address: &Bound<'_, PyAny>,
+) -> PyResult<Py<SockOp>> {
+    make(loop_, "sock_sendto", sock, Kind::SendTo(data.clone().unbind(), address.clone().unbind()))
+}
+
+pub(crate) fn accept(loop_: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
+    make(loop_, "sock_accept", sock, Kind::Accept)
+}
