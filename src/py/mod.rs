@@ -204,3 +204,46 @@ impl Drop for ByteView {
         unsafe { ffi::PyBuffer_Release(&mut *self.view) };
     }
 }
+
+extern "C" {
+    // Part of CPython's C API (used by `socket.recv` itself), exported by every interpreter
+    // this crate builds for; pyo3-ffi keeps its declaration private.
+    fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> std::os::raw::c_int;
+}
+
+/// Fill a new `bytes` of `cap` bytes with `fill` (which returns how many bytes it wrote) and
+/// shrink it to that length: what CPython's `socket.recv` does, with no copy. `None` when the
+/// bytes object could not be allocated (nothing was read then).
+pub fn bytes_filled_by(
+    py: Python<'_>,
+    cap: usize,
+    fill: impl FnOnce(*mut u8, usize) -> std::io::Result<usize>,
+) -> Option<std::io::Result<Bound<'_, pyo3::types::PyBytes>>> {
+    // SAFETY: a NULL source asks for an uninitialised bytes of `cap` bytes; the result is a new
+    // reference or NULL with an exception set.
+    let mut obj = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), cap as ffi::Py_ssize_t) };
+    if obj.is_null() {
+        drop(PyErr::fetch(py));
+        return None;
+    }
+    // SAFETY: `obj` is a fresh bytes object of `cap` bytes that nobody else has seen yet.
+    let data = unsafe { ffi::PyBytes_AsString(obj) }.cast::<u8>();
+    let n = match fill(data, cap) {
+        Ok(n) => n.min(cap),
+        Err(e) => {
+            // SAFETY: drops the only reference to `obj`.
+            unsafe { ffi::Py_DecRef(obj) };
+            return Some(Err(e));
+        }
+    };
+    // SAFETY: `obj` has exactly one reference (ours), as `_PyBytes_Resize` requires; it may
+    // move the object (updating `obj`) or, on failure, free it and set `obj` to NULL.
+    if n < cap && unsafe { _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) } < 0 {
+        drop(PyErr::fetch(py));
+        return Some(Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory)));
+    }
+    // SAFETY: `obj` is a valid bytes object whose one reference we own.
+    let any = unsafe { Bound::from_owned_ptr(py, obj) };
+    // SAFETY: it was created by PyBytes_FromStringAndSize, so it is a bytes object.
+    Some(Ok(unsafe { any.cast_into_unchecked::<pyo3::types::PyBytes>() }))
+}
