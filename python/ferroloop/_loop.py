@@ -21,6 +21,7 @@ import errno
 import os
 import selectors
 import signal
+import socket
 import sys
 import threading
 import types
@@ -58,7 +59,6 @@ _BORROWED = (
     "call_exception_handler",
     "set_debug",
     "_set_coroutine_origin_tracking",
-    "getaddrinfo",
     "getnameinfo",
     "_getaddrinfo_debug",
 )
@@ -206,6 +206,10 @@ _SELECTOR_SOCKET_TRANSPORT = asyncio.SelectorEventLoop._make_socket_transport
 _FORMAT_TAKES_DEBUG = "debug" in format_helpers._format_callback_source.__code__.co_varnames
 
 
+# getaddrinfo flags under which the C library never consults a resolver.
+_NUMERIC_ONLY = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+
+
 def _sighandler_noop(signum, frame):
     """Python-level handler installed for ``add_signal_handler`` signals: the C-level handler
     has already written the signal number to the wake-up fd, which the loop reads."""
@@ -241,6 +245,23 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         if _RUST_TRANSPORTS:
             return _transports.StreamTransport(self, sock, protocol, waiter, extra, server)
         return _SELECTOR_SOCKET_TRANSPORT(self, sock, protocol, waiter, extra=extra, server=server)
+
+    # --- DNS ----------------------------------------------------------------------------
+
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+        """asyncio's ``getaddrinfo``, except that IP literals with a numeric (or no) port are
+        resolved here on the loop thread: with ``AI_NUMERICHOST | AI_NUMERICSERV`` the C library
+        answers without any lookup, or fails at once for a name, which then goes to the
+        executor as in asyncio. ``AI_CANONNAME`` requests and debug mode (which logs the
+        lookup's duration) always take asyncio's path."""
+        if not self._debug and not flags & socket.AI_CANONNAME:
+            try:
+                return socket.getaddrinfo(host, port, family, type, proto, flags | _NUMERIC_ONLY)
+            except (socket.gaierror, UnicodeError):
+                pass
+        return await _BEL.getaddrinfo(
+            self, host, port, family=family, type=type, proto=proto, flags=flags
+        )
 
     # --- tasks --------------------------------------------------------------------------
 
