@@ -451,22 +451,9 @@ impl SockOp {
 /// Readiness of the fd an operation waits on (run from the loop's ready queue). An unexpected
 /// error goes to the exception handler, as an error in asyncio's reader callback would.
 pub(crate) fn run(slf: &Bound<'_, SockOp>) -> PyResult<()> {
-    let py = slf.py();
     match ready(slf) {
         Ok(()) => Ok(()),
-        Err(e) if py::is_fatal(py, &e) => Err(e),
-        Err(e) => {
-            let loop_ = slf.get().loop_.bind(py);
-            let args = (py.None(), slf, PyTuple::empty(py), e.into_value(py));
-            match loop_.call_method1(intern!(py, "_report_callback_error"), args) {
-                Err(e) if py::is_fatal(py, &e) => Err(e),
-                Err(e) => {
-                    e.write_unraisable(py, Some(loop_.as_any()));
-                    Ok(())
-                }
-                Ok(_) => Ok(()),
-            }
-        }
+        Err(e) => py::report_callback_error(slf.get().loop_.bind(slf.py()).as_any(), slf.as_any(), e),
     }
 }
 

@@ -7,7 +7,7 @@ from typing import Any, final
 
 from typing_extensions import disjoint_base
 
-__all__ = ["LoopCore", "Handle", "TimerHandle", "StreamCore", "SockOp", "__version__"]
+__all__ = ["LoopCore", "Handle", "TimerHandle", "StreamCore", "SockOp", "Acceptor", "__version__"]
 
 __version__: str
 
@@ -94,6 +94,9 @@ class LoopCore:
     def _fd_events(self, fd: int) -> int | None: ...
     def _watched_fds(self) -> list[int]: ...
     def _queue_sizes(self) -> tuple[int, int]: ...
+    def _start_accepting(
+        self, protocol_factory: Callable[[], Any], sock: socket.socket, server: Any, backlog: int
+    ) -> None: ...
     def sock_recv(self, sock: socket.socket, n: int) -> SockOp: ...
     def sock_recv_into(self, sock: socket.socket, buf: Any) -> SockOp: ...
     def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> SockOp: ...
@@ -162,3 +165,7 @@ class SockOp:
     def __qualname__(self) -> str: ...  # type: ignore[override]
     @property
     def cr_await(self) -> Any: ...
+
+@final
+class Acceptor:
+    """A plain server's accept loop, registered as its listening socket's reader."""

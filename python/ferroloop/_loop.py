@@ -27,7 +27,16 @@ import threading
 import types
 import warnings
 import weakref
-from asyncio import base_events, coroutines, events, format_helpers, futures, tasks
+from asyncio import (
+    base_events,
+    constants,
+    coroutines,
+    events,
+    format_helpers,
+    futures,
+    tasks,
+    trsock,
+)
 from asyncio.log import logger
 
 from . import _ferroloop, _transports
@@ -95,7 +104,6 @@ _BORROWED_NETWORKING = (
     # BaseSelectorEventLoop
     "_make_ssl_transport",
     "_make_datagram_transport",
-    "_start_serving",
     "_accept_connection",
     "_accept_connection2",
     "_stop_serving",
@@ -201,6 +209,7 @@ collections.abc.Coroutine.register(_ferroloop.SockOp)
 # an escape hatch, and the A/B switch for benchmarks.
 _RUST_TRANSPORTS = os.environ.get("FERROLOOP_TRANSPORTS", "rust") != "selector"
 _SELECTOR_SOCKET_TRANSPORT = asyncio.SelectorEventLoop._make_socket_transport
+_SELECTOR_START_SERVING = asyncio.SelectorEventLoop._start_serving
 
 # `debug=` arrived in a patch release (3.12.1 lacks it): ask the function itself.
 _FORMAT_TAKES_DEBUG = "debug" in format_helpers._format_callback_source.__code__.co_varnames
@@ -245,6 +254,66 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         if _RUST_TRANSPORTS:
             return _transports.StreamTransport(self, sock, protocol, waiter, extra, server)
         return _SELECTOR_SOCKET_TRANSPORT(self, sock, protocol, waiter, extra=extra, server=server)
+
+    # --- servers ------------------------------------------------------------------------
+
+    def _start_serving(
+        self, protocol_factory, sock, sslcontext=None, server=None, backlog=100, *args
+    ):
+        """asyncio's ``_start_serving``: TLS servers keep asyncio's accept path (a task per
+        connection runs the handshake); plain ones accept in Rust (``_start_accepting``)."""
+        if sslcontext:
+            _SELECTOR_START_SERVING(
+                self, protocol_factory, sock, sslcontext, server, backlog, *args
+            )
+        else:
+            self._start_accepting(protocol_factory, sock, server, backlog)
+
+    def _accept_connection_plain(self, protocol_factory, conn, extra, server):
+        """One accepted connection of a plain server (scheduled by the Rust accept loop in a
+        copy of the server's context): asyncio's ``_accept_connection2`` without TLS, whose
+        waiter only ever resolves to None, so it needs no task."""
+        protocol = transport = None
+        try:
+            protocol = protocol_factory()
+            transport = self._make_socket_transport(conn, protocol, extra=extra, server=server)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if self._debug:
+                context = {
+                    "message": "Error on transport creation for incoming connection",
+                    "exception": exc,
+                }
+                if protocol is not None:
+                    context["protocol"] = protocol
+                if transport is not None:
+                    context["transport"] = transport
+                self.call_exception_handler(context)
+
+    def _accept_out_of_resources(self, exc, sock, protocol_factory, server, backlog):
+        """accept() failed with EMFILE/ENFILE/ENOBUFS/ENOMEM: log, stop accepting, retry after
+        ``ACCEPT_RETRY_DELAY`` (Linux keeps reporting the socket readable)."""
+        self.call_exception_handler(
+            {
+                "message": "socket.accept() out of system resource",
+                "exception": exc,
+                "socket": trsock.TransportSocket(sock),
+            }
+        )
+        self._remove_reader(sock.fileno())
+        self.call_later(
+            constants.ACCEPT_RETRY_DELAY,
+            self._start_serving,
+            protocol_factory,
+            sock,
+            None,
+            server,
+            backlog,
+        )
+
+    def _log_new_connection(self, server, addr, conn):
+        logger.debug("%r got a new connection from %r: %r", server, addr, conn)
 
     # --- DNS ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ use crate::py::{self, GilCell};
 use crate::reactor::{Reactor, Which};
 use crate::sockops::{self, SockOp};
 use crate::sys;
+use crate::transports::accept::Acceptor;
 use crate::transports::stream::StreamCore;
 use ready::ReadyQueue;
 use timers::TimerHeap;
@@ -41,6 +42,7 @@ pub(crate) enum Work {
     Handle(Py<Handle>),
     Stream(Py<StreamCore>, Which),
     Sock(Py<SockOp>),
+    Accept(Py<Acceptor>),
 }
 
 pub(crate) struct State {
@@ -649,6 +651,17 @@ impl LoopCore {
         v
     }
 
+    /// asyncio's `_start_serving` for a server without TLS: accept in Rust (accept.rs).
+    fn _start_accepting(
+        slf: &Bound<'_, Self>,
+        protocol_factory: &Bound<'_, PyAny>,
+        sock: &Bound<'_, PyAny>,
+        server: &Bound<'_, PyAny>,
+        backlog: usize,
+    ) -> PyResult<()> {
+        Acceptor::start(slf, protocol_factory, sock, server, backlog)
+    }
+
     // --- sock_* (see sockops.rs) ---------------------------------------------------------
 
     fn sock_recv(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, n: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
@@ -770,6 +783,7 @@ impl LoopCore {
                 Work::Handle(h) => visit.call(h)?,
                 Work::Stream(c, _) => visit.call(c)?,
                 Work::Sock(o) => visit.call(o)?,
+                Work::Accept(a) => visit.call(a)?,
             }
         }
         for t in st.timers.iter() {

@@ -18,6 +18,7 @@ use crate::handles::{self, Handle, TimerHandle};
 use crate::reactor::{Which, WAKER_TOKEN};
 use crate::sockops::{self, SockOp};
 use crate::sys::{self, Event};
+use crate::transports::accept::{self, Acceptor};
 use crate::transports::stream::{self, StreamCore};
 
 fn timer_cancelled(py: Python<'_>, t: &Py<TimerHandle>) -> bool {
@@ -133,6 +134,8 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                         st.ready.push(Work::Stream(core.clone().unbind(), which));
                     } else if let Ok(op) = item.cast::<SockOp>() {
                         st.ready.push(Work::Sock(op.clone().unbind()));
+                    } else if let Ok(a) = item.cast::<Acceptor>() {
+                        st.ready.push(Work::Accept(a.clone().unbind()));
                     }
                 }
             }
@@ -194,6 +197,10 @@ fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             }
             Some(Work::Sock(op)) => {
                 sockops::run(op.bind(py))?;
+                continue;
+            }
+            Some(Work::Accept(a)) => {
+                accept::run(a.bind(py))?;
                 continue;
             }
         };

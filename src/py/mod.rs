@@ -144,6 +144,25 @@ pub fn is_fatal(py: Python<'_>, err: &PyErr) -> bool {
     err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py)
 }
 
+/// An error escaping loop-internal work (a Rust work item standing in for asyncio's handle)
+/// goes to the exception handler as "Exception in callback ..."; KeyboardInterrupt and
+/// SystemExit propagate, and a failing handler is reported as unraisable.
+pub fn report_callback_error(loop_: &Bound<'_, PyAny>, callback: &Bound<'_, PyAny>, err: PyErr) -> PyResult<()> {
+    let py = loop_.py();
+    if is_fatal(py, &err) {
+        return Err(err);
+    }
+    let args = (py.None(), callback, PyTuple::empty(py), err.into_value(py));
+    match loop_.call_method1(pyo3::intern!(py, "_report_callback_error"), args) {
+        Ok(_) => Ok(()),
+        Err(e) if is_fatal(py, &e) => Err(e),
+        Err(e) => {
+            e.write_unraisable(py, Some(loop_));
+            Ok(())
+        }
+    }
+}
+
 /// `format_helpers.extract_stack(sys._getframe(0))` for debug-mode source tracebacks: the
 /// stack of the Python code that called into the loop.
 pub fn source_traceback(py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {

@@ -216,3 +216,83 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 pub fn would_block(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
 }
+
+/// The peer address of an accepted connection, for the families whose Python form the loop
+/// builds itself.
+pub enum PeerAddr {
+    V4([u8; 4], u16),
+    /// Address, port, flow info, scope id.
+    V6([u8; 16], u16, u32, u32),
+    /// `sun_path` bytes as the kernel reported them (`addrlen` minus the family field).
+    Unix(Vec<u8>),
+    /// Another family: the caller asks the socket itself.
+    Other,
+}
+
+/// `accept4(2)` with `SOCK_NONBLOCK | SOCK_CLOEXEC` (Python's `accept` also makes the new fd
+/// non-inheritable). EINTR is returned for the caller to treat as "try later".
+pub fn accept(fd: RawFd) -> io::Result<(OwnedFd, PeerAddr)> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid (empty) value, and zeroing
+    // matters: an unnamed Unix peer leaves `sun_path` untouched, and Python reads it as "".
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` is valid for `len` bytes; the kernel writes at most that and updates
+    // `len`.
+    let rc = unsafe {
+        libc::accept4(
+            fd,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `rc` is a new fd returned by the kernel, owned by nobody else.
+    let conn = unsafe { OwnedFd::from_raw_fd(rc) };
+    let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+    let addr = match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which fits in it.
+            let a: &libc::sockaddr_in = unsafe { &*(&storage as *const libc::sockaddr_storage).cast() };
+            PeerAddr::V4(a.sin_addr.s_addr.to_ne_bytes(), u16::from_be(a.sin_port))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6, which fits in it.
+            let a: &libc::sockaddr_in6 = unsafe { &*(&storage as *const libc::sockaddr_storage).cast() };
+            PeerAddr::V6(a.sin6_addr.s6_addr, u16::from_be(a.sin6_port), u32::from_be(a.sin6_flowinfo), a.sin6_scope_id)
+        }
+        libc::AF_UNIX => {
+            let off = std::mem::size_of::<libc::sa_family_t>();
+            // SAFETY: the family says the storage holds a sockaddr_un, which fits in it.
+            let a: &libc::sockaddr_un = unsafe { &*(&storage as *const libc::sockaddr_storage).cast() };
+            let n = len.saturating_sub(off).min(a.sun_path.len());
+            PeerAddr::Unix(a.sun_path[..n].iter().map(|&c| c as u8).collect())
+        }
+        _ => PeerAddr::Other,
+    };
+    Ok((conn, addr))
+}
+
+extern "C" {
+    // POSIX, in every libc; the `libc` crate does not declare it.
+    fn inet_ntop(
+        af: libc::c_int,
+        src: *const libc::c_void,
+        dst: *mut libc::c_char,
+        size: libc::socklen_t,
+    ) -> *const libc::c_char;
+}
+
+/// An IPv6 address as `inet_ntop` (and so Python) writes it.
+pub fn ipv6_to_string(addr: &[u8; 16]) -> String {
+    let mut buf = [0 as libc::c_char; 64];
+    // SAFETY: `addr` is a 16-byte in6_addr and `buf` has room for INET6_ADDRSTRLEN (46) bytes.
+    let p = unsafe { inet_ntop(libc::AF_INET6, addr.as_ptr().cast(), buf.as_mut_ptr(), buf.len() as libc::socklen_t) };
+    if p.is_null() {
+        return std::net::Ipv6Addr::from(*addr).to_string();
+    }
+    // SAFETY: on success inet_ntop wrote a NUL-terminated string into `buf`.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}

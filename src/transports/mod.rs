@@ -1,4 +1,5 @@
 //! Transports: the per-connection, per-byte paths in Rust. Each module mirrors an asyncio
 //! transport class; the Python side (`python/ferroloop/_transports.py`) adds the rare paths.
 
+pub mod accept;
 pub mod stream;

@@ -108,20 +108,7 @@ impl StreamCore {
     /// "Exception in callback ..." (asyncio runs these paths inside a loop handle);
     /// KeyboardInterrupt/SystemExit propagate.
     fn report_callback_error(&self, py: Python<'_>, callback: &Bound<'_, PyAny>, err: PyErr) -> PyResult<()> {
-        if py::is_fatal(py, &err) {
-            return Err(err);
-        }
-        let loop_ = self.loop_.bind(py);
-        let exc = err.into_value(py);
-        match loop_.call_method1(intern!(py, "_report_callback_error"), (py.None(), callback, PyTuple::empty(py), exc))
-        {
-            Ok(_) => Ok(()),
-            Err(e) if py::is_fatal(py, &e) => Err(e),
-            Err(e) => {
-                e.write_unraisable(py, Some(loop_.as_any()));
-                Ok(())
-            }
-        }
+        py::report_callback_error(self.loop_.bind(py).as_any(), callback, err)
     }
 
     fn fatal_error(&self, py: Python<'_>, err: PyErr, message: &str) -> PyResult<()> {
