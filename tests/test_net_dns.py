@@ -10,10 +10,8 @@ import asyncio
 import inspect
 import itertools
 import socket
-import sys
 
 import pytest
-from conftest import NET_TESTS_NEED_311
 
 TIMEOUT = 20
 
@@ -43,9 +41,6 @@ FLAGS = [
     socket.AI_PASSIVE | socket.AI_NUMERICHOST | socket.AI_CANONNAME,
     socket.AI_V4MAPPED | socket.AI_ALL,
 ]
-
-if sys.version_info < (3, 11):
-    pytest.skip(NET_TESTS_NEED_311, allow_module_level=True)
 
 
 def _cases():

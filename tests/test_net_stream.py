@@ -25,16 +25,12 @@ import tempfile
 import weakref
 
 import pytest
-from conftest import NET_TESTS_NEED_311
 
 PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)
 
 TIMEOUT = 20  # seconds, for one run(): below pytest-timeout's 30 s per test
 SMALL_SOCKBUF = 64 * 1024  # kernel buffers for the flow-control tests (bounds what they hold)
-
-if sys.version_info < (3, 11):
-    pytest.skip(NET_TESTS_NEED_311, allow_module_level=True)
 
 
 def _has_ipv6() -> bool:
@@ -69,6 +65,20 @@ def shrink_buffers(transport, size=SMALL_SOCKBUF):
     sock = transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def pause_in_connection_made(transport):
+    """``transport.pause_reading()``, called from ``connection_made()``.
+
+    asyncio 3.10 ignores that call: its socket transport registers its reader with a
+    ``call_soon`` queued behind ``connection_made`` and does not check ``_paused`` first
+    (gh-103607, fixed in 3.11). There the pause is made one callback later instead: still
+    before any data can have been read (reading needs an I/O event of a later iteration), and
+    before ``create_connection()`` returns (its waiter is woken after that callback)."""
+    if sys.version_info >= (3, 11):
+        transport.pause_reading()
+    else:
+        asyncio.get_running_loop().call_soon(transport.pause_reading)
 
 
 # --- protocols -----------------------------------------------------------------------------
@@ -111,7 +121,7 @@ class Recorder(asyncio.Protocol):
         if self.small_buffers:
             shrink_buffers(transport)
         if self.pause_on_made:
-            transport.pause_reading()
+            pause_in_connection_made(transport)
         self.made.set_result(transport)
 
     def data_received(self, data):
@@ -611,7 +621,7 @@ class Producer(asyncio.Protocol):
             self.errors.append(f"limits {transport.get_write_buffer_limits()}")
         if not self.read_first:
             # Read nothing until the server's writes are paused: both sides must pause.
-            transport.pause_reading()
+            pause_in_connection_made(transport)
         if self.on_made is not None:
             self.on_made(transport)
         self.pump()
@@ -2065,8 +2075,21 @@ def _make_cert_with_cryptography(cert_path, key_path):
     )
 
 
-@pytest.mark.parametrize("client_kind", ["protocol", "streams"])
-def test_start_tls_upgrade(loop, net, tls_files, client_kind):
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "protocol",
+        pytest.param(
+            "streams",
+            marks=pytest.mark.skipif(
+                sys.version_info < (3, 11), reason="StreamWriter.start_tls() is new in 3.11"
+            ),
+        ),
+    ],
+)
+def test_start_tls_upgrade(loop, net, tls_files, kind):
+    """STARTTLS on both sides: with loop.start_tls() over protocols, or with
+    StreamWriter.start_tls() over streams."""
     cert, key = tls_files
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
@@ -2074,7 +2097,7 @@ def test_start_tls_upgrade(loop, net, tls_files, client_kind):
     blob = payload(1 << 20, seed=11)
     done = []
 
-    async def handler(reader, writer):
+    async def stream_handler(reader, writer):
         assert await reader.readline() == b"STARTTLS\n"
         writer.write(b"GO\n")
         await writer.drain()
@@ -2090,6 +2113,32 @@ def test_start_tls_upgrade(loop, net, tls_files, client_kind):
         await writer.wait_closed()
         done.append(True)
 
+    async def protocol_server(servers):
+        srv = await net.server_side(servers)
+        await srv.wait_bytes(9)
+        assert srv.data == b"STARTTLS\n"
+        srv.data.clear()
+        srv.transport.write(b"GO\n")
+        plain = srv.transport
+        tls_tr = await loop.start_tls(plain, srv, server_ctx, server_side=True)
+        assert tls_tr.get_extra_info("ssl_object") is not None
+        assert srv.events == ["made", "data"]  # start_tls() does not call connection_made
+        echoed = 0
+        while True:
+            await srv.wait_bytes(echoed + 1)  # (returns at EOF too)
+            if len(srv.data) > echoed:
+                tls_tr.write(bytes(srv.data[echoed:]))
+                echoed = len(srv.data)
+            elif srv.eof.done() or srv.lost.done():
+                break
+        assert await srv.lost is None  # eof_received() returned None: the TLS transport closed
+        assert plain.is_closing()
+        # asyncio 3.10's old sslproto closes the plain transport but leaves the TLS transport
+        # unmarked (is_closing() False, and a ResourceWarning from its __del__ unless closed).
+        assert tls_tr.is_closing() is (sys.version_info >= (3, 11))
+        tls_tr.close()
+        done.append(True)
+
     async def protocol_client():
         tr, pr = await net.connect(Recorder)
         tr.write(b"STARTTLS\n")
@@ -2097,8 +2146,11 @@ def test_start_tls_upgrade(loop, net, tls_files, client_kind):
         assert pr.data == b"GO\n"
         pr.data.clear()
         tls_tr = await loop.start_tls(tr, pr, client_ctx, server_hostname="localhost")
-        # The plain transport now feeds asyncio's SSL protocol (a BufferedProtocol).
-        assert isinstance(tr.get_protocol(), asyncio.BufferedProtocol)
+        # The plain transport now feeds asyncio's SSL protocol (a BufferedProtocol since
+        # 3.11's rewrite of sslproto).
+        assert isinstance(tr.get_protocol(), asyncio.sslproto.SSLProtocol)
+        if sys.version_info >= (3, 11):
+            assert isinstance(tr.get_protocol(), asyncio.BufferedProtocol)
         assert tls_tr.get_extra_info("ssl_object") is not None
         assert tls_tr.get_extra_info("peercert")["subject"] == ((("commonName", "localhost"),),)
         assert tls_tr.get_extra_info("socket").fileno() == tr.get_extra_info("socket").fileno()
@@ -2123,8 +2175,15 @@ def test_start_tls_upgrade(loop, net, tls_files, client_kind):
         await writer.wait_closed()
 
     async def main():
-        await net.start_server(handler)
-        await (protocol_client() if client_kind == "protocol" else streams_client())
+        if kind == "protocol":
+            factory, servers = collector(Recorder)
+            await net.server(factory)
+            server = asyncio.ensure_future(protocol_server(servers))
+            await protocol_client()
+            await server
+        else:
+            await net.start_server(stream_handler)
+            await streams_client()
         while not done:
             await asyncio.sleep(0.001)
 
