@@ -335,6 +335,17 @@ class Net:
             await p.made
         return p
 
+    async def connected(self, server=Recorder, client=Recorder):
+        """The common prologue: start a server whose protocols ``server()`` makes, connect a
+        ``client()`` protocol to it, and wait for the server side of that connection
+        (accepted, and ``made`` when the protocol has that future).
+
+        Returns ``(client transport, client protocol, server-side protocol)``."""
+        factory, servers = collector(server)
+        await self.server(factory)
+        tr, pr = await self.connect(client)
+        return tr, pr, await self.server_side(servers)
+
     async def cleanup(self):
         for tr in _TRACKED:
             if not tr.is_closing():
@@ -369,6 +380,11 @@ def tcp_net(loop, sock_dir):
             run(loop, n.cleanup(), timeout=10)
     finally:
         _TRACKED.clear()
+
+
+def recorder(**attrs):
+    """A Recorder subclass with these class attributes (``pause_on_made``, ...)."""
+    return type("Recorder", (Recorder,), attrs)
 
 
 def collector(factory):
@@ -414,6 +430,8 @@ def _check_extra_info(net, transport, *, server_side):
 
 def test_echo_protocol(loop, net):
     async def main():
+        # Step by step (not net.connected()): the client's state as create_connection()
+        # returns, before the server side is known, is part of what is checked.
         factory, servers = collector(Recorder)
         await net.server(factory)
         tr, pr = await net.connect(Recorder)
@@ -452,9 +470,9 @@ def test_echo_buffered_protocol(loop, net):
     data = payload(1 << 20)
 
     async def main():
-        factory, servers = collector(BufferedEcho)
-        await net.server(factory)
-        tr, pr = await net.connect(lambda: BufferedRecorder(1000))
+        tr, pr, srv = await net.connected(
+            server=BufferedEcho, client=lambda: BufferedRecorder(1000)
+        )
         assert isinstance(tr, asyncio.Transport)
         _check_extra_info(net, tr, server_side=False)
         tr.write(data)
@@ -462,7 +480,7 @@ def test_echo_buffered_protocol(loop, net):
             await asyncio.sleep(0.001)
             assert not pr.eof.done()
         assert sha(pr.data) == sha(data)
-        assert pr.hints == {-1} and servers[0].hints == {-1}
+        assert pr.hints == {-1} and srv.hints == {-1}
         assert pr.reads >= len(data) // 1000
         tr.write_eof()
         await pr.eof
@@ -673,14 +691,12 @@ def test_large_transfer_both_directions_under_flow_control(loop, net):
         def server_paused():
             client["tr"].resume_reading()
 
-        factory, servers = collector(lambda: FlowEcho(server_paused))
-        await net.server(factory)
-        tr, pr = await net.connect(
-            lambda: Producer(data, read_first=False, on_made=lambda t: client.update(tr=t))
+        tr, pr, srv = await net.connected(
+            server=lambda: FlowEcho(server_paused),
+            client=lambda: Producer(data, read_first=False, on_made=lambda t: client.update(tr=t)),
         )
         await pr.done
         assert await pr.lost is None
-        srv = servers[0]
         assert pr.received == BIG and srv.received == BIG
         assert pr.hash.hexdigest() == expected
         assert pr.errors == [] and srv.errors == []
@@ -728,12 +744,10 @@ def test_lowering_high_water_pauses_at_once(loop, tcp_net):
     """set_write_buffer_limits() below what is buffered calls pause_writing() right away."""
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await tcp_net.server_side(servers)
         tr.set_write_buffer_limits(high=64 << 20)
         tr.write(b"x" * (8 << 20))
         size = tr.get_write_buffer_size()
@@ -757,10 +771,9 @@ def test_lowering_high_water_pauses_at_once(loop, tcp_net):
 
 def test_get_write_buffer_size_counts_unsent_bytes(loop, tcp_net):
     async def main():
-        factory, servers = collector(type("P", (Recorder,), {"pause_on_made": True}))
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True), client=recorder(small_buffers=True)
+        )
         shrink_buffers(srv.transport)
         tr.set_write_buffer_limits(high=1 << 30)
         assert tr.get_write_buffer_size() == 0
@@ -789,13 +802,11 @@ def test_writes_from_resume_writing_are_all_sent(loop, net):
     total = 16 << 20
 
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"small_buffers": True}))
-        await net.server(factory)
         # low=0: resume_writing() runs exactly when the buffer has just drained.
-        tr, pr = await net.connect(
-            lambda: Producer(payload(total, seed=4), chunk=1 << 20, high=1, low=0)
+        tr, pr, srv = await net.connected(
+            server=recorder(small_buffers=True),
+            client=lambda: Producer(payload(total, seed=4), chunk=1 << 20, high=1, low=0),
         )
-        srv = await net.server_side(servers)
         await srv.eof
         assert len(srv.data) == total
         assert sha(srv.data) == sha(payload(total, seed=4))
@@ -812,10 +823,7 @@ def test_writes_from_resume_writing_are_all_sent(loop, net):
 
 def test_writelines(loop, net):
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(Recorder)
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected()
         tr.writelines([b"ab", bytearray(b"cd"), memoryview(b"ef"), b""])
         tr.writelines([])
         tr.writelines(iter([b"gh", b"ij"]))
@@ -880,10 +888,7 @@ def test_write_type_errors(loop, tcp_net):
 
 def test_empty_write_sends_nothing(loop, net):
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(Recorder)
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected()
         for _ in range(10):
             tr.write(b"")
         tr.writelines([b"", b""])
@@ -899,10 +904,7 @@ def test_empty_write_sends_nothing(loop, net):
 
 def test_write_after_close_is_dropped(loop, tcp_net):
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         tr.write(b"before")
         tr.close()
         assert tr.is_closing()
@@ -922,10 +924,7 @@ def test_write_memoryview_shapes(loop, tcp_net):
     import array
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         ints = array.array("i", [1, 2, 3])
         tr.write(memoryview(ints))
         tr.write(memoryview(b"abcdef").cast("B", shape=[2, 3]))
@@ -943,10 +942,7 @@ def test_write_non_contiguous_memoryview(loop, tcp_net, handler_calls):
     exception handler is called and the transport closes), not an exception from write()."""
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        await tcp_net.server_side(servers)
+        tr, pr, _ = await tcp_net.connected()
         raised = None
         try:
             tr.write(memoryview(b"abcdef")[::2])
@@ -970,10 +966,7 @@ def test_close_inside_data_received(loop, tcp_net, how):
     """close()/abort() from data_received: no further data_received, one connection_lost."""
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         pr.on_data = lambda data: getattr(pr.transport, how)()
         srv.transport.write(b"first")
         exc = await pr.lost
@@ -1002,10 +995,7 @@ def test_connection_lost_exception_goes_to_handler(loop, tcp_net, handler_calls,
             raise Boom("connection_lost")
 
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": pending}))
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(P)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(server=recorder(pause_on_made=pending), client=P)
         if pending:
             shrink_buffers(srv.transport)
             tr.write(b"q" * (4 << 20))
@@ -1032,10 +1022,7 @@ def test_base_exception_from_data_received_propagates(loop, tcp_net, exc_type):
     state = {}
 
     async def setup():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         state.update(tr=tr, pr=pr, srv=srv)
 
         def raise_once(data):
@@ -1068,10 +1055,7 @@ def test_base_exception_from_data_received_propagates(loop, tcp_net, exc_type):
 @pytest.mark.parametrize("keep_open", [True, False, None])
 def test_eof_received_return_value(loop, net, keep_open):
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"eof_result": keep_open}))
-        await net.server(factory)
-        tr, pr = await net.connect(Recorder)
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected(server=recorder(eof_result=keep_open))
         assert tr.can_write_eof() and srv.transport.can_write_eof()
         tr.write(b"question")
         tr.write_eof()
@@ -1100,10 +1084,9 @@ def test_write_eof_waits_for_buffered_data(loop, net):
     size = 8 << 20
 
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": True}))
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected(
+            server=recorder(pause_on_made=True), client=recorder(small_buffers=True)
+        )
         data = payload(size, seed=5)
         tr.write(data)
         assert tr.get_write_buffer_size() > 0
@@ -1162,10 +1145,9 @@ def test_data_written_before_close_reaches_peer(loop, net):
     size = 6 << 20
 
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": True}))
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected(
+            server=recorder(pause_on_made=True), client=recorder(small_buffers=True)
+        )
         data = payload(size, seed=6)
         tr.write(data[:10])
         tr.write(data[10:])
@@ -1190,12 +1172,10 @@ def test_abort_drops_buffered_data(loop, net):
     size = 8 << 20
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, srv = await net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await net.server_side(servers)
         tr.write(b"x" * size)
         assert tr.get_write_buffer_size() > 0
         tr.abort()
@@ -1218,12 +1198,10 @@ def test_abort_drops_buffered_data(loop, net):
 
 def test_abort_after_close_loses_pending_data_once(loop, tcp_net):
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, _ = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        await tcp_net.server_side(servers)
         tr.write(b"x" * (8 << 20))
         tr.close()
         assert not pr.lost.done()
@@ -1241,10 +1219,7 @@ def test_abort_after_close_loses_pending_data_once(loop, tcp_net):
 
 def test_pause_and_resume_reading(loop, net):
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"pause_on_made": True}))
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected(client=recorder(pause_on_made=True))
         assert not tr.is_reading()
         tr.pause_reading()  # already paused: no-op
         for i in range(5):
@@ -1273,10 +1248,7 @@ def test_pause_reading_inside_data_received(loop, tcp_net):
             self.transport.pause_reading()
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(OneAtATime)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(client=OneAtATime)
         srv.transport.write(b"first")
         await pr.wait_bytes(5)
         assert not tr.is_reading()
@@ -1295,10 +1267,7 @@ def test_pause_reading_inside_data_received(loop, tcp_net):
 
 def test_is_closing(loop, tcp_net):
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         assert not tr.is_closing() and not srv.transport.is_closing()
         assert tr.is_reading()
         srv.transport.close()
@@ -1322,8 +1291,6 @@ def test_set_protocol_mid_stream(loop, tcp_net, first, second):
         return Recorder() if kind == "protocol" else BufferedRecorder(7)
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
         nxt = make(second)
         a = make(first)
         seen = []
@@ -1337,8 +1304,7 @@ def test_set_protocol_mid_stream(loop, tcp_net, first, second):
             tr.write(b"ack")
 
         a.on_data = switch
-        tr, _ = await tcp_net.connect(lambda: a)
-        srv = await tcp_net.server_side(servers)
+        tr, _, srv = await tcp_net.connected(client=lambda: a)
         srv.transport.write(b"one|")
         await srv.wait_bytes(3)
         assert seen == [True, True]
@@ -1411,11 +1377,8 @@ def _raising_protocol(where):
 )
 def test_protocol_exception_goes_to_handler(loop, tcp_net, handler_calls, where, message):
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
         proto = _raising_protocol(where)
-        tr, _ = await tcp_net.connect(lambda: proto)
-        srv = await tcp_net.server_side(servers)
+        tr, _, srv = await tcp_net.connected(client=lambda: proto)
         if where == "eof_received":
             srv.transport.write_eof()
         else:
@@ -1447,11 +1410,8 @@ def test_oserror_in_data_received_is_not_reported(loop, tcp_net):
     still closes and connection_lost gets the error."""
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
         proto = _raising_protocol("oserror")
-        tr, _ = await tcp_net.connect(lambda: proto)
-        srv = await tcp_net.server_side(servers)
+        tr, _, srv = await tcp_net.connected(client=lambda: proto)
         srv.transport.write(b"data")
         exc = await proto.lost
         assert isinstance(exc, ConnectionAbortedError)
@@ -1477,10 +1437,7 @@ def test_flow_control_callback_exception(loop, tcp_net, handler_calls, which):
                 raise Boom(which)
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(P)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(client=P)
         tr.set_write_buffer_limits(high=1000)
         tr.write(b"y" * (4 << 20))
         await srv.wait_bytes(4 << 20)
@@ -1507,7 +1464,7 @@ def test_flow_control_callback_exception(loop, tcp_net, handler_calls, which):
 
 def test_callbacks_come_from_the_loop_in_order(loop, net):
     async def main():
-        factory, servers = collector(Recorder)
+        factory, servers = collector(Recorder)  # step by step: see test_echo_protocol
         await net.server(factory)
         tr, pr = await net.connect(Recorder)
         # connection_made ran before create_connection() returned, from the loop (not inside
@@ -1556,11 +1513,8 @@ def test_protocol_callbacks_run_in_the_connecting_context(loop, tcp_net):
             return super().eof_received()
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
         cv.set("client")
-        tr, pr = await tcp_net.connect(P)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(client=P)
         srv.transport.write(b"x")
         await pr.wait_bytes(1)
         srv.transport.close()
@@ -1846,16 +1800,13 @@ def test_sendfile(loop, net, data_file, offset, count):
     expected = data[offset : offset + count if count else None]
 
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(Recorder)
+        tr, pr, srv = await net.connected()
         tr.write(b"head|")
         n = await loop.sendfile(tr, f, offset, count, fallback=False)
         assert n == len(expected)
         assert f.tell() == offset + n
         tr.write(b"|tail")
         tr.close()
-        srv = await net.server_side(servers)
         await srv.eof
         assert sha(srv.data) == sha(b"head|" + expected + b"|tail")
         assert await pr.lost is None
@@ -1868,9 +1819,7 @@ def test_sendfile_fallback(loop, net, fallback):
     data = payload(2 << 20, seed=8)
 
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        tr, pr, srv = await net.connected(client=recorder(small_buffers=True))
         f = io.BytesIO(data)  # not a regular file: os.sendfile() cannot take it
         if not fallback:
             with pytest.raises(asyncio.SendfileNotAvailableError):
@@ -1886,7 +1835,6 @@ def test_sendfile_fallback(loop, net, fallback):
             assert tr.is_reading()
             expected = data[10:]
         tr.close()
-        srv = await net.server_side(servers)
         await srv.eof
         assert sha(srv.data) == sha(expected)
         await pr.lost
@@ -1900,12 +1848,10 @@ def test_write_during_sendfile_raises(loop, tcp_net, tmp_path):
     path.write_bytes(data)
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await tcp_net.server_side(servers)
         with open(path, "rb") as f:
             task = asyncio.ensure_future(loop.sendfile(tr, f))
             for _ in range(3):
@@ -1942,12 +1888,10 @@ def test_sendfile_waits_for_buffered_writes(loop, tcp_net, data_file):
     head = payload(6 << 20, seed=10)
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await tcp_net.server_side(servers)
         tr.write(head)
         assert tr.get_write_buffer_size() > 0
         task = asyncio.ensure_future(loop.sendfile(tr, f))
@@ -1969,12 +1913,10 @@ def test_abort_while_sendfile_waits_for_the_buffer(loop, tcp_net, data_file):
     f, _ = data_file
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, _ = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        await tcp_net.server_side(servers)
         tr.write(b"z" * (6 << 20))
         assert tr.get_write_buffer_size() > 0
         task = asyncio.ensure_future(loop.sendfile(tr, f))
