@@ -226,11 +226,3 @@ def pair():
     yield a, b
     a.close()
     b.close()
-
-
-# Why the stream/DNS networking tests do not run on Python 3.10.
-NET_TESTS_NEED_311 = (
-    "written against asyncio 3.11+ (3.10's asyncio differs in sslproto, flow control and "
-    "getaddrinfo details, so the asyncio parameter cannot serve as the spec here); "
-    "3.10 networking is covered by CPython's own test_asyncio in tests/cpython"
-)

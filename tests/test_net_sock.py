@@ -4,11 +4,16 @@ both loops. Loopback TCP/UDP and Unix sockets only; every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import inspect
 import io
+import os
 import random
+import select
 import socket
 import ssl
+import struct
 import sys
 
 import pytest
@@ -696,3 +701,611 @@ def test_sock_sendfile_cancelled_leaves_socket_usable(loop, tcp_pair, tmp_path):
         assert got == data[:sent] + b"!"
 
     run(loop, main())
+
+
+# --- the sock_* methods are coroutines ----------------------------------------------------------
+
+
+def test_sock_methods_are_coroutine_functions(loop, pair):
+    a, _ = pair
+    for method, make in _calls(loop, a, ("127.0.0.1", 9)).items():
+        assert inspect.iscoroutinefunction(getattr(loop, method)), method
+        coro = make()
+        try:
+            assert asyncio.iscoroutine(coro), (method, type(coro))
+            assert inspect.iscoroutine(coro), (method, type(coro))
+        finally:
+            coro.close()  # never started: nothing happens to the socket
+    assert loop.remove_reader(a) is False and loop.remove_writer(a) is False
+    assert a.fileno() >= 0
+
+
+def test_create_task_takes_sock_coroutines(loop, pair):
+    """loop.create_task() (not only ensure_future()) accepts the sock_* coroutines."""
+    a, b = pair
+
+    async def main():
+        recv = loop.create_task(loop.sock_recv(a, 100))
+        buf = bytearray(100)
+        await asyncio.sleep(0.01)
+        assert not recv.done()
+        send = loop.create_task(loop.sock_sendall(b, b"task"))
+        assert await send is None
+        assert await recv == b"task"
+        into = loop.create_task(loop.sock_recv_into(b, buf))
+        await loop.create_task(loop.sock_sendall(a, b"into"))
+        assert await into == 4 and buf[:4] == b"into"
+
+    run(loop, main())
+
+
+def _waiting_call(loop, method, sock):
+    """A call of ``method`` on ``sock`` that has to wait (nothing to read, or the peer's
+    buffer is full for sendall), and the call that completes it afterwards."""
+    if method == "sock_recv":
+        return loop.sock_recv(sock, 100)
+    if method == "sock_recv_into":
+        return loop.sock_recv_into(sock, bytearray(100))
+    if method == "sock_recvfrom":
+        return loop.sock_recvfrom(sock, 100)
+    if method == "sock_recvfrom_into":
+        return loop.sock_recvfrom_into(sock, bytearray(100))
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method", ["sock_recv", "sock_recv_into"])
+def test_wait_for_timeout_on_recv_leaves_socket_usable(loop, tcp_pair, method):
+    a, b = tcp_pair
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(_waiting_call(loop, method, a), 0.05)
+        assert loop.remove_reader(a) is False  # the timed-out call unregistered itself
+        await loop.sock_sendall(b, b"after timeout")
+        got = b""
+        while len(got) < 13:
+            got += await loop.sock_recv(a, 100)
+        assert got == b"after timeout"  # nothing was swallowed by the timed-out call
+
+    run(loop, main())
+
+
+@pytest.mark.skipif(not HAS_RECVFROM, reason="sock_recvfrom & co. are new in 3.11")
+@pytest.mark.parametrize("method", ["sock_recvfrom", "sock_recvfrom_into"])
+def test_wait_for_timeout_on_recvfrom_leaves_socket_usable(loop, udp_pair, method):
+    a, b = udp_pair
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(_waiting_call(loop, method, b), 0.05)
+        assert loop.remove_reader(b) is False
+        await loop.sock_sendto(a, b"after timeout", b.getsockname())
+        assert await loop.sock_recvfrom(b, 100) == (b"after timeout", a.getsockname())
+        # A cancelled recvfrom_into (cancelled while waiting) loses nothing either.
+        task = asyncio.ensure_future(loop.sock_recvfrom_into(b, bytearray(100)))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await loop.sock_sendto(a, b"after cancel", b.getsockname())
+        buf = bytearray(100)
+        assert await loop.sock_recvfrom_into(b, buf) == (12, a.getsockname())
+        assert buf[:12] == b"after cancel"
+
+    run(loop, main())
+
+
+def test_wait_for_timeout_on_accept_leaves_listener_usable(loop, inet):
+    family, host = inet
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind((host, 0))
+    listener.listen()
+    listener.setblocking(False)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(loop.sock_accept(listener), 0.05)
+        assert loop.remove_reader(listener) is False
+        with socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT) as c:
+            conn, addr = await loop.sock_accept(listener)
+            with conn:
+                assert addr == c.getsockname()
+
+    try:
+        run(loop, main())
+    finally:
+        listener.close()
+
+
+def test_wait_for_timeout_on_sendall_leaves_socket_usable(loop, tcp_pair):
+    a, b = tcp_pair
+    shrink(a)
+    shrink(b)
+    data = payload(8 << 20, seed=6)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(loop.sock_sendall(a, data), 0.05)  # b reads nothing
+        assert loop.remove_writer(a) is False
+
+        async def drain():
+            got = bytearray()
+            while not got.endswith(b"!"):
+                chunk = await loop.sock_recv(b, 1 << 20)
+                assert chunk
+                got += chunk
+            return bytes(got)
+
+        reader = asyncio.ensure_future(drain())
+        await loop.sock_sendall(a, b"!")
+        got = await reader
+        # A prefix of the data (what the timed-out call sent), then the new byte: nothing
+        # was sent twice or out of order.
+        sent = len(got) - 1
+        assert 0 < sent < len(data)
+        assert got == data[:sent] + b"!"
+
+    run(loop, main())
+
+
+# --- a reader and a writer on one socket --------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["recv", "sendall"])
+def test_recv_and_sendall_wait_on_one_socket_together(loop, tcp_pair, first):
+    """A waiting sock_recv and a waiting sock_sendall on the same socket: each completes on
+    its own event (registering one does not replace or wake the other)."""
+    a, b = tcp_pair
+    shrink(a)
+    shrink(b)
+    data = payload(8 << 20, seed=7)
+
+    async def main():
+        start = {
+            "recv": lambda: loop.sock_recv(a, 100),
+            "sendall": lambda: loop.sock_sendall(a, data),
+        }
+        tasks = {}
+        for name in [first, "sendall" if first == "recv" else "recv"]:
+            tasks[name] = asyncio.ensure_future(start[name]())
+            await asyncio.sleep(0.01)
+        assert not tasks["recv"].done() and not tasks["sendall"].done()
+        await loop.sock_sendall(b, b"ping")
+        assert await asyncio.wait_for(tasks["recv"], 5) == b"ping"
+        await asyncio.sleep(0.01)
+        assert not tasks["sendall"].done()  # b still reads nothing
+        got = bytearray()
+        while len(got) < len(data):
+            chunk = await loop.sock_recv(b, 1 << 20)
+            assert chunk
+            got += chunk
+        assert await asyncio.wait_for(tasks["sendall"], 5) is None
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        # Both registrations are gone.
+        assert loop.remove_reader(a) is False and loop.remove_writer(a) is False
+
+    run(loop, main())
+
+
+# --- fd numbers reused after close --------------------------------------------------------------
+
+
+def _socket_on_fd(fd):
+    """A connected Unix stream socket pair whose first socket has file descriptor ``fd``
+    (a number that was just closed, so normally the next socket gets it anyway)."""
+    c, d = socket.socketpair()
+    if c.fileno() != fd:
+        os.dup2(c.fileno(), fd)
+        c.close()
+        c = socket.socket(fileno=fd)
+    c.setblocking(False)
+    d.setblocking(False)
+    return c, d
+
+
+@pytest.mark.parametrize("how", ["completed", "cancelled"])
+def test_fd_number_reused_after_close(loop, how):
+    """A socket closed after a sock_recv (that completed, or was cancelled while waiting),
+    then a new socket with the same fd number: sock_recv, sock_sendall and add_reader work on
+    it (no stale registration of the old socket)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = a.fileno()
+
+    async def main():
+        task = asyncio.ensure_future(loop.sock_recv(a, 100))
+        await asyncio.sleep(0.01)
+        assert not task.done()  # registered with the loop, waiting
+        if how == "completed":
+            b.send(b"old")
+            assert await asyncio.wait_for(task, 5) == b"old"
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        a.close()
+        b.close()
+        c, d = _socket_on_fd(fd)
+        with c, d:
+            assert c.fileno() == fd
+            # sock_recv has to wait: the new socket's reader is registered and fires.
+            task = asyncio.ensure_future(loop.sock_recv(c, 100))
+            await asyncio.sleep(0.01)
+            assert not task.done()
+            d.send(b"new")
+            assert await asyncio.wait_for(task, 5) == b"new"
+            await asyncio.wait_for(loop.sock_sendall(c, b"back"), 5)
+            assert d.recv(100) == b"back"
+            # add_reader on the same fd number.
+            got = loop.create_future()
+
+            def on_readable():
+                if not got.done():
+                    got.set_result(c.recv(100))
+
+            loop.add_reader(fd, on_readable)
+            try:
+                d.send(b"reader")
+                assert await asyncio.wait_for(got, 5) == b"reader"
+            finally:
+                assert loop.remove_reader(fd) is True
+
+    run(loop, main())
+
+
+# --- sockets a transport owns -------------------------------------------------------------------
+
+
+def test_transport_check_only_when_the_call_must_wait(loop, inet):
+    """asyncio checks that no transport uses the fd (``_ensure_fd_no_transport``) only on the
+    path that registers a reader/writer: a sock_recv that finds data and a sock_sendall
+    that sends everything at once go through on a transport's socket (taking the data from
+    under the transport or writing around it), while calls that must wait raise
+    RuntimeError. Strange, but asyncio's behaviour."""
+    family, host = inet
+    server_transports = []
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.data = bytearray()
+            server_transports.append((transport, self))
+
+        def data_received(self, data):
+            self.data += data
+
+    async def main():
+        srv = await loop.create_server(Server, host, 0)
+        s = socket.create_connection(srv.sockets[0].getsockname()[:2], timeout=TIMEOUT)
+        tr, _ = await loop.create_connection(asyncio.Protocol, sock=s)
+        try:
+            while not server_transports:
+                await asyncio.sleep(0.001)
+            peer, peer_proto = server_transports[0]
+            tr.pause_reading()  # the transport does not read; the data stays in the socket
+            peer.write(b"ready")
+            while not select.select([s], [], [], 0)[0]:
+                await asyncio.sleep(0.001)
+            assert await loop.sock_recv(s, 100) == b"ready"
+            peer.write(b"into")
+            while not select.select([s], [], [], 0)[0]:
+                await asyncio.sleep(0.001)
+            buf = bytearray(10)
+            assert await loop.sock_recv_into(s, buf) == 4 and buf[:4] == b"into"
+            assert await loop.sock_sendall(s, b"small") is None
+            while len(peer_proto.data) < 5:
+                await asyncio.sleep(0.001)
+            assert peer_proto.data == b"small"
+            # Nothing to read: the call would wait, so it is refused.
+            with pytest.raises(RuntimeError, match="is used by transport"):
+                await loop.sock_recv(s, 100)
+            with pytest.raises(RuntimeError, match="is used by transport"):
+                await loop.sock_recv_into(s, buf)
+            # More than the socket takes at once: refused after a partial send.
+            peer.pause_reading()
+            shrink(s)
+            with pytest.raises(RuntimeError, match="is used by transport"):
+                await loop.sock_sendall(s, b"x" * (8 << 20))
+        finally:
+            tr.close()
+            for t, _ in server_transports:
+                t.close()
+            srv.close()
+            await srv.wait_closed()
+
+    run(loop, main())
+
+
+# --- buffers and sizes --------------------------------------------------------------------------
+
+
+def _recv_into_target(kind, storage):
+    """(buffer handed to sock_recv_into, offset of that buffer in ``storage``)"""
+    if kind == "bytearray":
+        return storage, 0
+    if kind == "memoryview":
+        return memoryview(storage), 0
+    return memoryview(storage)[8:16], 8  # a slice: writes must land inside it only
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "memoryview", "memoryview-slice"])
+@pytest.mark.parametrize("ready", [True, False], ids=["data-ready", "must-wait"])
+def test_recv_into_buffer_kinds(loop, pair, kind, ready):
+    a, b = pair
+    data = b"0123456789abcdefghijklmnopqrstuvwxyz"
+
+    async def main():
+        storage = bytearray(b"." * 32)
+        buf, offset = _recv_into_target(kind, storage)
+        if ready:
+            b.send(data)
+            n = await loop.sock_recv_into(a, buf)
+        else:
+            task = asyncio.ensure_future(loop.sock_recv_into(a, buf))
+            await asyncio.sleep(0.01)
+            assert not task.done()
+            b.send(data)
+            n = await task
+        assert n == len(buf)  # the buffer is smaller than what is available
+        assert storage == b"." * offset + data[:n] + b"." * (32 - offset - n)
+        # The rest stays in the socket, in order.
+        rest = b""
+        while len(rest) < len(data) - n:
+            rest += await loop.sock_recv(a, 100)
+        assert rest == data[n:]
+
+    run(loop, main())
+
+
+@pytest.fixture
+def big_dgram_pair():
+    """A Unix datagram socket pair that carries 384 KiB datagrams (one recv() each)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (a, b):
+        s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_recv_more_than_256k_at_once(loop, big_dgram_pair):
+    """sock_recv(n) with n above 256 KiB returns everything up to n that one recv() gives
+    (no cap at the transports' 256 KiB read size)."""
+    a, b = big_dgram_pair
+    size = 384 << 10
+    one, two, three = payload(size, seed=8), payload(size, seed=9), payload(size, seed=10)
+
+    async def main():
+        assert a.send(one) == size  # precondition: the kernel takes a 384 KiB datagram
+        assert await loop.sock_recv(b, 1 << 20) == one
+        task = asyncio.ensure_future(loop.sock_recv(b, 1 << 20))  # the waiting path
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        a.send(two)
+        assert await task == two
+        buf = bytearray(1 << 20)
+        a.send(three)
+        assert await loop.sock_recv_into(b, buf) == size
+        assert buf[:size] == three and buf[size:] == bytes(len(buf) - size)
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "memoryview-slice"])
+def test_sendall_several_mib_to_a_slow_reader(loop, tcp_pair, kind):
+    """Many partial writes (small buffers, a reader that takes 16 KiB at a time and
+    pauses): every byte arrives once, in order."""
+    a, b = tcp_pair
+    shrink(a)
+    shrink(b)
+    data = payload(6 << 20, seed=11)
+    if kind == "bytes":
+        obj = data
+    elif kind == "bytearray":
+        obj = bytearray(data)
+    elif kind == "memoryview":
+        obj = memoryview(bytearray(data))
+    else:
+        obj = memoryview(b"head" + data + b"tail")[4:-4]
+
+    async def slow_reader():
+        h = hashlib.sha256()
+        total = reads = 0
+        while True:
+            chunk = await loop.sock_recv(b, 16 << 10)
+            if not chunk:
+                return total, h.hexdigest(), reads
+            total += len(chunk)
+            h.update(chunk)
+            reads += 1
+            if reads % 8 == 0:
+                await asyncio.sleep(0.001)
+
+    async def main():
+        sender = asyncio.ensure_future(loop.sock_sendall(a, obj))
+        await asyncio.sleep(0.01)
+        assert not sender.done()  # nothing read yet: the sendall must wait
+        reader = asyncio.ensure_future(slow_reader())
+        assert await sender is None
+        a.shutdown(socket.SHUT_WR)
+        total, digest, reads = await reader
+        assert total == len(data)
+        assert digest == hashlib.sha256(data).hexdigest()
+        assert reads >= len(data) // (16 << 10)
+
+    run(loop, main())
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def _reset_pair(family, host):
+    """(client, peer) TCP sockets, the client non-blocking."""
+    with socket.create_server((host, 0), family=family) as listener:
+        c = socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT)
+        p, _ = listener.accept()
+    c.setblocking(False)
+    return c, p
+
+
+def _reset(peer):
+    """Close with SO_LINGER 0: the other side gets a RST."""
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+
+
+@pytest.mark.parametrize("when", ["before", "while-waiting"])
+def test_sendall_on_a_reset_connection(loop, inet, when):
+    """The first send after the RST fails with ECONNRESET (ConnectionResetError), later ones
+    with EPIPE (BrokenPipeError); the reset was consumed by the send, so a recv then reads
+    EOF (what the kernel does; asyncio passes it on)."""
+    family, host = inet
+    c, p = _reset_pair(family, host)
+
+    async def main():
+        if when == "before":
+            _reset(p)
+            for _ in range(1000):  # until the RST arrived (the socket turns readable)
+                if select.select([c], [], [], 0)[0]:
+                    break
+                await asyncio.sleep(0.001)
+            with pytest.raises(ConnectionResetError) as e:
+                await loop.sock_sendall(c, b"x" * 100)
+        else:
+            shrink(c)
+            task = asyncio.ensure_future(loop.sock_sendall(c, b"x" * (8 << 20)))
+            await asyncio.sleep(0.01)
+            assert not task.done()  # the peer reads nothing: waiting for the buffer
+            _reset(p)
+            with pytest.raises(ConnectionResetError) as e:
+                await asyncio.wait_for(task, 5)
+            assert loop.remove_writer(c) is False
+        assert e.value.errno == errno.ECONNRESET
+        with pytest.raises(BrokenPipeError) as e:
+            await loop.sock_sendall(c, b"again")
+        assert e.value.errno == errno.EPIPE
+        assert await loop.sock_recv(c, 100) == b""
+
+    try:
+        run(loop, main())
+    finally:
+        c.close()
+        p.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sock_call_on_a_closed_socket(loop, method):
+    """A closed socket object (fileno() -1): the call fails with OSError(EBADF) from the
+    socket method itself, as asyncio tries the operation before anything else."""
+    if method not in _calls(loop, None, None):
+        pytest.skip(f"loop.{method} is new in 3.11")
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.close()
+    with pytest.raises(OSError) as e:
+        run(loop, _calls(loop, s, ("127.0.0.1", 9))[method]())
+    assert type(e.value) is OSError
+    assert e.value.errno == errno.EBADF
+
+
+# --- accept -------------------------------------------------------------------------------------
+
+
+def test_accept_many_pending_connections(loop, inet):
+    """Connections queued before sock_accept is called are all accepted, each a connected,
+    non-blocking socket of the listener's family whose peer is the client."""
+    family, host = inet
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind((host, 0))
+    listener.listen(100)
+    listener.setblocking(False)
+    clients = []
+
+    async def main():
+        for _ in range(50):
+            c = socket.socket(family, socket.SOCK_STREAM)
+            clients.append(c)
+            c.setblocking(False)
+            await loop.sock_connect(c, listener.getsockname())
+        by_name = {c.getsockname(): c for c in clients}
+        accepted = []
+        try:
+            for _ in clients:
+                conn, addr = await asyncio.wait_for(loop.sock_accept(listener), 5)
+                accepted.append(conn)
+                assert conn.family == family and conn.type == socket.SOCK_STREAM
+                assert conn.gettimeout() == 0
+                assert os.get_blocking(conn.fileno()) is False
+                assert addr == conn.getpeername()
+                assert conn.getsockname() == listener.getsockname()
+                client = by_name.pop(addr)
+                await loop.sock_sendall(conn, b"hi")
+                assert await loop.sock_recv(client, 10) == b"hi"
+            assert by_name == {}
+            # The queue is empty: the next accept waits.
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(loop.sock_accept(listener), 0.05)
+        finally:
+            for conn in accepted:
+                conn.close()
+
+    try:
+        run(loop, main())
+    finally:
+        listener.close()
+        for c in clients:
+            c.close()
+
+
+# --- datagrams with addresses -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_RECVFROM, reason="sock_recvfrom & co. are new in 3.11")
+def test_udp_many_senders_and_buffers(loop, inet):
+    """One receiver, several senders: each datagram comes with its sender's address (a
+    4-tuple on IPv6); sock_recvfrom_into writes into a memoryview slice; nbytes larger
+    than the buffer is a ValueError (from socket.recvfrom_into, before any waiting)."""
+    family, host = inet
+    socks = []
+    for _ in range(4):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        socks.append(s)
+        s.bind((host, 0))
+        s.setblocking(False)
+    rx, senders = socks[0], socks[1:]
+
+    async def main():
+        for i, s in enumerate(senders):
+            assert await loop.sock_sendto(s, b"from %d" % i, rx.getsockname()) == 6
+        seen = {}
+        for _ in senders:
+            data, addr = await loop.sock_recvfrom(rx, 100)
+            assert len(addr) == (4 if family == socket.AF_INET6 else 2)
+            seen[addr] = data
+        assert seen == {s.getsockname(): b"from %d" % i for i, s in enumerate(senders)}
+        # Replies go back to each address.
+        for addr in seen:
+            await loop.sock_sendto(rx, b"reply", addr)
+        for s in senders:
+            assert await loop.sock_recvfrom(s, 100) == (b"reply", rx.getsockname())
+        # recvfrom_into a slice of a memoryview, waiting for the datagram.
+        storage = bytearray(b"." * 20)
+        task = asyncio.ensure_future(loop.sock_recvfrom_into(rx, memoryview(storage)[5:15]))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        await loop.sock_sendto(senders[0], b"0123456789abcdef", rx.getsockname())
+        assert await task == (10, senders[0].getsockname())  # truncated to the slice
+        assert storage == b"....." + b"0123456789" + b"....."
+        with pytest.raises(ValueError, match="nbytes is greater than the length of the buffer"):
+            await loop.sock_recvfrom_into(rx, bytearray(4), 8)
+        # A 60000-byte datagram in one piece.
+        big = payload(60000, seed=12)
+        assert await loop.sock_sendto(senders[1], big, rx.getsockname()) == len(big)
+        assert await loop.sock_recvfrom(rx, 65536) == (big, senders[1].getsockname())
+
+    try:
+        run(loop, main())
+    finally:
+        for s in socks:
+            s.close()

@@ -25,16 +25,12 @@ import tempfile
 import weakref
 
 import pytest
-from conftest import NET_TESTS_NEED_311
 
 PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)
 
 TIMEOUT = 20  # seconds, for one run(): below pytest-timeout's 30 s per test
 SMALL_SOCKBUF = 64 * 1024  # kernel buffers for the flow-control tests (bounds what they hold)
-
-if sys.version_info < (3, 11):
-    pytest.skip(NET_TESTS_NEED_311, allow_module_level=True)
 
 
 def _has_ipv6() -> bool:
@@ -69,6 +65,20 @@ def shrink_buffers(transport, size=SMALL_SOCKBUF):
     sock = transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def pause_in_connection_made(transport):
+    """``transport.pause_reading()``, called from ``connection_made()``.
+
+    asyncio 3.10 ignores that call: its socket transport registers its reader with a
+    ``call_soon`` queued behind ``connection_made`` and does not check ``_paused`` first
+    (gh-103607, fixed in 3.11). There the pause is made one callback later instead: still
+    before any data can have been read (reading needs an I/O event of a later iteration), and
+    before ``create_connection()`` returns (its waiter is woken after that callback)."""
+    if sys.version_info >= (3, 11):
+        transport.pause_reading()
+    else:
+        asyncio.get_running_loop().call_soon(transport.pause_reading)
 
 
 # --- protocols -----------------------------------------------------------------------------
@@ -111,7 +121,7 @@ class Recorder(asyncio.Protocol):
         if self.small_buffers:
             shrink_buffers(transport)
         if self.pause_on_made:
-            transport.pause_reading()
+            pause_in_connection_made(transport)
         self.made.set_result(transport)
 
     def data_received(self, data):
@@ -325,6 +335,17 @@ class Net:
             await p.made
         return p
 
+    async def connected(self, server=Recorder, client=Recorder):
+        """The common prologue: start a server whose protocols ``server()`` makes, connect a
+        ``client()`` protocol to it, and wait for the server side of that connection
+        (accepted, and ``made`` when the protocol has that future).
+
+        Returns ``(client transport, client protocol, server-side protocol)``."""
+        factory, servers = collector(server)
+        await self.server(factory)
+        tr, pr = await self.connect(client)
+        return tr, pr, await self.server_side(servers)
+
     async def cleanup(self):
         for tr in _TRACKED:
             if not tr.is_closing():
@@ -359,6 +380,11 @@ def tcp_net(loop, sock_dir):
             run(loop, n.cleanup(), timeout=10)
     finally:
         _TRACKED.clear()
+
+
+def recorder(**attrs):
+    """A Recorder subclass with these class attributes (``pause_on_made``, ...)."""
+    return type("Recorder", (Recorder,), attrs)
 
 
 def collector(factory):
@@ -404,6 +430,8 @@ def _check_extra_info(net, transport, *, server_side):
 
 def test_echo_protocol(loop, net):
     async def main():
+        # Step by step (not net.connected()): the client's state as create_connection()
+        # returns, before the server side is known, is part of what is checked.
         factory, servers = collector(Recorder)
         await net.server(factory)
         tr, pr = await net.connect(Recorder)
@@ -442,9 +470,9 @@ def test_echo_buffered_protocol(loop, net):
     data = payload(1 << 20)
 
     async def main():
-        factory, servers = collector(BufferedEcho)
-        await net.server(factory)
-        tr, pr = await net.connect(lambda: BufferedRecorder(1000))
+        tr, pr, srv = await net.connected(
+            server=BufferedEcho, client=lambda: BufferedRecorder(1000)
+        )
         assert isinstance(tr, asyncio.Transport)
         _check_extra_info(net, tr, server_side=False)
         tr.write(data)
@@ -452,7 +480,7 @@ def test_echo_buffered_protocol(loop, net):
             await asyncio.sleep(0.001)
             assert not pr.eof.done()
         assert sha(pr.data) == sha(data)
-        assert pr.hints == {-1} and servers[0].hints == {-1}
+        assert pr.hints == {-1} and srv.hints == {-1}
         assert pr.reads >= len(data) // 1000
         tr.write_eof()
         await pr.eof
@@ -611,7 +639,7 @@ class Producer(asyncio.Protocol):
             self.errors.append(f"limits {transport.get_write_buffer_limits()}")
         if not self.read_first:
             # Read nothing until the server's writes are paused: both sides must pause.
-            transport.pause_reading()
+            pause_in_connection_made(transport)
         if self.on_made is not None:
             self.on_made(transport)
         self.pump()
@@ -663,14 +691,12 @@ def test_large_transfer_both_directions_under_flow_control(loop, net):
         def server_paused():
             client["tr"].resume_reading()
 
-        factory, servers = collector(lambda: FlowEcho(server_paused))
-        await net.server(factory)
-        tr, pr = await net.connect(
-            lambda: Producer(data, read_first=False, on_made=lambda t: client.update(tr=t))
+        tr, pr, srv = await net.connected(
+            server=lambda: FlowEcho(server_paused),
+            client=lambda: Producer(data, read_first=False, on_made=lambda t: client.update(tr=t)),
         )
         await pr.done
         assert await pr.lost is None
-        srv = servers[0]
         assert pr.received == BIG and srv.received == BIG
         assert pr.hash.hexdigest() == expected
         assert pr.errors == [] and srv.errors == []
@@ -718,12 +744,10 @@ def test_lowering_high_water_pauses_at_once(loop, tcp_net):
     """set_write_buffer_limits() below what is buffered calls pause_writing() right away."""
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await tcp_net.server_side(servers)
         tr.set_write_buffer_limits(high=64 << 20)
         tr.write(b"x" * (8 << 20))
         size = tr.get_write_buffer_size()
@@ -747,10 +771,9 @@ def test_lowering_high_water_pauses_at_once(loop, tcp_net):
 
 def test_get_write_buffer_size_counts_unsent_bytes(loop, tcp_net):
     async def main():
-        factory, servers = collector(type("P", (Recorder,), {"pause_on_made": True}))
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True), client=recorder(small_buffers=True)
+        )
         shrink_buffers(srv.transport)
         tr.set_write_buffer_limits(high=1 << 30)
         assert tr.get_write_buffer_size() == 0
@@ -779,13 +802,11 @@ def test_writes_from_resume_writing_are_all_sent(loop, net):
     total = 16 << 20
 
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"small_buffers": True}))
-        await net.server(factory)
         # low=0: resume_writing() runs exactly when the buffer has just drained.
-        tr, pr = await net.connect(
-            lambda: Producer(payload(total, seed=4), chunk=1 << 20, high=1, low=0)
+        tr, pr, srv = await net.connected(
+            server=recorder(small_buffers=True),
+            client=lambda: Producer(payload(total, seed=4), chunk=1 << 20, high=1, low=0),
         )
-        srv = await net.server_side(servers)
         await srv.eof
         assert len(srv.data) == total
         assert sha(srv.data) == sha(payload(total, seed=4))
@@ -802,10 +823,7 @@ def test_writes_from_resume_writing_are_all_sent(loop, net):
 
 def test_writelines(loop, net):
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(Recorder)
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected()
         tr.writelines([b"ab", bytearray(b"cd"), memoryview(b"ef"), b""])
         tr.writelines([])
         tr.writelines(iter([b"gh", b"ij"]))
@@ -870,10 +888,7 @@ def test_write_type_errors(loop, tcp_net):
 
 def test_empty_write_sends_nothing(loop, net):
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(Recorder)
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected()
         for _ in range(10):
             tr.write(b"")
         tr.writelines([b"", b""])
@@ -889,10 +904,7 @@ def test_empty_write_sends_nothing(loop, net):
 
 def test_write_after_close_is_dropped(loop, tcp_net):
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         tr.write(b"before")
         tr.close()
         assert tr.is_closing()
@@ -912,10 +924,7 @@ def test_write_memoryview_shapes(loop, tcp_net):
     import array
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         ints = array.array("i", [1, 2, 3])
         tr.write(memoryview(ints))
         tr.write(memoryview(b"abcdef").cast("B", shape=[2, 3]))
@@ -933,10 +942,7 @@ def test_write_non_contiguous_memoryview(loop, tcp_net, handler_calls):
     exception handler is called and the transport closes), not an exception from write()."""
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        await tcp_net.server_side(servers)
+        tr, pr, _ = await tcp_net.connected()
         raised = None
         try:
             tr.write(memoryview(b"abcdef")[::2])
@@ -960,10 +966,7 @@ def test_close_inside_data_received(loop, tcp_net, how):
     """close()/abort() from data_received: no further data_received, one connection_lost."""
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         pr.on_data = lambda data: getattr(pr.transport, how)()
         srv.transport.write(b"first")
         exc = await pr.lost
@@ -992,10 +995,7 @@ def test_connection_lost_exception_goes_to_handler(loop, tcp_net, handler_calls,
             raise Boom("connection_lost")
 
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": pending}))
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(P)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(server=recorder(pause_on_made=pending), client=P)
         if pending:
             shrink_buffers(srv.transport)
             tr.write(b"q" * (4 << 20))
@@ -1022,10 +1022,7 @@ def test_base_exception_from_data_received_propagates(loop, tcp_net, exc_type):
     state = {}
 
     async def setup():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         state.update(tr=tr, pr=pr, srv=srv)
 
         def raise_once(data):
@@ -1058,10 +1055,7 @@ def test_base_exception_from_data_received_propagates(loop, tcp_net, exc_type):
 @pytest.mark.parametrize("keep_open", [True, False, None])
 def test_eof_received_return_value(loop, net, keep_open):
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"eof_result": keep_open}))
-        await net.server(factory)
-        tr, pr = await net.connect(Recorder)
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected(server=recorder(eof_result=keep_open))
         assert tr.can_write_eof() and srv.transport.can_write_eof()
         tr.write(b"question")
         tr.write_eof()
@@ -1090,10 +1084,9 @@ def test_write_eof_waits_for_buffered_data(loop, net):
     size = 8 << 20
 
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": True}))
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected(
+            server=recorder(pause_on_made=True), client=recorder(small_buffers=True)
+        )
         data = payload(size, seed=5)
         tr.write(data)
         assert tr.get_write_buffer_size() > 0
@@ -1152,10 +1145,9 @@ def test_data_written_before_close_reaches_peer(loop, net):
     size = 6 << 20
 
     async def main():
-        factory, servers = collector(type("S", (Recorder,), {"pause_on_made": True}))
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected(
+            server=recorder(pause_on_made=True), client=recorder(small_buffers=True)
+        )
         data = payload(size, seed=6)
         tr.write(data[:10])
         tr.write(data[10:])
@@ -1180,12 +1172,10 @@ def test_abort_drops_buffered_data(loop, net):
     size = 8 << 20
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, srv = await net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await net.server_side(servers)
         tr.write(b"x" * size)
         assert tr.get_write_buffer_size() > 0
         tr.abort()
@@ -1208,12 +1198,10 @@ def test_abort_drops_buffered_data(loop, net):
 
 def test_abort_after_close_loses_pending_data_once(loop, tcp_net):
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, _ = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        await tcp_net.server_side(servers)
         tr.write(b"x" * (8 << 20))
         tr.close()
         assert not pr.lost.done()
@@ -1231,10 +1219,7 @@ def test_abort_after_close_loses_pending_data_once(loop, tcp_net):
 
 def test_pause_and_resume_reading(loop, net):
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"pause_on_made": True}))
-        srv = await net.server_side(servers)
+        tr, pr, srv = await net.connected(client=recorder(pause_on_made=True))
         assert not tr.is_reading()
         tr.pause_reading()  # already paused: no-op
         for i in range(5):
@@ -1263,10 +1248,7 @@ def test_pause_reading_inside_data_received(loop, tcp_net):
             self.transport.pause_reading()
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(OneAtATime)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(client=OneAtATime)
         srv.transport.write(b"first")
         await pr.wait_bytes(5)
         assert not tr.is_reading()
@@ -1285,10 +1267,7 @@ def test_pause_reading_inside_data_received(loop, tcp_net):
 
 def test_is_closing(loop, tcp_net):
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(Recorder)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected()
         assert not tr.is_closing() and not srv.transport.is_closing()
         assert tr.is_reading()
         srv.transport.close()
@@ -1312,8 +1291,6 @@ def test_set_protocol_mid_stream(loop, tcp_net, first, second):
         return Recorder() if kind == "protocol" else BufferedRecorder(7)
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
         nxt = make(second)
         a = make(first)
         seen = []
@@ -1327,8 +1304,7 @@ def test_set_protocol_mid_stream(loop, tcp_net, first, second):
             tr.write(b"ack")
 
         a.on_data = switch
-        tr, _ = await tcp_net.connect(lambda: a)
-        srv = await tcp_net.server_side(servers)
+        tr, _, srv = await tcp_net.connected(client=lambda: a)
         srv.transport.write(b"one|")
         await srv.wait_bytes(3)
         assert seen == [True, True]
@@ -1401,11 +1377,8 @@ def _raising_protocol(where):
 )
 def test_protocol_exception_goes_to_handler(loop, tcp_net, handler_calls, where, message):
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
         proto = _raising_protocol(where)
-        tr, _ = await tcp_net.connect(lambda: proto)
-        srv = await tcp_net.server_side(servers)
+        tr, _, srv = await tcp_net.connected(client=lambda: proto)
         if where == "eof_received":
             srv.transport.write_eof()
         else:
@@ -1437,11 +1410,8 @@ def test_oserror_in_data_received_is_not_reported(loop, tcp_net):
     still closes and connection_lost gets the error."""
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
         proto = _raising_protocol("oserror")
-        tr, _ = await tcp_net.connect(lambda: proto)
-        srv = await tcp_net.server_side(servers)
+        tr, _, srv = await tcp_net.connected(client=lambda: proto)
         srv.transport.write(b"data")
         exc = await proto.lost
         assert isinstance(exc, ConnectionAbortedError)
@@ -1467,10 +1437,7 @@ def test_flow_control_callback_exception(loop, tcp_net, handler_calls, which):
                 raise Boom(which)
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(P)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(client=P)
         tr.set_write_buffer_limits(high=1000)
         tr.write(b"y" * (4 << 20))
         await srv.wait_bytes(4 << 20)
@@ -1497,7 +1464,7 @@ def test_flow_control_callback_exception(loop, tcp_net, handler_calls, which):
 
 def test_callbacks_come_from_the_loop_in_order(loop, net):
     async def main():
-        factory, servers = collector(Recorder)
+        factory, servers = collector(Recorder)  # step by step: see test_echo_protocol
         await net.server(factory)
         tr, pr = await net.connect(Recorder)
         # connection_made ran before create_connection() returned, from the loop (not inside
@@ -1546,11 +1513,8 @@ def test_protocol_callbacks_run_in_the_connecting_context(loop, tcp_net):
             return super().eof_received()
 
     async def main():
-        factory, servers = collector(Recorder)
-        await tcp_net.server(factory)
         cv.set("client")
-        tr, pr = await tcp_net.connect(P)
-        srv = await tcp_net.server_side(servers)
+        tr, pr, srv = await tcp_net.connected(client=P)
         srv.transport.write(b"x")
         await pr.wait_bytes(1)
         srv.transport.close()
@@ -1836,16 +1800,13 @@ def test_sendfile(loop, net, data_file, offset, count):
     expected = data[offset : offset + count if count else None]
 
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(Recorder)
+        tr, pr, srv = await net.connected()
         tr.write(b"head|")
         n = await loop.sendfile(tr, f, offset, count, fallback=False)
         assert n == len(expected)
         assert f.tell() == offset + n
         tr.write(b"|tail")
         tr.close()
-        srv = await net.server_side(servers)
         await srv.eof
         assert sha(srv.data) == sha(b"head|" + expected + b"|tail")
         assert await pr.lost is None
@@ -1858,9 +1819,7 @@ def test_sendfile_fallback(loop, net, fallback):
     data = payload(2 << 20, seed=8)
 
     async def main():
-        factory, servers = collector(Recorder)
-        await net.server(factory)
-        tr, pr = await net.connect(type("C", (Recorder,), {"small_buffers": True}))
+        tr, pr, srv = await net.connected(client=recorder(small_buffers=True))
         f = io.BytesIO(data)  # not a regular file: os.sendfile() cannot take it
         if not fallback:
             with pytest.raises(asyncio.SendfileNotAvailableError):
@@ -1876,7 +1835,6 @@ def test_sendfile_fallback(loop, net, fallback):
             assert tr.is_reading()
             expected = data[10:]
         tr.close()
-        srv = await net.server_side(servers)
         await srv.eof
         assert sha(srv.data) == sha(expected)
         await pr.lost
@@ -1890,12 +1848,10 @@ def test_write_during_sendfile_raises(loop, tcp_net, tmp_path):
     path.write_bytes(data)
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await tcp_net.server_side(servers)
         with open(path, "rb") as f:
             task = asyncio.ensure_future(loop.sendfile(tr, f))
             for _ in range(3):
@@ -1932,12 +1888,10 @@ def test_sendfile_waits_for_buffered_writes(loop, tcp_net, data_file):
     head = payload(6 << 20, seed=10)
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        srv = await tcp_net.server_side(servers)
         tr.write(head)
         assert tr.get_write_buffer_size() > 0
         task = asyncio.ensure_future(loop.sendfile(tr, f))
@@ -1959,12 +1913,10 @@ def test_abort_while_sendfile_waits_for_the_buffer(loop, tcp_net, data_file):
     f, _ = data_file
 
     async def main():
-        factory, servers = collector(
-            type("S", (Recorder,), {"pause_on_made": True, "small_buffers": True})
+        tr, pr, _ = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
         )
-        await tcp_net.server(factory)
-        tr, pr = await tcp_net.connect(type("C", (Recorder,), {"small_buffers": True}))
-        await tcp_net.server_side(servers)
         tr.write(b"z" * (6 << 20))
         assert tr.get_write_buffer_size() > 0
         task = asyncio.ensure_future(loop.sendfile(tr, f))
@@ -2065,8 +2017,21 @@ def _make_cert_with_cryptography(cert_path, key_path):
     )
 
 
-@pytest.mark.parametrize("client_kind", ["protocol", "streams"])
-def test_start_tls_upgrade(loop, net, tls_files, client_kind):
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "protocol",
+        pytest.param(
+            "streams",
+            marks=pytest.mark.skipif(
+                sys.version_info < (3, 11), reason="StreamWriter.start_tls() is new in 3.11"
+            ),
+        ),
+    ],
+)
+def test_start_tls_upgrade(loop, net, tls_files, kind):
+    """STARTTLS on both sides: with loop.start_tls() over protocols, or with
+    StreamWriter.start_tls() over streams."""
     cert, key = tls_files
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
@@ -2074,7 +2039,7 @@ def test_start_tls_upgrade(loop, net, tls_files, client_kind):
     blob = payload(1 << 20, seed=11)
     done = []
 
-    async def handler(reader, writer):
+    async def stream_handler(reader, writer):
         assert await reader.readline() == b"STARTTLS\n"
         writer.write(b"GO\n")
         await writer.drain()
@@ -2090,6 +2055,32 @@ def test_start_tls_upgrade(loop, net, tls_files, client_kind):
         await writer.wait_closed()
         done.append(True)
 
+    async def protocol_server(servers):
+        srv = await net.server_side(servers)
+        await srv.wait_bytes(9)
+        assert srv.data == b"STARTTLS\n"
+        srv.data.clear()
+        srv.transport.write(b"GO\n")
+        plain = srv.transport
+        tls_tr = await loop.start_tls(plain, srv, server_ctx, server_side=True)
+        assert tls_tr.get_extra_info("ssl_object") is not None
+        assert srv.events == ["made", "data"]  # start_tls() does not call connection_made
+        echoed = 0
+        while True:
+            await srv.wait_bytes(echoed + 1)  # (returns at EOF too)
+            if len(srv.data) > echoed:
+                tls_tr.write(bytes(srv.data[echoed:]))
+                echoed = len(srv.data)
+            elif srv.eof.done() or srv.lost.done():
+                break
+        assert await srv.lost is None  # eof_received() returned None: the TLS transport closed
+        assert plain.is_closing()
+        # asyncio 3.10's old sslproto closes the plain transport but leaves the TLS transport
+        # unmarked (is_closing() False, and a ResourceWarning from its __del__ unless closed).
+        assert tls_tr.is_closing() is (sys.version_info >= (3, 11))
+        tls_tr.close()
+        done.append(True)
+
     async def protocol_client():
         tr, pr = await net.connect(Recorder)
         tr.write(b"STARTTLS\n")
@@ -2097,8 +2088,11 @@ def test_start_tls_upgrade(loop, net, tls_files, client_kind):
         assert pr.data == b"GO\n"
         pr.data.clear()
         tls_tr = await loop.start_tls(tr, pr, client_ctx, server_hostname="localhost")
-        # The plain transport now feeds asyncio's SSL protocol (a BufferedProtocol).
-        assert isinstance(tr.get_protocol(), asyncio.BufferedProtocol)
+        # The plain transport now feeds asyncio's SSL protocol (a BufferedProtocol since
+        # 3.11's rewrite of sslproto).
+        assert isinstance(tr.get_protocol(), asyncio.sslproto.SSLProtocol)
+        if sys.version_info >= (3, 11):
+            assert isinstance(tr.get_protocol(), asyncio.BufferedProtocol)
         assert tls_tr.get_extra_info("ssl_object") is not None
         assert tls_tr.get_extra_info("peercert")["subject"] == ((("commonName", "localhost"),),)
         assert tls_tr.get_extra_info("socket").fileno() == tr.get_extra_info("socket").fileno()
@@ -2123,8 +2117,15 @@ def test_start_tls_upgrade(loop, net, tls_files, client_kind):
         await writer.wait_closed()
 
     async def main():
-        await net.start_server(handler)
-        await (protocol_client() if client_kind == "protocol" else streams_client())
+        if kind == "protocol":
+            factory, servers = collector(Recorder)
+            await net.server(factory)
+            server = asyncio.ensure_future(protocol_server(servers))
+            await protocol_client()
+            await server
+        else:
+            await net.start_server(stream_handler)
+            await streams_client()
         while not done:
             await asyncio.sleep(0.001)
 
