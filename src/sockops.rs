@@ -38,7 +38,7 @@ use crate::event_loop::LoopCore;
 use crate::py::{self, ByteView, GilCell};
 use crate::reactor::Which;
 use crate::sys;
-use crate::transports::stream::recv_bytes;
+use crate::transports::stream::{recv_bytes, MAX_READ};
 
 /// What one operation does, with the objects it needs until it finishes.
 enum Kind {
@@ -260,7 +260,19 @@ impl SockOp {
                 if n < 0 {
                     return Err(PyValueError::new_err("negative buffersize in recv"));
                 }
-                match recv_bytes(py, fd, n as usize) {
+                let n = n as usize;
+                let r = if n <= MAX_READ {
+                    recv_bytes(py, fd, n)
+                } else {
+                    // Larger than the shared buffer: read into a bytes of the full size, as
+                    // `socket.recv` does (a datagram must not be cut short).
+                    // SAFETY: `ptr` is writable for `cap` bytes for the duration of the call.
+                    match py::bytes_filled_by(py, n, |ptr, cap| unsafe { sys::recv_raw(fd, ptr, cap) }) {
+                        Some(r) => r,
+                        None => return Err(pyo3::exceptions::PyMemoryError::new_err(())),
+                    }
+                };
+                match r {
                     Ok(b) => Ok(Attempt::Done(b.into_any().unbind())),
                     Err(e) if sys::would_block(&e) => Ok(Attempt::WouldBlock),
                     Err(e) => Err(py::os_err(e)),

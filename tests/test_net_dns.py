@@ -353,7 +353,6 @@ def test_getaddrinfo_of_ip_literals_one_by_one(loop):
 # --- ferroloop only ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="IP-literal fast path not yet on this branch", strict=False)
 def test_ferroloop_ip_literal_lookups_skip_the_executor():
     """FERROLOOP ONLY (not a behaviour of asyncio, which always uses the executor):
     getaddrinfo of an IP literal is answered without submitting work to the executor."""

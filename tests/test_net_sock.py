@@ -4,6 +4,7 @@ both loops. Loopback TCP/UDP and Unix sockets only; every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import errno
 import hashlib
 import inspect
@@ -16,6 +17,7 @@ import ssl
 import struct
 import sys
 
+import ferroloop
 import pytest
 
 TIMEOUT = 20
@@ -707,13 +709,21 @@ def test_sock_sendfile_cancelled_leaves_socket_usable(loop, tcp_pair, tmp_path):
 
 
 def test_sock_methods_are_coroutine_functions(loop, pair):
+    """The sock_* calls return coroutines as asyncio sees them. asyncio's are native
+    coroutines of `async def` methods; ferroloop's (like uvloop's compiled ones) are objects of
+    its own coroutine type, so the `inspect` checks, which accept only native coroutines, hold
+    on asyncio's loop alone (docs/DESIGN.md, "Where ferroloop differs")."""
     a, _ = pair
     for method, make in _calls(loop, a, ("127.0.0.1", 9)).items():
-        assert inspect.iscoroutinefunction(getattr(loop, method)), method
+        # ferroloop's sock_connect and sock_sendfile are still asyncio's own `async def`s.
+        native = not isinstance(loop, ferroloop.Loop) or method in ("sock_connect", "sock_sendfile")
+        if native:
+            assert inspect.iscoroutinefunction(getattr(loop, method)), method
         coro = make()
         try:
             assert asyncio.iscoroutine(coro), (method, type(coro))
-            assert inspect.iscoroutine(coro), (method, type(coro))
+            assert isinstance(coro, collections.abc.Coroutine), (method, type(coro))
+            assert inspect.iscoroutine(coro) is native, (method, type(coro))
         finally:
             coro.close()  # never started: nothing happens to the socket
     assert loop.remove_reader(a) is False and loop.remove_writer(a) is False
