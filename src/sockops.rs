@@ -31,7 +31,7 @@ use pyo3::exceptions::{
 };
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PySlice, PyTuple, PyType, PyWeakrefReference};
+use pyo3::types::{PySlice, PyTuple, PyType, PyWeakrefReference};
 use pyo3::{intern, PyTraverseError};
 
 use crate::event_loop::LoopCore;
@@ -359,10 +359,7 @@ impl SockOp {
         let py = slf.py();
         let me = slf.get();
         let loop_ = me.loop_.bind(py);
-        let cached = py::cached(py)?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item(intern!(py, "loop"), loop_)?;
-        let fut = cached.future.bind(py).call((), Some(&kwargs))?;
+        let fut = py::new_future(loop_.as_any())?;
         let fd = if me.st.borrow(py).direct {
             me.st.borrow(py).fd
         } else {

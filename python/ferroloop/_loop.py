@@ -50,7 +50,6 @@ _BEL = base_events.BaseEventLoop
 _BORROWED = (
     "__repr__",
     "__del__",
-    "create_future",
     "set_task_factory",
     "get_task_factory",
     "run_until_complete",
@@ -334,13 +333,11 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
 
     # --- tasks --------------------------------------------------------------------------
 
-    def create_task(self, coro, *, name=None, context=None, **kwargs):
-        """Schedule a coroutine as a task (the real ``asyncio.Task``, or the task factory's).
-
-        Extra keyword arguments go to the task (or the factory): ``eager_start`` works where
-        ``asyncio.Task`` has it (3.12+), as ``loop.create_task`` does from 3.14.
-        """
-        self._check_closed()
+    def _create_task_slow(self, coro, name, context, kwargs):
+        """``create_task`` with a task factory, extra keywords or in debug mode (the common
+        case is ``LoopCore.create_task`` in Rust). Extra keyword arguments go to the task (or
+        the factory): ``eager_start`` works where ``asyncio.Task`` has it (3.12+), as
+        ``loop.create_task`` does from 3.14."""
         if context is not None:
             kwargs["context"] = context
         if self._task_factory is None:

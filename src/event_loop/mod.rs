@@ -65,6 +65,8 @@ pub(crate) struct State {
     /// always asks `self.time()`; plain loops skip the Python call).
     custom_clock: bool,
     reactor: Option<Reactor<Py<PyAny>>>,
+    /// `loop._task_factory` (`set_task_factory`).
+    task_factory: Option<Py<PyAny>>,
 }
 
 #[pyclass(frozen, subclass, module = "ferroloop._ferroloop")]
@@ -415,6 +417,7 @@ impl LoopCore {
                 signal_handlers: false,
                 custom_clock: false,
                 reactor: Some(reactor),
+                task_factory: None,
             }),
         })
     }
@@ -490,6 +493,58 @@ impl LoopCore {
         }
         let when_f: f64 = when.extract()?;
         Self::schedule_timer(slf, when_f, Some(when), callback, args, context)
+    }
+
+    /// asyncio's `create_task`. The common case (no task factory, no extra keywords, not in
+    /// debug mode) calls `asyncio.Task(coro, loop=self[, name=][, context=])` directly; the
+    /// rest is `_create_task_slow` in Python.
+    #[pyo3(signature = (coro, *, name=None, context=None, **kwargs))]
+    fn create_task<'py>(
+        slf: &Bound<'py, Self>,
+        coro: &Bound<'py, PyAny>,
+        name: Option<Bound<'py, PyAny>>,
+        context: Option<Bound<'py, PyAny>>,
+        kwargs: Option<Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let (closed, debug, factory) = {
+            let st = slf.get().state.borrow(py);
+            (st.closed, st.debug, st.task_factory.is_some())
+        };
+        if closed {
+            return Err(closed_err());
+        }
+        let name = name.filter(|n| !n.is_none());
+        let context = context.filter(|c| !c.is_none());
+        let kwargs = kwargs.filter(|k| !k.is_empty());
+        if debug || factory || kwargs.is_some() {
+            let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
+            return slf.call_method1(intern!(py, "_create_task_slow"), (coro, name, context, kwargs));
+        }
+        let c = py::cached(py)?;
+        let task = c.tasks_module.bind(py).getattr(intern!(py, "Task"))?;
+        let me = slf.as_any();
+        match (&name, &context) {
+            (None, None) => py::vectorcall(&task, &[coro, me], Some(c.kw_loop[0].bind(py))),
+            (Some(n), None) => py::vectorcall(&task, &[coro, me, n], Some(c.kw_loop[1].bind(py))),
+            (None, Some(x)) => py::vectorcall(&task, &[coro, me, x], Some(c.kw_loop[2].bind(py))),
+            (Some(n), Some(x)) => py::vectorcall(&task, &[coro, me, n, x], Some(c.kw_loop[3].bind(py))),
+        }
+    }
+
+    /// asyncio's `create_future`: `asyncio.Future(loop=self)`.
+    fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        py::new_future(slf.as_any())
+    }
+
+    #[getter(_task_factory)]
+    fn getter_attr_task_factory(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.state.borrow(py).task_factory.as_ref().map(|f| f.clone_ref(py))
+    }
+    #[setter(_task_factory)]
+    fn setter_attr_task_factory(&self, py: Python<'_>, v: Option<Py<PyAny>>) {
+        let old = std::mem::replace(&mut self.state.borrow_mut(py).task_factory, v.filter(|f| !f.is_none(py)));
+        drop(old);
     }
 
     fn time(&self) -> f64 {
@@ -790,6 +845,7 @@ impl LoopCore {
             visit.call(t)?;
         }
         visit.call(&st.current_handle)?;
+        visit.call(&st.task_factory)?;
         if let Some(r) = &st.reactor {
             for e in r.registry.values() {
                 visit.call(&e.fileobj)?;
@@ -802,14 +858,14 @@ impl LoopCore {
 
     fn __clear__(&self) {
         Python::attach(|py| {
-            let (ready, timers, entries, current) = {
+            let (ready, timers, entries, current, factory) = {
                 let mut st = self.state.borrow_mut(py);
                 let ready: Vec<_> = st.ready.drain().collect();
                 let timers: Vec<_> = st.timers.drain().collect();
                 let entries = st.reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
-                (ready, timers, entries, st.current_handle.take())
+                (ready, timers, entries, st.current_handle.take(), st.task_factory.take())
             };
-            drop((ready, timers, entries, current));
+            drop((ready, timers, entries, current, factory));
         });
     }
 }

@@ -54,12 +54,17 @@ pub struct Cached {
     /// `asyncio.Handle` / `asyncio.TimerHandle`: what our handles report as `__class__`.
     pub asyncio_handle: Py<PyAny>,
     pub asyncio_timer_handle: Py<PyAny>,
-    /// `asyncio.Future`, what `sock_*` operations wait on.
-    pub future: Py<PyAny>,
     /// `socket.socket`: exactly this type gets direct syscalls in `sock_*`.
     pub socket_type: Py<PyAny>,
     /// `asyncio.base_events._check_ssl_socket`.
     pub check_ssl_socket: Py<PyAny>,
+    /// `asyncio.tasks` / `asyncio.futures`: `Task` and `Future` are looked up per call, as
+    /// asyncio's `create_task`/`create_future` do.
+    pub tasks_module: Py<PyAny>,
+    pub futures_module: Py<PyAny>,
+    /// Keyword-name tuples for vectorcalls: `loop`, `loop, name`, `loop, context`,
+    /// `loop, name, context`.
+    pub kw_loop: [Py<PyTuple>; 4],
 }
 
 static CACHED: PyOnceLock<Cached> = PyOnceLock::new();
@@ -86,9 +91,16 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
             debug_format_takes_flag: takes_debug,
             asyncio_handle: py.import("asyncio.events")?.getattr("Handle")?.unbind(),
             asyncio_timer_handle: py.import("asyncio.events")?.getattr("TimerHandle")?.unbind(),
-            future: py.import("asyncio.futures")?.getattr("Future")?.unbind(),
             socket_type: py.import("socket")?.getattr("socket")?.unbind(),
             check_ssl_socket: py.import("asyncio.base_events")?.getattr("_check_ssl_socket")?.unbind(),
+            tasks_module: py.import("asyncio.tasks")?.into_any().unbind(),
+            futures_module: py.import("asyncio.futures")?.into_any().unbind(),
+            kw_loop: [
+                PyTuple::new(py, ["loop"])?.unbind(),
+                PyTuple::new(py, ["loop", "name"])?.unbind(),
+                PyTuple::new(py, ["loop", "context"])?.unbind(),
+                PyTuple::new(py, ["loop", "name", "context"])?.unbind(),
+            ],
         })
     })
 }
@@ -110,6 +122,36 @@ pub fn check_callback(py: Python<'_>, cb: &Bound<'_, PyAny>, method: &str) -> Py
         return Err(PyTypeError::new_err(format!("a callable object was expected by {method}(), got {}", cb.repr()?)));
     }
     Ok(())
+}
+
+/// `callable(*args[..n - k], **dict(zip(kwnames, args[n - k..])))` through the vectorcall
+/// protocol: no argument tuple or dict is built.
+pub fn vectorcall<'py>(
+    callable: &Bound<'py, PyAny>,
+    args: &[&Bound<'py, PyAny>],
+    kwnames: Option<&Bound<'py, PyTuple>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = callable.py();
+    let mut ptrs: [*mut ffi::PyObject; 8] = [std::ptr::null_mut(); 8];
+    assert!(args.len() <= ptrs.len(), "vectorcall: at most 8 arguments");
+    for (p, a) in ptrs.iter_mut().zip(args) {
+        *p = a.as_ptr();
+    }
+    let nkw = kwnames.map_or(0, |k| k.len());
+    let npos = args.len().saturating_sub(nkw);
+    let kw = kwnames.map_or(std::ptr::null_mut(), |k| k.as_ptr());
+    // SAFETY: `ptrs[..args.len()]` are borrowed references kept alive by `args` for the call;
+    // `kw` is NULL or a tuple of the last `nkw` arguments' names. Returns a new reference or
+    // NULL with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyObject_Vectorcall(callable.as_ptr(), ptrs.as_ptr(), npos, kw)) }
+}
+
+/// `asyncio.Future(loop=loop)`.
+pub fn new_future<'py>(loop_: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = loop_.py();
+    let c = cached(py)?;
+    let cls = c.futures_module.bind(py).getattr(pyo3::intern!(py, "Future"))?;
+    vectorcall(&cls, &[loop_], Some(c.kw_loop[0].bind(py)))
 }
 
 /// `contextvars.copy_context()` without the Python call.
