@@ -1,5 +1,6 @@
 //! asyncio's low-level socket API (`sock_recv`, `sock_recv_into`, `sock_recvfrom`,
-//! `sock_recvfrom_into`, `sock_sendall`, `sock_sendto`, `sock_accept`) in Rust.
+//! `sock_recvfrom_into`, `sock_sendall`, `sock_sendto`, `sock_accept`, and the connect step of
+//! `sock_connect`, whose checks and address resolution stay in Python) in Rust.
 //!
 //! Each call returns a `SockOp`: a coroutine-like object (registered as a
 //! `collections.abc.Coroutine`), so `await`, `create_task()` and `wait_for()` treat it as they
@@ -52,6 +53,9 @@ enum Kind {
     SendAll(Py<PyAny>, usize),
     SendTo(Py<PyAny>, Py<PyAny>),
     Accept,
+    /// `sock.connect(address)` (already resolved by the Python caller), then `SO_ERROR` once
+    /// writable.
+    Connect(Py<PyAny>),
     /// Finished: nothing held.
     Spent,
 }
@@ -107,7 +111,7 @@ fn stop_iteration(value: Py<PyAny>) -> PyErr {
 impl SockOp {
     fn new(loop_: &Bound<'_, LoopCore>, name: &'static str, sock: &Bound<'_, PyAny>, kind: Kind) -> Self {
         let which = match kind {
-            Kind::SendAll(..) | Kind::SendTo(..) => Which::Writer,
+            Kind::SendAll(..) | Kind::SendTo(..) | Kind::Connect(..) => Which::Writer,
             _ => Which::Reader,
         };
         Self {
@@ -164,11 +168,13 @@ impl SockOp {
         let sock = sock.bind(py);
         let cached = py::cached(py)?;
         let direct = sock.get_type().is(cached.socket_type.bind(py));
-        if !direct {
+        // `sock_connect` (Python) made these checks before resolving the address.
+        let checked = matches!(me.st.borrow(py).kind, Kind::Connect(_));
+        if !direct && !checked {
             cached.check_ssl_socket.bind(py).call1((sock,))?;
         }
         let core = me.loop_.get();
-        if core.debug(py) {
+        if core.debug(py) && !checked {
             let timeout = sock.call_method0(intern!(py, "gettimeout"))?;
             if !timeout.eq(0)? {
                 return Err(PyValueError::new_err("the socket must be non-blocking"));
@@ -236,6 +242,7 @@ impl SockOp {
             SendAll(Py<PyAny>, usize),
             SendTo(Py<PyAny>, Py<PyAny>),
             Accept,
+            Connect(Py<PyAny>),
         }
         let job = match &me.st.borrow(py).kind {
             Kind::Recv(n) => Job::Recv(n.clone_ref(py)),
@@ -245,6 +252,7 @@ impl SockOp {
             Kind::SendAll(d, pos) => Job::SendAll(d.clone_ref(py), *pos),
             Kind::SendTo(d, a) => Job::SendTo(d.clone_ref(py), a.clone_ref(py)),
             Kind::Accept => Job::Accept,
+            Kind::Connect(a) => Job::Connect(a.clone_ref(py)),
             Kind::Spent => return Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
         };
         let method = |name: &Bound<'_, pyo3::types::PyString>, args: &Bound<'_, PyTuple>| -> PyResult<Attempt> {
@@ -341,6 +349,23 @@ impl SockOp {
                     let flags = 0i32.into_pyobject(py)?.into_any().unbind();
                     method(intern!(py, "sendto"), &PyTuple::new(py, [data, flags, addr])?)
                 }
+            }
+            Job::Connect(address) if first => match sock.call_method1(intern!(py, "connect"), (&address,)) {
+                Ok(_) => Ok(Attempt::Done(py.None())),
+                Err(e) if is_retry(py, &e) => Ok(Attempt::WouldBlock),
+                Err(e) => Err(e),
+            },
+            Job::Connect(address) => {
+                let err = match sock.call_method1(intern!(py, "getsockopt"), (libc::SOL_SOCKET, libc::SO_ERROR)) {
+                    Ok(v) => v.extract::<i32>()?,
+                    Err(e) if is_retry(py, &e) => return Ok(Attempt::WouldBlock),
+                    Err(e) => return Err(e),
+                };
+                if err != 0 {
+                    let msg = format!("Connect call failed {}", address.bind(py).str()?);
+                    return Err(pyo3::exceptions::PyOSError::new_err((err, msg)));
+                }
+                Ok(Attempt::Done(py.None()))
             }
             Job::Accept => match sock.call_method0(intern!(py, "accept")) {
                 Ok(pair) => {
@@ -579,7 +604,9 @@ impl SockOp {
             visit.call(v)?;
         }
         match &st.kind {
-            Kind::Recv(a) | Kind::RecvInto(a) | Kind::RecvFrom(a) | Kind::SendAll(a, _) => visit.call(a)?,
+            Kind::Recv(a) | Kind::RecvInto(a) | Kind::RecvFrom(a) | Kind::SendAll(a, _) | Kind::Connect(a) => {
+                visit.call(a)?
+            }
             Kind::RecvFromInto(a, b) | Kind::SendTo(a, b) => {
                 visit.call(a)?;
                 visit.call(b)?;
@@ -656,6 +683,14 @@ pub(crate) fn sendto(
     address: &Bound<'_, PyAny>,
 ) -> PyResult<Py<SockOp>> {
     make(loop_, "sock_sendto", sock, Kind::SendTo(data.clone().unbind(), address.clone().unbind()))
+}
+
+pub(crate) fn connect(
+    loop_: &Bound<'_, LoopCore>,
+    sock: &Bound<'_, PyAny>,
+    address: &Bound<'_, PyAny>,
+) -> PyResult<Py<SockOp>> {
+    make(loop_, "sock_connect", sock, Kind::Connect(address.clone().unbind()))
 }
 
 pub(crate) fn accept(loop_: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {

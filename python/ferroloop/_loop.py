@@ -111,11 +111,6 @@ _BORROWED_NETWORKING = (
     "remove_reader",
     "add_writer",
     "remove_writer",
-    "_sock_read_done",
-    "sock_connect",
-    "_sock_connect",
-    "_sock_write_done",
-    "_sock_connect_cb",
     "_sendfile_native",
     # _UnixSelectorEventLoop
     "_make_read_pipe_transport",
@@ -313,6 +308,21 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
 
     def _log_new_connection(self, server, addr, conn):
         logger.debug("%r got a new connection from %r: %r", server, addr, conn)
+
+    async def sock_connect(self, sock, address):
+        """asyncio's ``sock_connect``: checks and address resolution here, the connect and the
+        wait for it in Rust (``_sock_connect_op``)."""
+        base_events._check_ssl_socket(sock)
+        if self._debug and sock.gettimeout() != 0:
+            raise ValueError("the socket must be non-blocking")
+        if sock.family == socket.AF_INET or (
+            base_events._HAS_IPv6 and sock.family == socket.AF_INET6
+        ):
+            resolved = await self._ensure_resolved(
+                address, family=sock.family, type=sock.type, proto=sock.proto, loop=self
+            )
+            _, _, _, _, address = resolved[0]
+        return await self._sock_connect_op(sock, address)
 
     # --- DNS ----------------------------------------------------------------------------
 

@@ -763,6 +763,15 @@ impl LoopCore {
         sockops::sendto(slf, sock, data, address)
     }
 
+    /// The connect step of `sock_connect` (the Python method checks and resolves first).
+    fn _sock_connect_op(
+        slf: &Bound<'_, Self>,
+        sock: &Bound<'_, PyAny>,
+        address: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<SockOp>> {
+        sockops::connect(slf, sock, address)
+    }
+
     fn sock_accept(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
         sockops::accept(slf, sock)
     }
