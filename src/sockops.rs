@@ -384,7 +384,7 @@ impl SockOp {
         let py = slf.py();
         let me = slf.get();
         let loop_ = me.loop_.bind(py);
-        let fut = py::new_future(loop_.as_any())?;
+        let fut = py::new_future(loop_.as_any(), loop_.get().is_running_here(py))?;
         let fd = if me.st.borrow(py).direct {
             me.st.borrow(py).fd
         } else {

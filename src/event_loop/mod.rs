@@ -105,6 +105,12 @@ impl LoopCore {
         }
     }
 
+    /// This loop is running on the calling thread, so it is asyncio's running loop here
+    /// (asyncio allows one running loop per thread).
+    pub(crate) fn is_running_here(&self, py: Python<'_>) -> bool {
+        self.state.borrow(py).thread_id == Some(sys::thread_ident())
+    }
+
     pub(crate) fn debug(&self, py: Python<'_>) -> bool {
         self.state.borrow(py).debug
     }
@@ -511,6 +517,7 @@ impl LoopCore {
             let st = slf.get().state.borrow(py);
             (st.closed, st.debug, st.task_factory.is_some())
         };
+        let running = slf.get().is_running_here(py);
         if closed {
             return Err(closed_err());
         }
@@ -525,6 +532,8 @@ impl LoopCore {
         let task = c.tasks_module.bind(py).getattr(intern!(py, "Task"))?;
         let me = slf.as_any();
         match (&name, &context) {
+            // The running loop: `Task(coro)` finds it itself, and no keyword dict is built.
+            (None, None) if running => py::vectorcall(&task, &[coro], None),
             (None, None) => py::vectorcall(&task, &[coro, me], Some(c.kw_loop[0].bind(py))),
             (Some(n), None) => py::vectorcall(&task, &[coro, me, n], Some(c.kw_loop[1].bind(py))),
             (None, Some(x)) => py::vectorcall(&task, &[coro, me, x], Some(c.kw_loop[2].bind(py))),
@@ -534,7 +543,7 @@ impl LoopCore {
 
     /// asyncio's `create_future`: `asyncio.Future(loop=self)`.
     fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        py::new_future(slf.as_any())
+        py::new_future(slf.as_any(), slf.get().is_running_here(slf.py()))
     }
 
     #[getter(_task_factory)]
