@@ -40,6 +40,22 @@ class StreamTransport(transports._FlowControlMixin):
     ``Transport``) as asyncio's does: its sendfile fallback checks for it. The mixin's
     flow-control state is not used; the core keeps it."""
 
+    # No instance __dict__ (asyncio's transport base classes all have __slots__): it is the
+    # largest part of a transport's memory per idle connection. `write` is a slot too: it
+    # holds the core's bound `write`.
+    __slots__ = (
+        "__weakref__",
+        "_core",
+        "_empty_waiter",
+        "_paused",
+        "_protocol",
+        "_protocol_connected",
+        "_server",
+        "_sock",
+        "_sock_fd",
+        "write",
+    )
+
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
@@ -96,7 +112,7 @@ class StreamTransport(transports._FlowControlMixin):
         return "<{}>".format(" ".join(info))
 
     def __del__(self, _warn=warnings.warn):
-        if self._sock is not None:
+        if getattr(self, "_sock", None) is not None:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             self._sock.close()
             if self._server is not None:
@@ -246,7 +262,7 @@ class StreamTransport(transports._FlowControlMixin):
     @_protocol_paused.setter
     def _protocol_paused(self, value):
         # _FlowControlMixin.__init__ assigns it before the core exists.
-        core = self.__dict__.get("_core")
+        core = getattr(self, "_core", None)
         if core is not None:
             core.protocol_paused = value
 
