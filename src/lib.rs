@@ -21,6 +21,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handles::TimerHandle>()?;
     m.add_class::<transports::stream::StreamCore>()?;
     m.add_class::<sockops::SockOp>()?;
+    sockops::install_am_send(m.py());
     m.add_class::<transports::accept::Acceptor>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -33,7 +33,7 @@ use pyo3::exceptions::{
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PySlice, PyTuple, PyType, PyWeakrefReference};
-use pyo3::{intern, PyTraverseError};
+use pyo3::{ffi, intern, PyTraverseError};
 
 use crate::event_loop::LoopCore;
 use crate::py::{self, ByteView, GilCell};
@@ -108,6 +108,12 @@ fn stop_iteration(value: Py<PyAny>) -> PyErr {
     PyStopIteration::new_err((value,))
 }
 
+/// What one step of the coroutine gives: a future to wait on, or the operation's result.
+pub(crate) enum Step {
+    Yield(Py<PyAny>),
+    Return(Py<PyAny>),
+}
+
 impl SockOp {
     fn new(loop_: &Bound<'_, LoopCore>, name: &'static str, sock: &Bound<'_, PyAny>, kind: Kind) -> Self {
         let which = match kind {
@@ -160,7 +166,7 @@ impl SockOp {
     }
 
     /// The first step: asyncio's checks, then one attempt.
-    fn start(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+    fn start(slf: &Bound<'_, Self>) -> PyResult<Step> {
         let py = slf.py();
         let me = slf.get();
         let sock = me.st.borrow(py).sock.as_ref().map(|s| s.clone_ref(py));
@@ -190,9 +196,9 @@ impl SockOp {
         match Self::attempt(slf, sock, true)? {
             Attempt::Done(v) => {
                 drop(me.finish(py));
-                Err(stop_iteration(v))
+                Ok(Step::Return(v))
             }
-            Attempt::WouldBlock => Self::wait(slf, sock),
+            Attempt::WouldBlock => Self::wait(slf, sock).map(Step::Yield),
         }
     }
 
@@ -384,7 +390,7 @@ impl SockOp {
         let py = slf.py();
         let me = slf.get();
         let loop_ = me.loop_.bind(py);
-        let fut = py::new_future(loop_.as_any(), loop_.get().is_running_here(py))?;
+        let fut = LoopCore::new_future(loop_)?;
         let fd = if me.st.borrow(py).direct {
             me.st.borrow(py).fd
         } else {
@@ -428,17 +434,15 @@ impl SockOp {
         Ok(())
     }
 
-    fn step(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+    fn step(slf: &Bound<'_, Self>) -> PyResult<Step> {
         let py = slf.py();
         let me = slf.get();
         let phase = me.st.borrow(py).phase;
         match phase {
             Phase::Init => {
                 let r = Self::start(slf);
-                if let Err(e) = &r {
-                    if !e.is_instance_of::<PyStopIteration>(py) && me.st.borrow(py).phase == Phase::Init {
-                        drop(me.finish(py));
-                    }
+                if r.is_err() && me.st.borrow(py).phase == Phase::Init {
+                    drop(me.finish(py));
                 }
                 r
             }
@@ -448,7 +452,7 @@ impl SockOp {
                 match fut {
                     Some(f) => {
                         f.bind(py).setattr(intern!(py, "_asyncio_future_blocking"), true)?;
-                        Ok(f)
+                        Ok(Step::Yield(f))
                     }
                     None => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
                 }
@@ -458,12 +462,28 @@ impl SockOp {
                 let held = me.finish(py);
                 drop(held);
                 match outcome {
-                    Some(Ok(v)) => Err(stop_iteration(v)),
+                    Some(Ok(v)) => Ok(Step::Return(v)),
                     Some(Err(e)) => Err(e),
                     None => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
                 }
             }
             Phase::Done => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+        }
+    }
+
+    /// `send(value)`: a non-None value cannot start the coroutine (as for native ones).
+    fn send_step(slf: &Bound<'_, Self>, value: &Bound<'_, PyAny>) -> PyResult<Step> {
+        if !value.is_none() && slf.get().st.borrow(slf.py()).phase == Phase::Init {
+            return Err(PyTypeError::new_err("can't send non-None value to a just-started coroutine"));
+        }
+        Self::step(slf)
+    }
+
+    /// The Python-level protocol (`__next__`, `send`): a result leaves as `StopIteration`.
+    fn step_py(r: PyResult<Step>) -> PyResult<Py<PyAny>> {
+        match r? {
+            Step::Yield(f) => Ok(f),
+            Step::Return(v) => Err(stop_iteration(v)),
         }
     }
 
@@ -479,6 +499,58 @@ impl SockOp {
         let held = me.finish(py);
         drop((outcome, held));
         Ok(())
+    }
+}
+
+/// The `am_send` slot (`PyIter_Send`, used by `await` and by asyncio's task): the result is
+/// handed back as `PYGEN_RETURN` with no `StopIteration` to create and fetch (measured: about
+/// 2 000 instructions per operation). PyO3 has no way to declare it, so `install_am_send`
+/// puts it in the type after creation.
+unsafe extern "C" fn sockop_am_send(
+    slf: *mut ffi::PyObject,
+    value: *mut ffi::PyObject,
+    result: *mut *mut ffi::PyObject,
+) -> ffi::PySendResult {
+    let run = std::panic::AssertUnwindSafe(|| {
+        // SAFETY: CPython calls am_send with the GIL held (the thread is attached).
+        let py = unsafe { Python::assume_attached() };
+        // SAFETY: `slf` is a live SockOp (the slot belongs to its type) and `value` a live object
+        // (CPython passes None for a plain `next`); both are borrowed for the call.
+        let (slf, value) = unsafe {
+            (Bound::from_borrowed_ptr(py, slf).cast_into_unchecked::<SockOp>(), Bound::from_borrowed_ptr(py, value))
+        };
+        match SockOp::send_step(&slf, &value) {
+            Ok(Step::Yield(f)) => (ffi::PySendResult::PYGEN_NEXT, f.into_ptr()),
+            Ok(Step::Return(v)) => (ffi::PySendResult::PYGEN_RETURN, v.into_ptr()),
+            Err(e) => {
+                e.restore(py);
+                (ffi::PySendResult::PYGEN_ERROR, std::ptr::null_mut())
+            }
+        }
+    });
+    let (status, obj) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        // SAFETY: as above; a panic must not cross the C boundary, it becomes an exception.
+        let py = unsafe { Python::assume_attached() };
+        PyRuntimeError::new_err("ferroloop: internal error in sock_* operation").restore(py);
+        (ffi::PySendResult::PYGEN_ERROR, std::ptr::null_mut())
+    });
+    // SAFETY: CPython passes a valid out-pointer for the result.
+    unsafe { *result = obj };
+    status
+}
+
+/// Install `sockop_am_send` on the `SockOp` type (once, at module initialisation).
+pub(crate) fn install_am_send(py: Python<'_>) {
+    let tp = <SockOp as pyo3::PyTypeInfo>::type_object_raw(py);
+    // SAFETY: `tp` is SockOp's heap type, created by PyO3 and alive for the process; a heap
+    // type's `tp_as_async` points at its own (writable) PyAsyncMethods, which already holds
+    // `am_await`. No SockOp exists yet, and PyType_Modified drops any cached lookups.
+    unsafe {
+        let am = (*tp).tp_as_async;
+        if !am.is_null() {
+            (*am).am_send = Some(sockop_am_send);
+            ffi::PyType_Modified(tp);
+        }
     }
 }
 
@@ -532,14 +604,11 @@ impl SockOp {
     }
 
     fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
-        Self::step(slf)
+        Self::step_py(Self::step(slf))
     }
 
     fn send(slf: &Bound<'_, Self>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        if !value.is_none() && slf.get().st.borrow(slf.py()).phase == Phase::Init {
-            return Err(PyTypeError::new_err("can't send non-None value to a just-started coroutine"));
-        }
-        Self::step(slf)
+        Self::step_py(Self::send_step(slf, value))
     }
 
     #[pyo3(signature = (typ, val=None, tb=None))]

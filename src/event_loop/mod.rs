@@ -67,6 +67,8 @@ pub(crate) struct State {
     reactor: Option<Reactor<Py<PyAny>>>,
     /// `loop._task_factory` (`set_task_factory`).
     task_factory: Option<Py<PyAny>>,
+    /// `{"loop": <this loop>}` for `Future(**kw)` / `Task(coro, **kw)`.
+    loop_kwargs: Option<Py<PyDict>>,
 }
 
 #[pyclass(frozen, subclass, module = "ferroloop._ferroloop")]
@@ -105,10 +107,25 @@ impl LoopCore {
         }
     }
 
-    /// This loop is running on the calling thread, so it is asyncio's running loop here
-    /// (asyncio allows one running loop per thread).
-    pub(crate) fn is_running_here(&self, py: Python<'_>) -> bool {
-        self.state.borrow(py).thread_id == Some(sys::thread_ident())
+    /// `asyncio.Future(loop=self)`. The keywords come from a dict made once per loop: calling
+    /// a type with keyword names builds a dict per call, and `Future()` without `loop=` costs a
+    /// `getpid()` syscall on 3.11 (its running-loop lookup).
+    pub(crate) fn new_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let cls = py::cached(py)?.futures_module.bind(py).getattr(intern!(py, "Future"))?;
+        cls.call((), Some(&Self::loop_kwargs(slf)?))
+    }
+
+    /// `{"loop": self}`, made on first use and kept (the callee only reads it).
+    fn loop_kwargs<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyDict>> {
+        let py = slf.py();
+        if let Some(d) = &slf.get().state.borrow(py).loop_kwargs {
+            return Ok(d.bind(py).clone());
+        }
+        let d = PyDict::new(py);
+        d.set_item(intern!(py, "loop"), slf)?;
+        slf.get().state.borrow_mut(py).loop_kwargs = Some(d.clone().unbind());
+        Ok(d)
     }
 
     pub(crate) fn debug(&self, py: Python<'_>) -> bool {
@@ -424,6 +441,7 @@ impl LoopCore {
                 custom_clock: false,
                 reactor: Some(reactor),
                 task_factory: None,
+                loop_kwargs: None,
             }),
         })
     }
@@ -517,7 +535,6 @@ impl LoopCore {
             let st = slf.get().state.borrow(py);
             (st.closed, st.debug, st.task_factory.is_some())
         };
-        let running = slf.get().is_running_here(py);
         if closed {
             return Err(closed_err());
         }
@@ -532,9 +549,8 @@ impl LoopCore {
         let task = c.tasks_module.bind(py).getattr(intern!(py, "Task"))?;
         let me = slf.as_any();
         match (&name, &context) {
-            // The running loop: `Task(coro)` finds it itself, and no keyword dict is built.
-            (None, None) if running => py::vectorcall(&task, &[coro], None),
-            (None, None) => py::vectorcall(&task, &[coro, me], Some(c.kw_loop[0].bind(py))),
+            // The common case: keywords from the loop's own dict (see `new_future`).
+            (None, None) => task.call((coro,), Some(&Self::loop_kwargs(slf)?)),
             (Some(n), None) => py::vectorcall(&task, &[coro, me, n], Some(c.kw_loop[1].bind(py))),
             (None, Some(x)) => py::vectorcall(&task, &[coro, me, x], Some(c.kw_loop[2].bind(py))),
             (Some(n), Some(x)) => py::vectorcall(&task, &[coro, me, n, x], Some(c.kw_loop[3].bind(py))),
@@ -543,7 +559,7 @@ impl LoopCore {
 
     /// asyncio's `create_future`: `asyncio.Future(loop=self)`.
     fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        py::new_future(slf.as_any(), slf.get().is_running_here(slf.py()))
+        Self::new_future(slf)
     }
 
     #[getter(_task_factory)]
@@ -864,6 +880,7 @@ impl LoopCore {
         }
         visit.call(&st.current_handle)?;
         visit.call(&st.task_factory)?;
+        visit.call(&st.loop_kwargs)?;
         if let Some(r) = &st.reactor {
             for e in r.registry.values() {
                 visit.call(&e.fileobj)?;
@@ -881,7 +898,8 @@ impl LoopCore {
                 let ready: Vec<_> = st.ready.drain().collect();
                 let timers: Vec<_> = st.timers.drain().collect();
                 let entries = st.reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
-                (ready, timers, entries, st.current_handle.take(), st.task_factory.take())
+                let extra = (st.task_factory.take(), st.loop_kwargs.take());
+                (ready, timers, entries, st.current_handle.take(), extra)
             };
             drop((ready, timers, entries, current, factory));
         });

@@ -17,7 +17,7 @@ use super::{timers, LoopCore, Work, MAX_POLL_TIMEOUT_MS};
 use crate::handles::{self, Handle, TimerHandle};
 use crate::reactor::{Which, WAKER_TOKEN};
 use crate::sockops::{self, SockOp};
-use crate::sys::{self, Event};
+use crate::sys;
 use crate::transports::accept::{self, Acceptor};
 use crate::transports::stream::{self, StreamCore};
 
@@ -33,7 +33,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     let now_ns = LoopCore::now_ns(slf)?;
 
     // 1 + 2a: purge cancelled timers, compute the poll timeout.
-    let (timeout_ms, epoll, mut buf) = {
+    let (timeout_ms, epoll, (mut buf, mut events)) = {
         let mut st = core.state.borrow_mut(py);
         if timers::should_compact(st.timers.len(), st.timer_cancelled_count) {
             st.timers.compact(|t| timer_cancelled(py, t), &mut garbage);
@@ -81,7 +81,6 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     drop(garbage);
 
     // 2b: poll.
-    let mut events: Vec<Event> = Vec::new();
     let res = if timeout_ms == 0 {
         epoll.wait(&mut buf, &mut events, 0)
     } else {
@@ -94,7 +93,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             let mut st = core.state.borrow_mut(py);
             st.polling = false;
             if let Some(r) = st.reactor.as_mut() {
-                r.put_buf(buf);
+                r.put_buf((buf, events));
             }
             return Err(crate::py::os_err(e));
         }
@@ -108,7 +107,6 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         st.polling = false;
         let st = &mut *st;
         if let Some(r) = st.reactor.as_mut() {
-            r.put_buf(buf);
             for ev in events.iter() {
                 if ev.token == WAKER_TOKEN {
                     sys::drain_wakeup(r.wake_read_fd(), &mut signals);
@@ -139,6 +137,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                     }
                 }
             }
+            r.put_buf((buf, events));
         }
     }
     if !stale.is_empty() {

@@ -146,20 +146,6 @@ pub fn vectorcall<'py>(
     unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyObject_Vectorcall(callable.as_ptr(), ptrs.as_ptr(), npos, kw)) }
 }
 
-/// `asyncio.Future(loop=loop)`. When `loop` is the running loop of this thread (`running`),
-/// `Future()` gets the same loop from `get_running_loop()` and spares the keyword dict that
-/// calling a type with keywords builds (measured: about 600 instructions per future).
-pub fn new_future<'py>(loop_: &Bound<'py, PyAny>, running: bool) -> PyResult<Bound<'py, PyAny>> {
-    let py = loop_.py();
-    let c = cached(py)?;
-    let cls = c.futures_module.bind(py).getattr(pyo3::intern!(py, "Future"))?;
-    if running {
-        vectorcall(&cls, &[], None)
-    } else {
-        vectorcall(&cls, &[loop_], Some(c.kw_loop[0].bind(py)))
-    }
-}
-
 /// `contextvars.copy_context()` without the Python call.
 pub fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an exception set.

@@ -48,6 +48,8 @@ pub struct Reactor<T> {
     wake_w: OwnedFd,
     pub registry: HashMap<RawFd, FdEntry<T>>,
     ep_buf: Vec<libc::epoll_event>,
+    /// The decoded events of the last poll, kept so each iteration reuses the allocation.
+    events: Vec<sys::Event>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +63,14 @@ impl<T> Reactor<T> {
         let epoll = Epoll::new()?;
         let (wake_r, wake_w) = sys::socketpair()?;
         epoll.add(wake_r.as_raw_fd(), Interest { read: true, write: false }, WAKER_TOKEN)?;
-        Ok(Self { epoll: Arc::new(epoll), wake_r, wake_w, registry: HashMap::new(), ep_buf: Vec::with_capacity(256) })
+        Ok(Self {
+            epoll: Arc::new(epoll),
+            wake_r,
+            wake_w,
+            registry: HashMap::new(),
+            ep_buf: Vec::with_capacity(256),
+            events: Vec::with_capacity(256),
+        })
     }
 
     pub fn epoll(&self) -> Arc<Epoll> {
@@ -145,12 +154,12 @@ impl<T> Reactor<T> {
         self.registry.drain().map(|(_, e)| e).collect()
     }
 
-    /// Take the event buffer out for a poll that runs without the GIL.
-    pub fn take_buf(&mut self) -> Vec<libc::epoll_event> {
-        std::mem::take(&mut self.ep_buf)
+    /// Take the event buffers out for a poll that runs without the GIL.
+    pub fn take_buf(&mut self) -> (Vec<libc::epoll_event>, Vec<sys::Event>) {
+        (std::mem::take(&mut self.ep_buf), std::mem::take(&mut self.events))
     }
 
-    pub fn put_buf(&mut self, buf: Vec<libc::epoll_event>) {
-        self.ep_buf = buf;
+    pub fn put_buf(&mut self, buf: (Vec<libc::epoll_event>, Vec<sys::Event>)) {
+        (self.ep_buf, self.events) = buf;
     }
 }
