@@ -146,6 +146,47 @@ pub fn vectorcall<'py>(
     unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyObject_Vectorcall(callable.as_ptr(), ptrs.as_ptr(), npos, kw)) }
 }
 
+/// `obj.name(*args)` without a bound-method object or an argument tuple
+/// (`PyObject_VectorcallMethod`); the method is looked up on every call, as Python does.
+pub fn call_method_fast<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &Bound<'py, pyo3::types::PyString>,
+    args: &[&Bound<'py, PyAny>],
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = obj.py();
+    let mut ptrs: [*mut ffi::PyObject; 8] = [std::ptr::null_mut(); 8];
+    assert!(args.len() < ptrs.len(), "call_method_fast: at most 7 arguments");
+    ptrs[0] = obj.as_ptr();
+    for (p, a) in ptrs[1..].iter_mut().zip(args) {
+        *p = a.as_ptr();
+    }
+    // SAFETY: `ptrs[..=args.len()]` are borrowed references (the receiver first) kept alive by
+    // the caller for the call; `name` is a str. Returns a new reference or NULL with an
+    // exception set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyObject_VectorcallMethod(name.as_ptr(), ptrs.as_ptr(), args.len() + 1, std::ptr::null_mut()),
+        )
+    }
+}
+
+/// Run `f` inside `ctx` (entered and exited with the C API, like `Context.run`).
+#[inline]
+pub fn in_context<'py, R>(py: Python<'py>, ctx: &Py<PyAny>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+    // SAFETY: `ctx` is a contextvars.Context (checked by whoever stored it).
+    if unsafe { ffi::PyContext_Enter(ctx.as_ptr()) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let r = f();
+    // SAFETY: we entered `ctx` above on this thread; exiting it restores the previous context.
+    if unsafe { ffi::PyContext_Exit(ctx.as_ptr()) } < 0 {
+        let exit_err = PyErr::fetch(py);
+        return Err(r.err().unwrap_or(exit_err));
+    }
+    r
+}
+
 /// `contextvars.copy_context()` without the Python call.
 pub fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an exception set.
@@ -160,17 +201,7 @@ pub fn call_in_context<'py>(
     cb: &Bound<'py, PyAny>,
     args: &Bound<'py, PyTuple>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    // SAFETY: `ctx` is a contextvars.Context (checked when the handle was built).
-    if unsafe { ffi::PyContext_Enter(ctx.as_ptr()) } < 0 {
-        return Err(PyErr::fetch(py));
-    }
-    let r = if args.is_empty() { cb.call0() } else { cb.call1(args) };
-    // SAFETY: we entered `ctx` above on this thread; exiting it restores the previous context.
-    if unsafe { ffi::PyContext_Exit(ctx.as_ptr()) } < 0 {
-        let exit_err = PyErr::fetch(py);
-        return Err(r.err().unwrap_or(exit_err));
-    }
-    r
+    in_context(py, ctx, || if args.is_empty() { cb.call0() } else { cb.call1(args) })
 }
 
 /// `KeyboardInterrupt` and `SystemExit` escape the loop; everything else is reported.

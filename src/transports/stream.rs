@@ -149,6 +149,21 @@ impl StreamCore {
         }
     }
 
+    /// `protocol.name(*args)` inside the transport's context (no bound method, no tuple).
+    fn call_protocol<'py>(
+        &self,
+        py: Python<'py>,
+        protocol: &Bound<'py, PyAny>,
+        name: &Bound<'py, pyo3::types::PyString>,
+        args: &[&Bound<'py, PyAny>],
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ctx = self.st.borrow(py).context.as_ref().map(|c| c.clone_ref(py));
+        match ctx {
+            Some(ctx) => py::in_context(py, &ctx, || py::call_method_fast(protocol, name, args)),
+            None => py::call_method_fast(protocol, name, args),
+        }
+    }
+
     /// Call `f` inside the transport's context.
     fn in_context<'py>(
         &self,
@@ -277,7 +292,8 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     };
     let protocol = protocol.bind(py);
     if buffered {
-        let buf = match me.in_context(py, &protocol.getattr(intern!(py, "get_buffer"))?, &PyTuple::new(py, [-1])?) {
+        let minus_one = (-1i32).into_pyobject(py)?;
+        let buf = match me.call_protocol(py, protocol, intern!(py, "get_buffer"), &[minus_one.as_any()]) {
             Ok(b) => b,
             Err(e) => return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed."),
         };
@@ -306,8 +322,8 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
         match r {
             Ok(0) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
             Ok(n) => {
-                let args = PyTuple::new(py, [n])?;
-                match me.in_context(py, &protocol.getattr(intern!(py, "buffer_updated"))?, &args) {
+                let n = n.into_pyobject(py)?;
+                match me.call_protocol(py, protocol, intern!(py, "buffer_updated"), &[n.as_any()]) {
                     Ok(_) => Ok(()),
                     Err(e) => me.fatal_error(py, e, "Fatal error: protocol.buffer_updated() call failed."),
                 }
@@ -321,13 +337,10 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Ok(data) if data.as_bytes().is_empty() => {
                 me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py))
             }
-            Ok(data) => {
-                let args = PyTuple::new(py, [data])?;
-                match me.in_context(py, &protocol.getattr(intern!(py, "data_received"))?, &args) {
-                    Ok(_) => Ok(()),
-                    Err(e) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
-                }
-            }
+            Ok(data) => match me.call_protocol(py, protocol, intern!(py, "data_received"), &[data.as_any()]) {
+                Ok(_) => Ok(()),
+                Err(e) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
+            },
             Err(e) if sys::would_block(&e) => Ok(()),
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
