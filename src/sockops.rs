@@ -42,7 +42,7 @@ use crate::sys;
 use crate::transports::stream::{recv_bytes, MAX_READ};
 
 /// What one operation does, with the objects it needs until it finishes.
-enum Kind {
+pub(crate) enum Kind {
     /// `sock.recv(n)`; `n` as given (asyncio passes it on unchanged).
     Recv(Py<PyAny>),
     RecvInto(Py<PyAny>),
@@ -58,6 +58,38 @@ enum Kind {
     Connect(Py<PyAny>),
     /// Finished: nothing held.
     Spent,
+}
+
+impl Kind {
+    /// The same operation holding new references to its objects.
+    fn clone_ref(&self, py: Python<'_>) -> Kind {
+        match self {
+            Kind::Recv(n) => Kind::Recv(n.clone_ref(py)),
+            Kind::RecvInto(b) => Kind::RecvInto(b.clone_ref(py)),
+            Kind::RecvFrom(n) => Kind::RecvFrom(n.clone_ref(py)),
+            Kind::RecvFromInto(b, n) => Kind::RecvFromInto(b.clone_ref(py), n.clone_ref(py)),
+            Kind::SendAll(d, pos) => Kind::SendAll(d.clone_ref(py), *pos),
+            Kind::SendTo(d, a) => Kind::SendTo(d.clone_ref(py), a.clone_ref(py)),
+            Kind::Accept => Kind::Accept,
+            Kind::Connect(a) => Kind::Connect(a.clone_ref(py)),
+            Kind::Spent => Kind::Spent,
+        }
+    }
+
+    /// The loop method that made it (for reprs), and the direction it waits for.
+    fn describe(&self) -> (&'static str, Which) {
+        match self {
+            Kind::Recv(_) => ("sock_recv", Which::Reader),
+            Kind::RecvInto(_) => ("sock_recv_into", Which::Reader),
+            Kind::RecvFrom(_) => ("sock_recvfrom", Which::Reader),
+            Kind::RecvFromInto(..) => ("sock_recvfrom_into", Which::Reader),
+            Kind::SendAll(..) => ("sock_sendall", Which::Writer),
+            Kind::SendTo(..) => ("sock_sendto", Which::Writer),
+            Kind::Accept => ("sock_accept", Which::Reader),
+            Kind::Connect(_) => ("sock_connect", Which::Writer),
+            Kind::Spent => ("sock_op", Which::Reader),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -115,11 +147,8 @@ pub(crate) enum Step {
 }
 
 impl SockOp {
-    fn new(loop_: &Bound<'_, LoopCore>, name: &'static str, sock: &Bound<'_, PyAny>, kind: Kind) -> Self {
-        let which = match kind {
-            Kind::SendAll(..) | Kind::SendTo(..) | Kind::Connect(..) => Which::Writer,
-            _ => Which::Reader,
-        };
+    fn new(loop_: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>, kind: Kind) -> Self {
+        let (name, which) = kind.describe();
         Self {
             loop_: loop_.clone().unbind(),
             name,
@@ -239,28 +268,8 @@ impl SockOp {
             let st = me.st.borrow(py);
             (st.direct, st.fd)
         };
-        // Clone what the kind needs out of the cell: the calls below run Python code.
-        enum Job {
-            Recv(Py<PyAny>),
-            RecvInto(Py<PyAny>),
-            RecvFrom(Py<PyAny>),
-            RecvFromInto(Py<PyAny>, Py<PyAny>),
-            SendAll(Py<PyAny>, usize),
-            SendTo(Py<PyAny>, Py<PyAny>),
-            Accept,
-            Connect(Py<PyAny>),
-        }
-        let job = match &me.st.borrow(py).kind {
-            Kind::Recv(n) => Job::Recv(n.clone_ref(py)),
-            Kind::RecvInto(b) => Job::RecvInto(b.clone_ref(py)),
-            Kind::RecvFrom(n) => Job::RecvFrom(n.clone_ref(py)),
-            Kind::RecvFromInto(b, n) => Job::RecvFromInto(b.clone_ref(py), n.clone_ref(py)),
-            Kind::SendAll(d, pos) => Job::SendAll(d.clone_ref(py), *pos),
-            Kind::SendTo(d, a) => Job::SendTo(d.clone_ref(py), a.clone_ref(py)),
-            Kind::Accept => Job::Accept,
-            Kind::Connect(a) => Job::Connect(a.clone_ref(py)),
-            Kind::Spent => return Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
-        };
+        // A copy of the kind (new references) out of the cell: the calls below run Python code.
+        let job = me.st.borrow(py).kind.clone_ref(py);
         let method = |name: &Bound<'_, pyo3::types::PyString>, args: &Bound<'_, PyTuple>| -> PyResult<Attempt> {
             match sock.call_method1(name, args) {
                 Ok(v) => Ok(Attempt::Done(v.unbind())),
@@ -269,7 +278,7 @@ impl SockOp {
             }
         };
         match job {
-            Job::Recv(n) if direct => {
+            Kind::Recv(n) if direct => {
                 let n: isize = n.bind(py).extract()?;
                 if n < 0 {
                     return Err(PyValueError::new_err("negative buffersize in recv"));
@@ -292,8 +301,8 @@ impl SockOp {
                     Err(e) => Err(py::os_err(e)),
                 }
             }
-            Job::Recv(n) => method(intern!(py, "recv"), &PyTuple::new(py, [n])?),
-            Job::RecvInto(buf) if direct => {
+            Kind::Recv(n) => method(intern!(py, "recv"), &PyTuple::new(py, [n])?),
+            Kind::RecvInto(buf) if direct => {
                 let view = ByteView::new(buf.bind(py), true).map_err(|_| {
                     let tname = buf.bind(py).get_type().name().map(|n| n.to_string()).unwrap_or_default();
                     PyTypeError::new_err(format!(
@@ -309,10 +318,10 @@ impl SockOp {
                     Err(e) => Err(py::os_err(e)),
                 }
             }
-            Job::RecvInto(buf) => method(intern!(py, "recv_into"), &PyTuple::new(py, [buf])?),
-            Job::RecvFrom(n) => method(intern!(py, "recvfrom"), &PyTuple::new(py, [n])?),
-            Job::RecvFromInto(buf, n) => method(intern!(py, "recvfrom_into"), &PyTuple::new(py, [buf, n])?),
-            Job::SendAll(data, pos) => {
+            Kind::RecvInto(buf) => method(intern!(py, "recv_into"), &PyTuple::new(py, [buf])?),
+            Kind::RecvFrom(n) => method(intern!(py, "recvfrom"), &PyTuple::new(py, [n])?),
+            Kind::RecvFromInto(buf, n) => method(intern!(py, "recvfrom_into"), &PyTuple::new(py, [buf, n])?),
+            Kind::SendAll(data, pos) => {
                 let (sent, total) = if direct {
                     let view = ByteView::new(data.bind(py), false)?;
                     let bytes = view.as_slice();
@@ -348,7 +357,7 @@ impl SockOp {
                     Ok(Attempt::WouldBlock)
                 }
             }
-            Job::SendTo(data, addr) => {
+            Kind::SendTo(data, addr) => {
                 if first {
                     method(intern!(py, "sendto"), &PyTuple::new(py, [data, addr])?)
                 } else {
@@ -356,12 +365,12 @@ impl SockOp {
                     method(intern!(py, "sendto"), &PyTuple::new(py, [data, flags, addr])?)
                 }
             }
-            Job::Connect(address) if first => match sock.call_method1(intern!(py, "connect"), (&address,)) {
+            Kind::Connect(address) if first => match sock.call_method1(intern!(py, "connect"), (&address,)) {
                 Ok(_) => Ok(Attempt::Done(py.None())),
                 Err(e) if is_retry(py, &e) => Ok(Attempt::WouldBlock),
                 Err(e) => Err(e),
             },
-            Job::Connect(address) => {
+            Kind::Connect(address) => {
                 let err = match sock.call_method1(intern!(py, "getsockopt"), (libc::SOL_SOCKET, libc::SO_ERROR)) {
                     Ok(v) => v.extract::<i32>()?,
                     Err(e) if is_retry(py, &e) => return Ok(Attempt::WouldBlock),
@@ -373,7 +382,8 @@ impl SockOp {
                 }
                 Ok(Attempt::Done(py.None()))
             }
-            Job::Accept => match sock.call_method0(intern!(py, "accept")) {
+            Kind::Spent => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+            Kind::Accept => match sock.call_method0(intern!(py, "accept")) {
                 Ok(pair) => {
                     let conn = pair.get_item(0)?;
                     conn.call_method1(intern!(py, "setblocking"), (false,))?;
@@ -702,66 +712,8 @@ impl SockOp {
     }
 }
 
-/// The `LoopCore` methods: build the operation; the checks run on its first step, as in
-/// asyncio's `async def`s.
-fn make(loop_: &Bound<'_, LoopCore>, name: &'static str, sock: &Bound<'_, PyAny>, kind: Kind) -> PyResult<Py<SockOp>> {
-    Py::new(loop_.py(), SockOp::new(loop_, name, sock, kind))
-}
-
-pub(crate) fn recv(loop_: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>, n: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
-    make(loop_, "sock_recv", sock, Kind::Recv(n.clone().unbind()))
-}
-
-pub(crate) fn recv_into(
-    loop_: &Bound<'_, LoopCore>,
-    sock: &Bound<'_, PyAny>,
-    buf: &Bound<'_, PyAny>,
-) -> PyResult<Py<SockOp>> {
-    make(loop_, "sock_recv_into", sock, Kind::RecvInto(buf.clone().unbind()))
-}
-
-pub(crate) fn recvfrom(
-    loop_: &Bound<'_, LoopCore>,
-    sock: &Bound<'_, PyAny>,
-    bufsize: &Bound<'_, PyAny>,
-) -> PyResult<Py<SockOp>> {
-    make(loop_, "sock_recvfrom", sock, Kind::RecvFrom(bufsize.clone().unbind()))
-}
-
-pub(crate) fn recvfrom_into(
-    loop_: &Bound<'_, LoopCore>,
-    sock: &Bound<'_, PyAny>,
-    buf: &Bound<'_, PyAny>,
-    nbytes: &Bound<'_, PyAny>,
-) -> PyResult<Py<SockOp>> {
-    make(loop_, "sock_recvfrom_into", sock, Kind::RecvFromInto(buf.clone().unbind(), nbytes.clone().unbind()))
-}
-
-pub(crate) fn sendall(
-    loop_: &Bound<'_, LoopCore>,
-    sock: &Bound<'_, PyAny>,
-    data: &Bound<'_, PyAny>,
-) -> PyResult<Py<SockOp>> {
-    make(loop_, "sock_sendall", sock, Kind::SendAll(data.clone().unbind(), 0))
-}
-
-pub(crate) fn sendto(
-    loop_: &Bound<'_, LoopCore>,
-    sock: &Bound<'_, PyAny>,
-    data: &Bound<'_, PyAny>,
-    address: &Bound<'_, PyAny>,
-) -> PyResult<Py<SockOp>> {
-    make(loop_, "sock_sendto", sock, Kind::SendTo(data.clone().unbind(), address.clone().unbind()))
-}
-
-pub(crate) fn connect(
-    loop_: &Bound<'_, LoopCore>,
-    sock: &Bound<'_, PyAny>,
-    address: &Bound<'_, PyAny>,
-) -> PyResult<Py<SockOp>> {
-    make(loop_, "sock_connect", sock, Kind::Connect(address.clone().unbind()))
-}
-
-pub(crate) fn accept(loop_: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
-    make(loop_, "sock_accept", sock, Kind::Accept)
+/// What the `LoopCore.sock_*` methods return: the operation, not started; the checks run on
+/// its first step, as in asyncio's `async def`s.
+pub(crate) fn op(loop_: &Bound<'_, LoopCore>, sock: &Bound<'_, PyAny>, kind: Kind) -> PyResult<Py<SockOp>> {
+    Py::new(loop_.py(), SockOp::new(loop_, sock, kind))
 }

@@ -26,7 +26,7 @@ use pyo3::{intern, PyTraverseError};
 use crate::handles::{Handle, TimerHandle};
 use crate::py::{self, GilCell};
 use crate::reactor::{Reactor, Which};
-use crate::sockops::{self, SockOp};
+use crate::sockops::{self, Kind, SockOp};
 use crate::sys;
 use crate::transports::accept::Acceptor;
 use crate::transports::stream::StreamCore;
@@ -545,16 +545,20 @@ impl LoopCore {
             let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
             return slf.call_method1(intern!(py, "_create_task_slow"), (coro, name, context, kwargs));
         }
-        let c = py::cached(py)?;
-        let task = c.tasks_module.bind(py).getattr(intern!(py, "Task"))?;
-        let me = slf.as_any();
-        match (&name, &context) {
+        let task = py::cached(py)?.tasks_module.bind(py).getattr(intern!(py, "Task"))?;
+        let loop_kwargs = Self::loop_kwargs(slf)?;
+        if name.is_none() && context.is_none() {
             // The common case: keywords from the loop's own dict (see `new_future`).
-            (None, None) => task.call((coro,), Some(&Self::loop_kwargs(slf)?)),
-            (Some(n), None) => py::vectorcall(&task, &[coro, me, n], Some(c.kw_loop[1].bind(py))),
-            (None, Some(x)) => py::vectorcall(&task, &[coro, me, x], Some(c.kw_loop[2].bind(py))),
-            (Some(n), Some(x)) => py::vectorcall(&task, &[coro, me, n, x], Some(c.kw_loop[3].bind(py))),
+            return task.call((coro,), Some(&loop_kwargs));
         }
+        let kw = loop_kwargs.copy()?;
+        if let Some(n) = name {
+            kw.set_item(intern!(py, "name"), n)?;
+        }
+        if let Some(x) = context {
+            kw.set_item(intern!(py, "context"), x)?;
+        }
+        task.call((coro,), Some(&kw))
     }
 
     /// asyncio's `create_future`: `asyncio.Future(loop=self)`.
@@ -745,11 +749,11 @@ impl LoopCore {
     // --- sock_* (see sockops.rs) ---------------------------------------------------------
 
     fn sock_recv(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, n: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
-        sockops::recv(slf, sock, n)
+        sockops::op(slf, sock, Kind::Recv(n.clone().unbind()))
     }
 
     fn sock_recv_into(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, buf: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
-        sockops::recv_into(slf, sock, buf)
+        sockops::op(slf, sock, Kind::RecvInto(buf.clone().unbind()))
     }
 
     fn sock_recvfrom(
@@ -757,7 +761,7 @@ impl LoopCore {
         sock: &Bound<'_, PyAny>,
         bufsize: &Bound<'_, PyAny>,
     ) -> PyResult<Py<SockOp>> {
-        sockops::recvfrom(slf, sock, bufsize)
+        sockops::op(slf, sock, Kind::RecvFrom(bufsize.clone().unbind()))
     }
 
     #[pyo3(signature = (sock, buf, nbytes=None))]
@@ -772,11 +776,11 @@ impl LoopCore {
             Some(n) => n,
             None => 0i32.into_pyobject(py)?.into_any(),
         };
-        sockops::recvfrom_into(slf, sock, buf, &nbytes)
+        sockops::op(slf, sock, Kind::RecvFromInto(buf.clone().unbind(), nbytes.unbind()))
     }
 
     fn sock_sendall(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
-        sockops::sendall(slf, sock, data)
+        sockops::op(slf, sock, Kind::SendAll(data.clone().unbind(), 0))
     }
 
     fn sock_sendto(
@@ -785,7 +789,7 @@ impl LoopCore {
         data: &Bound<'_, PyAny>,
         address: &Bound<'_, PyAny>,
     ) -> PyResult<Py<SockOp>> {
-        sockops::sendto(slf, sock, data, address)
+        sockops::op(slf, sock, Kind::SendTo(data.clone().unbind(), address.clone().unbind()))
     }
 
     /// The connect step of `sock_connect` (the Python method checks and resolves first).
@@ -794,11 +798,11 @@ impl LoopCore {
         sock: &Bound<'_, PyAny>,
         address: &Bound<'_, PyAny>,
     ) -> PyResult<Py<SockOp>> {
-        sockops::connect(slf, sock, address)
+        sockops::op(slf, sock, Kind::Connect(address.clone().unbind()))
     }
 
     fn sock_accept(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>) -> PyResult<Py<SockOp>> {
-        sockops::accept(slf, sock)
+        sockops::op(slf, sock, Kind::Accept)
     }
 
     // --- state that asyncio keeps as attributes ------------------------------------------

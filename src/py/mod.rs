@@ -62,9 +62,6 @@ pub struct Cached {
     /// asyncio's `create_task`/`create_future` do.
     pub tasks_module: Py<PyAny>,
     pub futures_module: Py<PyAny>,
-    /// Keyword-name tuples for vectorcalls: `loop`, `loop, name`, `loop, context`,
-    /// `loop, name, context`.
-    pub kw_loop: [Py<PyTuple>; 4],
 }
 
 static CACHED: PyOnceLock<Cached> = PyOnceLock::new();
@@ -95,12 +92,6 @@ pub fn cached(py: Python<'_>) -> PyResult<&Cached> {
             check_ssl_socket: py.import("asyncio.base_events")?.getattr("_check_ssl_socket")?.unbind(),
             tasks_module: py.import("asyncio.tasks")?.into_any().unbind(),
             futures_module: py.import("asyncio.futures")?.into_any().unbind(),
-            kw_loop: [
-                PyTuple::new(py, ["loop"])?.unbind(),
-                PyTuple::new(py, ["loop", "name"])?.unbind(),
-                PyTuple::new(py, ["loop", "context"])?.unbind(),
-                PyTuple::new(py, ["loop", "name", "context"])?.unbind(),
-            ],
         })
     })
 }
@@ -122,28 +113,6 @@ pub fn check_callback(py: Python<'_>, cb: &Bound<'_, PyAny>, method: &str) -> Py
         return Err(PyTypeError::new_err(format!("a callable object was expected by {method}(), got {}", cb.repr()?)));
     }
     Ok(())
-}
-
-/// `callable(*args[..n - k], **dict(zip(kwnames, args[n - k..])))` through the vectorcall
-/// protocol: no argument tuple or dict is built.
-pub fn vectorcall<'py>(
-    callable: &Bound<'py, PyAny>,
-    args: &[&Bound<'py, PyAny>],
-    kwnames: Option<&Bound<'py, PyTuple>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let py = callable.py();
-    let mut ptrs: [*mut ffi::PyObject; 8] = [std::ptr::null_mut(); 8];
-    assert!(args.len() <= ptrs.len(), "vectorcall: at most 8 arguments");
-    for (p, a) in ptrs.iter_mut().zip(args) {
-        *p = a.as_ptr();
-    }
-    let nkw = kwnames.map_or(0, |k| k.len());
-    let npos = args.len().saturating_sub(nkw);
-    let kw = kwnames.map_or(std::ptr::null_mut(), |k| k.as_ptr());
-    // SAFETY: `ptrs[..args.len()]` are borrowed references kept alive by `args` for the call;
-    // `kw` is NULL or a tuple of the last `nkw` arguments' names. Returns a new reference or
-    // NULL with an exception set.
-    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyObject_Vectorcall(callable.as_ptr(), ptrs.as_ptr(), npos, kw)) }
 }
 
 /// `obj.name(*args)` without a bound-method object or an argument tuple
