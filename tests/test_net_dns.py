@@ -102,7 +102,9 @@ def _assert_same(got, expected, what):
         assert got == expected, f"{what}: {got!r} != {expected!r}"
 
 
-def test_getaddrinfo_matches_socket(loop):
+def _compare_getaddrinfo(loop, cases):
+    """Look up every `(host, port, kwargs)` case concurrently with `loop.getaddrinfo` and assert
+    each outcome equals `socket.getaddrinfo`'s. Returns the outcomes and how many resolved."""
     expected = [
         _outcome(
             socket.getaddrinfo,
@@ -113,20 +115,25 @@ def test_getaddrinfo_matches_socket(loop):
             kw.get("proto", 0),
             kw.get("flags", 0),
         )
-        for host, port, kw in CASES
+        for host, port, kw in cases
     ]
 
     async def main():
         return await asyncio.gather(
-            *(_async_outcome(loop.getaddrinfo, host, port, **kw) for host, port, kw in CASES)
+            *(_async_outcome(loop.getaddrinfo, host, port, **kw) for host, port, kw in cases)
         )
 
     got = run(loop, main())
-    assert len(got) == len(CASES)
+    assert len(got) == len(cases)
     oks = 0
-    for case, g, e in zip(CASES, got, expected, strict=True):
+    for case, g, e in zip(cases, got, expected, strict=True):
         _assert_same(g, e, f"getaddrinfo{case!r}")
         oks += g[0] == "ok"
+    return got, oks
+
+
+def test_getaddrinfo_matches_socket(loop):
+    got, oks = _compare_getaddrinfo(loop, CASES)
     assert oks > len(CASES) // 2  # the inputs mostly resolve: the comparison means something
     # The results carry the enums, not bare ints.
     sample = next(g[1][0] for g in got if g[0] == "ok" and g[1])
@@ -297,29 +304,7 @@ def test_getaddrinfo_of_ip_literals_matches_socket(loop, group):
     # looked up in DNS (slow or unanswered here): they are only tried as numeric hosts.
     extra = socket.AI_NUMERICHOST if group == "near-literals" else 0
     cases = _literal_cases(LITERAL_HOSTS[group], extra)
-    expected = [
-        _outcome(
-            socket.getaddrinfo,
-            host,
-            port,
-            kw.get("family", 0),
-            kw.get("type", 0),
-            kw.get("proto", 0),
-            kw.get("flags", 0),
-        )
-        for host, port, kw in cases
-    ]
-
-    async def main():
-        return await asyncio.gather(
-            *(_async_outcome(loop.getaddrinfo, host, port, **kw) for host, port, kw in cases)
-        )
-
-    got = run(loop, main())
-    oks = 0
-    for case, g, e in zip(cases, got, expected, strict=True):
-        _assert_same(g, e, f"getaddrinfo{case!r}")
-        oks += g[0] == "ok"
+    _, oks = _compare_getaddrinfo(loop, cases)
     if group == "near-literals":
         assert oks == 0  # every one of them is refused
     elif group != "none-and-bad-types":
