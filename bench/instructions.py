@@ -105,7 +105,11 @@ def main() -> int:
     import micro
 
     loops = [x.strip() for x in args.loops.split(",") if x.strip()]
-    names = [w for w in micro.WORKLOADS if w not in SKIP and re.search(args.only, w, re.I)]
+    names = [
+        w
+        for w, spec in micro.WORKLOADS.items()
+        if spec.kind == "throughput" and w not in SKIP and re.search(args.only, w, re.I)
+    ]
     outdir = args.keep or tempfile.mkdtemp(prefix="ferroloop-cg-")
     os.makedirs(outdir, exist_ok=True)
     print(

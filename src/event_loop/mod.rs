@@ -11,6 +11,7 @@
 //! The Python-facing names are asyncio's (`call_soon`, `_run_once`, `_write_to_self`, ...), so a
 //! reader can hold this file against `asyncio/base_events.py` and `selector_events.py`.
 
+mod fastcall;
 mod ready;
 mod run;
 pub mod timers;
@@ -30,6 +31,7 @@ use crate::sockops::{self, Kind, SockOp};
 use crate::sys;
 use crate::transports::accept::Acceptor;
 use crate::transports::stream::StreamCore;
+pub(crate) use fastcall::install as install_fastcall;
 use ready::ReadyQueue;
 use timers::TimerHeap;
 
@@ -220,6 +222,74 @@ impl LoopCore {
         let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
         core.state.borrow_mut(py).timers.push(when_ns, obj.clone_ref(py));
         Ok(obj)
+    }
+
+    /// `call_soon(callback, *args, context=None)`; the argument parsing is in `fastcall`.
+    pub(crate) fn call_soon(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let core = slf.get();
+        let debug = core.check_schedule(py, callback, "call_soon")?;
+        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        core.push_ready(py, h.clone_ref(py));
+        Ok(h)
+    }
+
+    pub(crate) fn call_soon_threadsafe(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let core = slf.get();
+        let (closed, debug) = {
+            let st = core.state.borrow(py);
+            (st.closed, st.debug)
+        };
+        if closed {
+            return Err(closed_err());
+        }
+        if debug {
+            py::check_callback(py, callback, "call_soon_threadsafe")?;
+        }
+        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        core.push_ready(py, h.clone_ref(py));
+        core.wake_if_polling(py);
+        Ok(h)
+    }
+
+    pub(crate) fn call_later(
+        slf: &Bound<'_, Self>,
+        delay: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if delay.is_none() {
+            return Err(PyTypeError::new_err("delay must not be None"));
+        }
+        let delay: f64 = delay.extract()?;
+        let now = Self::now_secs(slf)?;
+        Self::schedule_timer(slf, now + delay, None, callback, args, context)
+    }
+
+    pub(crate) fn call_at(
+        slf: &Bound<'_, Self>,
+        when: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if when.is_none() {
+            return Err(PyTypeError::new_err("when cannot be None"));
+        }
+        let when_f: f64 = when.extract()?;
+        Self::schedule_timer(slf, when_f, Some(when), callback, args, context)
     }
 }
 
@@ -447,77 +517,6 @@ impl LoopCore {
     }
 
     // --- scheduling ----------------------------------------------------------------------
-
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon(
-        slf: &Bound<'_, Self>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        let py = slf.py();
-        let core = slf.get();
-        let debug = core.check_schedule(py, callback, "call_soon")?;
-        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
-        core.push_ready(py, h.clone_ref(py));
-        Ok(h)
-    }
-
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon_threadsafe(
-        slf: &Bound<'_, Self>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        let py = slf.py();
-        let core = slf.get();
-        let (closed, debug) = {
-            let st = core.state.borrow(py);
-            (st.closed, st.debug)
-        };
-        if closed {
-            return Err(closed_err());
-        }
-        if debug {
-            py::check_callback(py, callback, "call_soon_threadsafe")?;
-        }
-        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
-        core.push_ready(py, h.clone_ref(py));
-        core.wake_if_polling(py);
-        Ok(h)
-    }
-
-    #[pyo3(signature = (delay, callback, *args, context=None))]
-    fn call_later(
-        slf: &Bound<'_, Self>,
-        delay: &Bound<'_, PyAny>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Py<TimerHandle>> {
-        if delay.is_none() {
-            return Err(PyTypeError::new_err("delay must not be None"));
-        }
-        let delay: f64 = delay.extract()?;
-        let now = Self::now_secs(slf)?;
-        Self::schedule_timer(slf, now + delay, None, callback, args, context)
-    }
-
-    #[pyo3(signature = (when, callback, *args, context=None))]
-    fn call_at(
-        slf: &Bound<'_, Self>,
-        when: &Bound<'_, PyAny>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<Bound<'_, PyAny>>,
-    ) -> PyResult<Py<TimerHandle>> {
-        if when.is_none() {
-            return Err(PyTypeError::new_err("when cannot be None"));
-        }
-        let when_f: f64 = when.extract()?;
-        Self::schedule_timer(slf, when_f, Some(when), callback, args, context)
-    }
 
     /// asyncio's `create_task`. The common case (no task factory, no extra keywords, not in
     /// debug mode) calls `asyncio.Task(coro, loop=self[, name=][, context=])` directly; the

@@ -1,0 +1,243 @@
+//! `call_soon`, `call_soon_threadsafe`, `call_later` and `call_at` as raw
+//! `METH_FASTCALL | METH_KEYWORDS` methods.
+//!
+//! They are the hottest entry points of the loop: every Task step and Future callback goes
+//! through `call_soon(cb, arg, context=ctx)`. PyO3's generated parser for a
+//! `(callback, *args, context=None)` signature costs 100-450 instructions per call (a varargs
+//! tuple, keyword matching through a generic description); the two shapes that occur, no
+//! keywords or exactly `context=`, are parsed here directly from the vector.
+//!
+//! Ground rules: the methods are installed on `LoopCore` once, at module initialisation
+//! (`install`), through PyO3's own trampoline (panic trap, interpreter attachment); the bodies
+//! are the ordinary Rust methods in `mod.rs`. Errors match asyncio's signatures: a missing
+//! positional argument or an unknown keyword is a `TypeError` naming it.
+
+use std::ffi::{c_char, CStr};
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use pyo3::{intern, Borrowed, PyTypeInfo};
+
+use super::LoopCore;
+
+/// The arguments of one call: `npos` positionals (the fixed ones first), then `context`.
+struct Args<'a, 'py> {
+    py: Python<'py>,
+    pos: &'a [*mut ffi::PyObject],
+    context: Option<Borrowed<'a, 'py, PyAny>>,
+}
+
+impl<'a, 'py> Args<'a, 'py> {
+    /// Split the vector. `fixed` names the leading positional parameters (for messages).
+    ///
+    /// # Safety
+    /// `args` points at `nargs` live object pointers followed by one per name in `kwnames`
+    /// (a tuple of str, or NULL), as CPython passes them to a `METH_FASTCALL | METH_KEYWORDS`
+    /// method; they stay alive for the call.
+    unsafe fn parse(
+        py: Python<'py>,
+        method: &str,
+        fixed: &[&str],
+        args: *const *mut ffi::PyObject,
+        nargs: ffi::Py_ssize_t,
+        kwnames: *mut ffi::PyObject,
+    ) -> PyResult<Self> {
+        let nargs = nargs as usize;
+        let nkw = if kwnames.is_null() {
+            0
+        } else {
+            // SAFETY: kwnames is a tuple (CPython's vectorcall convention).
+            unsafe { ffi::PyTuple_GET_SIZE(kwnames) as usize }
+        };
+        let all: &'a [*mut ffi::PyObject] = if nargs + nkw == 0 {
+            &[]
+        } else {
+            // SAFETY: the caller guarantees `nargs + nkw` valid pointers at `args`.
+            unsafe { std::slice::from_raw_parts(args, nargs + nkw) }
+        };
+        if nargs < fixed.len() {
+            let missing = &fixed[nargs..];
+            let names = missing.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(" and ");
+            let s = if missing.len() == 1 { "" } else { "s" };
+            return Err(PyTypeError::new_err(format!(
+                "{method}() missing {} required positional argument{s}: {names}",
+                missing.len()
+            )));
+        }
+        let mut context = None;
+        for i in 0..nkw {
+            // SAFETY: i < size of the kwnames tuple; the item is a borrowed str.
+            let name = unsafe { Borrowed::from_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t)) };
+            // Keyword names are interned by the compiler, so identity usually decides.
+            let is_context = name.is(intern!(py, "context")) || name.eq(intern!(py, "context"))?;
+            if !is_context {
+                return Err(PyTypeError::new_err(format!(
+                    "{method}() got an unexpected keyword argument '{}'",
+                    name.str()?
+                )));
+            }
+            // SAFETY: the value for keyword i follows the positionals.
+            let value = unsafe { Borrowed::from_ptr(py, all[nargs + i]) };
+            if context.is_some() {
+                return Err(PyTypeError::new_err(format!("{method}() got multiple values for argument 'context'")));
+            }
+            context = Some(value);
+        }
+        Ok(Self { py, pos: &all[..nargs], context })
+    }
+
+    /// Positional argument `i` (checked to exist by `parse` for the fixed ones).
+    fn get(&self, i: usize) -> Borrowed<'a, 'py, PyAny> {
+        // SAFETY: `pos` holds live borrowed pointers for the duration of the call.
+        unsafe { Borrowed::from_ptr(self.py, self.pos[i]) }
+    }
+
+    /// The positionals after the first `skip`, as the callback's argument tuple.
+    fn rest(&self, skip: usize) -> Bound<'py, PyTuple> {
+        let items = &self.pos[skip..];
+        if items.is_empty() {
+            return PyTuple::empty(self.py);
+        }
+        // SAFETY: PyTuple_New returns a new tuple with `len` NULL slots (or NULL on memory
+        // error, which `from_owned_ptr` turns into a panic caught by the trampoline); each slot
+        // is filled once with a new reference, as PyTuple_SET_ITEM requires.
+        unsafe {
+            let t = ffi::PyTuple_New(items.len() as ffi::Py_ssize_t);
+            let t = Bound::from_owned_ptr(self.py, t);
+            for (i, &item) in items.iter().enumerate() {
+                ffi::Py_INCREF(item);
+                ffi::PyTuple_SET_ITEM(t.as_ptr(), i as ffi::Py_ssize_t, item);
+            }
+            t.cast_into_unchecked()
+        }
+    }
+
+    /// `context=None` means "copy the current context", as in asyncio.
+    fn context(&self) -> Option<Bound<'py, PyAny>> {
+        self.context.filter(|c| !c.is_none()).map(|c| c.to_owned())
+    }
+}
+
+/// `self` as the loop. CPython's method descriptor checks `self` is a `LoopCore` (or subclass)
+/// before calling, so the cast cannot fail.
+///
+/// # Safety
+/// `slf` is a live object of the descriptor's type, borrowed for the call.
+unsafe fn this<'a, 'py>(py: Python<'py>, slf: *mut ffi::PyObject) -> Borrowed<'a, 'py, LoopCore> {
+    // SAFETY: see above.
+    unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<LoopCore>() }
+}
+
+unsafe fn call_soon(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: CPython's METH_FASTCALL | METH_KEYWORDS convention (see `Args::parse`, `this`).
+    let (a, slf) = unsafe { (Args::parse(py, "call_soon", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
+    let h = LoopCore::call_soon(&slf, &a.get(0), &a.rest(1), a.context())?;
+    Ok(h.into_ptr())
+}
+
+unsafe fn call_soon_threadsafe(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: as in `call_soon`.
+    let (a, slf) =
+        unsafe { (Args::parse(py, "call_soon_threadsafe", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
+    let h = LoopCore::call_soon_threadsafe(&slf, &a.get(0), &a.rest(1), a.context())?;
+    Ok(h.into_ptr())
+}
+
+unsafe fn call_later(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: as in `call_soon`.
+    let (a, slf) =
+        unsafe { (Args::parse(py, "call_later", &["delay", "callback"], args, nargs, kwnames)?, this(py, slf)) };
+    let h = LoopCore::call_later(&slf, &a.get(0), &a.get(1), &a.rest(2), a.context())?;
+    Ok(h.into_ptr())
+}
+
+unsafe fn call_at(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: as in `call_soon`.
+    let (a, slf) = unsafe { (Args::parse(py, "call_at", &["when", "callback"], args, nargs, kwnames)?, this(py, slf)) };
+    let h = LoopCore::call_at(&slf, &a.get(0), &a.get(1), &a.rest(2), a.context())?;
+    Ok(h.into_ptr())
+}
+
+/// One method: its name, its `__text_signature__`-bearing doc, its entry point.
+fn method(name: &'static CStr, doc: &'static CStr, meth: ffi::PyCFunctionFastWithKeywords) -> ffi::PyMethodDef {
+    ffi::PyMethodDef {
+        ml_name: name.as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer { PyCFunctionFastWithKeywords: meth },
+        ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+        ml_doc: doc.as_ptr() as *const c_char,
+    }
+}
+
+/// Put the four methods on `LoopCore` (once, at module initialisation).
+pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
+    let defs: [(ffi::PyMethodDef, &str); 4] = [
+        (
+            method(
+                c"call_soon",
+                c"call_soon($self, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
+                pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon),
+            ),
+            "call_soon",
+        ),
+        (
+            method(
+                c"call_soon_threadsafe",
+                c"call_soon_threadsafe($self, callback, /, *args, context=None)\n--\n\nLike call_soon(), but thread-safe.",
+                pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon_threadsafe),
+            ),
+            "call_soon_threadsafe",
+        ),
+        (
+            method(
+                c"call_later",
+                c"call_later($self, delay, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
+                pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_later),
+            ),
+            "call_later",
+        ),
+        (
+            method(
+                c"call_at",
+                c"call_at($self, when, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time when.",
+                pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_at),
+            ),
+            "call_at",
+        ),
+    ];
+    let tp = LoopCore::type_object(py);
+    for (def, name) in defs {
+        // The descriptor keeps a pointer to its PyMethodDef for the life of the process.
+        let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(def));
+        // SAFETY: `tp` is LoopCore's type object (alive for the process) and `def` a
+        // PyMethodDef that is never freed; PyDescr_NewMethod returns a new reference or NULL.
+        let descr = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(tp.as_type_ptr(), def))? };
+        tp.setattr(name, descr)?;
+    }
+    Ok(())
+}
