@@ -507,3 +507,105 @@ def test_call_soon_threadsafe_handle_can_be_cancelled(loop):
     h.cancel()
     run_briefly(loop)
     assert seen == []
+
+
+@pytest.mark.parametrize("kind", ["call_soon", "call_later", "call_at"])
+def test_handle_in_reference_cycle_is_collected(loop, kind):
+    """object -> its handle -> bound method -> object: once the loop has let go of the handle,
+    the cycle is garbage. Handles are made after thousands of others were freed, so they come
+    from ferroloop's freelist, which must still hand them to the cyclic GC."""
+    import weakref
+
+    for _ in range(3):
+        for _ in range(3000):
+            loop.call_soon(lambda: None)
+            loop.call_later(0, lambda: None)
+        run_briefly(loop)
+
+    class Owner:
+        def cb(self):
+            pass
+
+    refs = []
+    for _ in range(50):
+        o = Owner()
+        if kind == "call_soon":
+            o.handle = loop.call_soon(o.cb)
+        elif kind == "call_later":
+            o.handle = loop.call_later(0, o.cb)
+        else:
+            o.handle = loop.call_at(loop.time(), o.cb)
+        refs.append(weakref.ref(o))
+        del o
+    run_briefly(loop)
+    gc.collect()
+    assert [r() for r in refs] == [None] * 50
+
+
+def _call_errors(loop):
+    """The TypeError message of each bad call, as a dict (method -> message)."""
+    bad = {
+        "call_soon()": lambda: loop.call_soon(),
+        "call_soon(cb, x=1)": lambda: loop.call_soon(print, x=1),
+        "call_soon_threadsafe()": lambda: loop.call_soon_threadsafe(),
+        "call_soon_threadsafe(cb, x=1)": lambda: loop.call_soon_threadsafe(print, x=1),
+        "call_later()": lambda: loop.call_later(),
+        "call_later(1)": lambda: loop.call_later(1),
+        "call_later(1, cb, x=1)": lambda: loop.call_later(1, print, x=1),
+        "call_at()": lambda: loop.call_at(),
+        "call_at(1, cb, x=1)": lambda: loop.call_at(1, print, x=1),
+    }
+    out = {}
+    for what, fn in bad.items():
+        with pytest.raises(TypeError) as ei:
+            fn()
+        msg = str(ei.value)
+        # asyncio's messages name the qualified method (BaseEventLoop.call_soon()).
+        out[what] = msg.split(".", 1)[1] if msg.startswith("BaseEventLoop.") else msg
+    return out
+
+
+def test_bad_arguments_are_type_errors_naming_the_argument(loop):
+    """Missing positionals and unknown keywords: a TypeError with asyncio's wording."""
+    errors = _call_errors(loop)
+    assert errors["call_soon()"] == "call_soon() missing 1 required positional argument: 'callback'"
+    assert errors["call_soon(cb, x=1)"] == "call_soon() got an unexpected keyword argument 'x'"
+    assert errors["call_later()"] == (
+        "call_later() missing 2 required positional arguments: 'delay' and 'callback'"
+    )
+    assert errors["call_later(1)"] == (
+        "call_later() missing 1 required positional argument: 'callback'"
+    )
+    assert errors["call_at(1, cb, x=1)"] == "call_at() got an unexpected keyword argument 'x'"
+
+
+def test_positional_args_and_context_reach_the_callback(loop):
+    """Any number of positional arguments, with and without context=, by position and order."""
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "ctx")
+    seen = []
+
+    def cb(*args):
+        seen.append((args, var.get()))
+
+    loop.call_soon(cb)
+    loop.call_soon(cb, 1)
+    loop.call_soon(cb, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, context=ctx)
+    loop.call_soon(cb, context=None)
+    loop.call_later(0, cb, "a", "b", context=ctx)
+    loop.call_at(loop.time(), cb, "c")
+    loop.call_soon_threadsafe(cb, "d", context=ctx)
+    run_briefly(loop)
+    run_briefly(loop)
+    assert sorted(seen, key=repr) == sorted(
+        [
+            ((), "default"),
+            ((1,), "default"),
+            ((1, 2, 3, 4, 5, 6, 7, 8, 9, 10), "ctx"),
+            ((), "default"),
+            (("a", "b"), "ctx"),
+            (("c",), "default"),
+            (("d",), "ctx"),
+        ],
+        key=repr,
+    )

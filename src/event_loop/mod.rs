@@ -219,7 +219,7 @@ impl LoopCore {
         let base = Self::new_handle(slf, callback, args, context, debug)?;
         let th = TimerHandle::new(when, when_obj);
         th.set_scheduled(true);
-        let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
+        let obj = TimerHandle::alloc(py, base, th)?;
         core.state.borrow_mut(py).timers.push(when_ns, obj.clone_ref(py));
         Ok(obj)
     }
@@ -234,7 +234,7 @@ impl LoopCore {
         let py = slf.py();
         let core = slf.get();
         let debug = core.check_schedule(py, callback, "call_soon")?;
-        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        let h = Handle::alloc(py, Self::new_handle(slf, callback, args, context, debug)?)?;
         core.push_ready(py, h.clone_ref(py));
         Ok(h)
     }
@@ -257,7 +257,7 @@ impl LoopCore {
         if debug {
             py::check_callback(py, callback, "call_soon_threadsafe")?;
         }
-        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        let h = Handle::alloc(py, Self::new_handle(slf, callback, args, context, debug)?)?;
         core.push_ready(py, h.clone_ref(py));
         core.wake_if_polling(py);
         Ok(h)
@@ -446,7 +446,7 @@ impl LoopCore {
             return Err(closed_err());
         }
         let fd = checked_fd(number)?;
-        let handle = Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
+        let handle = Handle::alloc(py, Self::new_handle(slf, callback, args, None, debug)?)?;
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
             let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
@@ -586,7 +586,7 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         let debug = slf.get().debug(slf.py());
-        Py::new(slf.py(), Self::new_handle(slf, callback, args, None, debug)?)
+        Handle::alloc(slf.py(), Self::new_handle(slf, callback, args, None, debug)?)
     }
 
     /// Queue an existing handle (asyncio's `_add_callback`).
