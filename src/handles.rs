@@ -17,9 +17,9 @@ use pyo3::{intern, PyTraverseError};
 use crate::event_loop::LoopCore;
 use crate::py::{self, GilCell};
 
-/// Freed handles go to a freelist for reuse (1024, a burst of 1000 ready callbacks): a
-/// `call_soon` then costs no malloc/free and does not count towards the GC's threshold.
-#[pyclass(frozen, subclass, weakref, freelist = 1024, module = "ferroloop._ferroloop")]
+pub(crate) mod freelist;
+
+#[pyclass(frozen, subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
     /// `(callback, args)`, taken out on cancel. One cell, so running costs one borrow.
     call: GilCell<Option<(Py<PyAny>, Py<PyTuple>)>>,
@@ -75,13 +75,9 @@ impl Handle {
         Ok(())
     }
 
-    /// Allocate a handle. A handle reused from the freelist comes back untracked by the
-    /// cyclic GC (a fresh allocation is tracked), so it is tracked here: a callback that refers
-    /// back to its handle must stay collectable.
+    /// Allocate a handle (from the freelist when it has one, see `freelist`).
     pub(crate) fn alloc(py: Python<'_>, h: Handle) -> PyResult<Py<Handle>> {
-        let obj = Py::new(py, h)?;
-        gc_track(obj.as_ptr());
-        Ok(obj)
+        Py::new(py, h)
     }
 
     fn callback_and_args(&self, py: Python<'_>) -> (Option<Py<PyAny>>, Option<Py<PyTuple>>) {
@@ -258,8 +254,7 @@ impl Handle {
     }
 }
 
-/// Its own freelist: a subclass without one would inherit `Handle`'s `tp_free`.
-#[pyclass(frozen, extends = Handle, freelist = 1024, module = "ferroloop._ferroloop")]
+#[pyclass(frozen, extends = Handle, module = "ferroloop._ferroloop")]
 pub struct TimerHandle {
     /// The deadline, for ordering.
     pub(crate) when: f64,
@@ -281,11 +276,9 @@ impl TimerHandle {
         }
     }
 
-    /// Allocate a timer handle (tracked by the GC, see `Handle::alloc`).
+    /// Allocate a timer handle (from the freelist when it has one, see `freelist`).
     pub(crate) fn alloc(py: Python<'_>, base: Handle, th: TimerHandle) -> PyResult<Py<TimerHandle>> {
-        let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
-        gc_track(obj.as_ptr());
-        Ok(obj)
+        Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))
     }
 
     pub(crate) fn is_scheduled(&self) -> bool {
@@ -367,17 +360,6 @@ fn opt_eq<T>(py: Python<'_>, a: &Option<Py<T>>, b: &Option<Py<T>>) -> PyResult<b
         (None, None) => Ok(true),
         (Some(a), Some(b)) => a.bind(py).as_any().eq(b.bind(py).as_any()),
         _ => Ok(false),
-    }
-}
-
-/// Track a newly made handle in the cyclic GC unless its allocation already did.
-fn gc_track(obj: *mut pyo3::ffi::PyObject) {
-    // SAFETY: `obj` is a live handle just made by `Py::new` (fully initialised, GC-enabled
-    // type), and tracking an untracked object is what its allocation would have done.
-    unsafe {
-        if pyo3::ffi::PyObject_GC_IsTracked(obj) == 0 {
-            pyo3::ffi::PyObject_GC_Track(obj.cast());
-        }
     }
 }
 

@@ -64,21 +64,16 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         // matter when handlers are installed. Skip the syscall.
         if timeout_ms == 0 && reactor.registry.is_empty() && !signal_handlers {
             drop(st);
-            for t in garbage.drain(..) {
-                t.get().set_scheduled(false);
-            }
-            drop(garbage);
-            return run_ready(slf);
+            release_timers(garbage);
+            // No poll happened, so "now" is still now.
+            return run_ready(slf, Some(now_ns));
         }
         let epoll = reactor.epoll();
         let buf = reactor.take_buf();
         st.polling = timeout_ms != 0;
         (timeout_ms, epoll, buf)
     };
-    for t in garbage.drain(..) {
-        t.get().set_scheduled(false);
-    }
-    drop(garbage);
+    release_timers(garbage);
 
     // 2b: poll.
     let res = if timeout_ms == 0 {
@@ -160,14 +155,29 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         py.check_signals()?;
     }
 
-    run_ready(slf)
+    run_ready(slf, None)
 }
 
-/// Steps 4 and 5: due timers join the ready queue, then run what is queued.
-fn run_ready(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+/// Purged timers leave the heap: mark them unscheduled, then drop them (outside any borrow).
+fn release_timers(garbage: Vec<Py<TimerHandle>>) {
+    if garbage.is_empty() {
+        return;
+    }
+    for t in &garbage {
+        t.get().set_scheduled(false);
+    }
+    drop(garbage);
+}
+
+/// Steps 4 and 5: due timers join the ready queue, then run what is queued. `now_ns` is the
+/// time already read this iteration, if no poll has happened since.
+fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
-    let now_ns = LoopCore::now_ns(slf)?;
+    let now_ns = match now_ns {
+        Some(t) => t,
+        None => LoopCore::now_ns(slf)?,
+    };
     let ntodo = {
         let mut st = core.state.borrow_mut(py);
         while let Some(t) = st.timers.pop_due(now_ns) {
