@@ -17,7 +17,7 @@ use pyo3::{intern, PyTraverseError};
 use crate::event_loop::LoopCore;
 use crate::py::{self, GilCell};
 
-pub(crate) mod freelist;
+mod freelist;
 
 #[pyclass(frozen, subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
@@ -360,6 +360,60 @@ fn opt_eq<T>(py: Python<'_>, a: &Option<Py<T>>, b: &Option<Py<T>>) -> PyResult<b
         (None, None) => Ok(true),
         (Some(a), Some(b)) => a.bind(py).as_any().eq(b.bind(py).as_any()),
         _ => Ok(false),
+    }
+}
+
+/// `Handle`'s `tp_traverse`, hand-written: the GC visits every handle in the ready queue on
+/// each collection, and PyO3's generated one walks the MRO, sets up a panic trap and checks a
+/// thread-local per call. Same edges as `__traverse__` (which stays for `TimerHandle`'s
+/// generated traverse to find this one through `tp_base`), plus the instance's type, which
+/// the first heap type above `object` must visit.
+unsafe extern "C" fn handle_traverse(
+    obj: *mut pyo3::ffi::PyObject,
+    visit: pyo3::ffi::visitproc,
+    arg: *mut std::ffi::c_void,
+) -> std::ffi::c_int {
+    // SAFETY: the GC calls tp_traverse with the GIL held, on a live object whose type is
+    // Handle or a subclass (the slot is Handle's), so its contents are a `Handle`; `get` on a
+    // frozen class reads them without touching reference counts.
+    let h: &Handle =
+        unsafe { pyo3::Borrowed::from_ptr(Python::assume_attached(), obj).cast_unchecked::<Handle>() }.get();
+    let mut edges: [*mut pyo3::ffi::PyObject; 6] = [std::ptr::null_mut(); 6];
+    // SAFETY: as above; the type of a live object is a live type object.
+    edges[0] = unsafe { pyo3::ffi::Py_TYPE(obj) }.cast();
+    if let Some(call) = h.call.try_borrow_unguarded() {
+        if let Some((cb, args)) = call.as_ref() {
+            edges[1] = cb.as_ptr();
+            edges[2] = args.as_ptr();
+        }
+    }
+    edges[3] = h.context.as_ptr();
+    edges[4] = h.loop_.as_ptr();
+    edges[5] = h.source_traceback.as_ref().map_or(std::ptr::null_mut(), |t| t.as_ptr());
+    for e in edges {
+        if !e.is_null() {
+            // SAFETY: `visit` and `arg` come from the GC for this traversal; `e` is a live
+            // object this handle holds a reference to.
+            let r = unsafe { visit(e, arg) };
+            if r != 0 {
+                return r;
+            }
+        }
+    }
+    0
+}
+
+/// Install the handles' hand-written slots: allocation from the freelists and `tp_traverse`
+/// (once, at module initialisation, before any handle exists).
+pub(crate) fn install(py: Python<'_>) {
+    freelist::install(py);
+    let tp = <Handle as pyo3::PyTypeInfo>::type_object_raw(py);
+    // SAFETY: Handle's heap type, alive for the process and with no instances yet; a slot
+    // written before any instance exists is seen by every traversal. PyType_Modified drops
+    // cached lookups.
+    unsafe {
+        (*tp).tp_traverse = Some(handle_traverse);
+        pyo3::ffi::PyType_Modified(tp);
     }
 }
 
