@@ -24,6 +24,8 @@ pub struct Handle {
     /// `(callback, args)`, taken out on cancel. One cell, so running costs one borrow.
     call: GilCell<Option<(Py<PyAny>, Py<PyTuple>)>>,
     context: Py<PyAny>,
+    /// The context is a copy made for this handle (no `context=` given), seen by no one else.
+    own_context: bool,
     loop_: Py<PyAny>,
     cancelled: AtomicBool,
     source_traceback: Option<Py<PyAny>>,
@@ -39,6 +41,7 @@ impl Handle {
         context: Option<Py<PyAny>>,
         debug: bool,
     ) -> PyResult<Self> {
+        let own_context = context.is_none();
         let context = match context {
             Some(c) => c,
             None => py::copy_context(py)?,
@@ -47,11 +50,46 @@ impl Handle {
         Ok(Self {
             call: GilCell::new(Some((callback, args))),
             context,
+            own_context,
             loop_,
             cancelled: AtomicBool::new(false),
             source_traceback,
             repr_cache: GilCell::new(None),
         })
+    }
+
+    /// While a new handle waits in the ready queue, its private context copy is taken off the
+    /// GC's lists: the loop holds it, so it cannot be garbage, and a queue of thousands of
+    /// handles (a thread feeding `call_soon_threadsafe`, a burst of `call_soon`) otherwise
+    /// makes every collection walk thousands of contexts. `unpark` puts it back before the
+    /// handle runs or is dropped by the loop, and before anyone else can see the context.
+    pub(crate) fn park(&self) {
+        if self.own_context {
+            let ctx = self.context.as_ptr();
+            // SAFETY: a live context object (a GC type) owned by this handle; with a reference
+            // count of 1 nothing else refers to it, so no cycle can pass through it until it
+            // is handed out (which unparks it first).
+            unsafe {
+                if pyo3::ffi::Py_REFCNT(ctx) == 1 && pyo3::ffi::PyObject_GC_IsTracked(ctx) != 0 {
+                    pyo3::ffi::PyObject_GC_UnTrack(ctx.cast());
+                }
+            }
+        }
+    }
+
+    /// Undo `park` (a no-op for a context that is tracked).
+    #[inline]
+    pub(crate) fn unpark(&self) {
+        if self.own_context {
+            let ctx = self.context.as_ptr();
+            // SAFETY: a live context object; tracking an untracked GC object is what its
+            // allocation did in the first place.
+            unsafe {
+                if pyo3::ffi::PyObject_GC_IsTracked(ctx) == 0 {
+                    pyo3::ffi::PyObject_GC_Track(ctx.cast());
+                }
+            }
+        }
     }
 
     #[inline]
@@ -175,6 +213,7 @@ impl Handle {
     }
 
     fn get_context(&self, py: Python<'_>) -> Py<PyAny> {
+        self.unpark();
         self.context.clone_ref(py)
     }
 
@@ -213,6 +252,7 @@ impl Handle {
 
     #[getter]
     fn _context(&self, py: Python<'_>) -> Py<PyAny> {
+        self.unpark();
         self.context.clone_ref(py)
     }
 

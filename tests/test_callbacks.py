@@ -609,3 +609,31 @@ def test_positional_args_and_context_reach_the_callback(loop):
         ],
         key=repr,
     )
+
+
+@pytest.mark.parametrize("drop", ["run", "close"])
+def test_context_of_queued_handle_in_reference_cycle_is_collected(loop_factory, drop):
+    """A handle's own context copy, reached while the handle waits in the ready queue and
+    put in a cycle (context -> value -> context), is garbage once the loop has run or dropped
+    the handle. (ferroloop keeps queued context copies off the GC's lists until then.)"""
+    import weakref
+
+    lp = loop_factory()
+
+    class Box:
+        pass
+
+    refs = []
+    for _ in range(20):
+        h = lp.call_soon(lambda: None)
+        ctx = ctx_of(h)
+        b = Box()
+        b.ctx = ctx
+        ctx.run(var.set, b)
+        refs.append(weakref.ref(b))
+        del b, ctx, h
+    if drop == "run":
+        run_briefly(lp)
+    lp.close()
+    gc.collect()
+    assert [r() for r in refs] == [None] * 20

@@ -235,6 +235,7 @@ impl LoopCore {
         let core = slf.get();
         let debug = core.check_schedule(py, callback, "call_soon")?;
         let h = Handle::alloc(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        h.get().park();
         core.push_ready(py, h.clone_ref(py));
         Ok(h)
     }
@@ -258,6 +259,7 @@ impl LoopCore {
             py::check_callback(py, callback, "call_soon_threadsafe")?;
         }
         let h = Handle::alloc(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        h.get().park();
         core.push_ready(py, h.clone_ref(py));
         core.wake_if_polling(py);
         Ok(h)
@@ -322,6 +324,13 @@ fn checked_fd(fd: i64) -> PyResult<RawFd> {
         return Err(PyValueError::new_err(format!("Invalid file descriptor: {fd}")));
     }
     Ok(fd as RawFd)
+}
+
+/// A handle leaving the ready queue without running gets its context back on the GC's lists.
+fn unpark(w: &Work) {
+    if let Work::Handle(h) = w {
+        h.get().unpark();
+    }
 }
 
 /// An idle `sock_*` registration (kept to save an `epoll_ctl`; invisible to callers).
@@ -669,7 +678,7 @@ impl LoopCore {
         let (ready, timers, entries, reactor, current) = {
             let mut st = self.state.borrow_mut(py);
             st.closed = true;
-            let ready: Vec<_> = st.ready.drain().collect();
+            let ready: Vec<_> = st.ready.drain().inspect(unpark).collect();
             let timers: Vec<_> = st.timers.drain().collect();
             st.timer_cancelled_count = 0;
             let mut reactor = st.reactor.take();
@@ -898,7 +907,7 @@ impl LoopCore {
         Python::attach(|py| {
             let (ready, timers, entries, current, factory) = {
                 let mut st = self.state.borrow_mut(py);
-                let ready: Vec<_> = st.ready.drain().collect();
+                let ready: Vec<_> = st.ready.drain().inspect(unpark).collect();
                 let timers: Vec<_> = st.timers.drain().collect();
                 let entries = st.reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
                 let extra = (st.task_factory.take(), st.loop_kwargs.take());
