@@ -11,15 +11,31 @@ use std::collections::BinaryHeap;
 /// asyncio's `_MIN_SCHEDULED_TIMER_HANDLES`.
 pub const MIN_SCHEDULED_FOR_COMPACTION: usize = 100;
 
+/// A key packs the deadline (high half, sign bit flipped so signed order becomes unsigned
+/// order) and the scheduling sequence number (low half): one integer comparison orders by
+/// deadline, then FIFO among equal deadlines. Kept as two words (no 16-byte alignment).
 struct Entry<T> {
-    when_ns: i64,
-    seq: u64,
+    hi: u64,
+    lo: u64,
     item: T,
+}
+
+const SIGN: u64 = 1 << 63;
+
+impl<T> Entry<T> {
+    #[inline]
+    fn key(&self) -> u128 {
+        (u128::from(self.hi) << 64) | u128::from(self.lo)
+    }
+    #[inline]
+    fn when_ns(&self) -> i64 {
+        (self.hi ^ SIGN) as i64
+    }
 }
 
 impl<T> PartialEq for Entry<T> {
     fn eq(&self, other: &Self) -> bool {
-        self.when_ns == other.when_ns && self.seq == other.seq
+        self.key() == other.key()
     }
 }
 impl<T> Eq for Entry<T> {}
@@ -27,11 +43,28 @@ impl<T> PartialOrd for Entry<T> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
+    // Reversed, so std's max-heap pops the earliest deadline (then the earliest scheduled).
+    #[inline]
+    fn le(&self, other: &Self) -> bool {
+        other.key() <= self.key()
+    }
+    #[inline]
+    fn lt(&self, other: &Self) -> bool {
+        other.key() < self.key()
+    }
+    #[inline]
+    fn ge(&self, other: &Self) -> bool {
+        other.key() >= self.key()
+    }
+    #[inline]
+    fn gt(&self, other: &Self) -> bool {
+        other.key() > self.key()
+    }
 }
 impl<T> Ord for Entry<T> {
-    // Reversed, so std's max-heap pops the earliest deadline (then the earliest scheduled).
+    #[inline]
     fn cmp(&self, other: &Self) -> Ordering {
-        other.when_ns.cmp(&self.when_ns).then_with(|| other.seq.cmp(&self.seq))
+        other.key().cmp(&self.key())
     }
 }
 
@@ -59,16 +92,16 @@ impl<T> TimerHeap<T> {
     pub fn push(&mut self, when_ns: i64, item: T) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.heap.push(Entry { when_ns, seq, item });
+        self.heap.push(Entry { hi: when_ns as u64 ^ SIGN, lo: seq, item });
     }
 
     pub fn peek_when(&self) -> Option<i64> {
-        self.heap.peek().map(|e| e.when_ns)
+        self.heap.peek().map(Entry::when_ns)
     }
 
     /// Pop the earliest entry if it is due at `now_ns` (deadline not after now).
     pub fn pop_due(&mut self, now_ns: i64) -> Option<T> {
-        if self.heap.peek()?.when_ns <= now_ns {
+        if self.heap.peek()?.when_ns() <= now_ns {
             self.heap.pop().map(|e| e.item)
         } else {
             None
@@ -184,5 +217,165 @@ mod tests {
         assert!(should_compact(101, 51));
         assert!(should_compact(1000, 501));
         assert!(!should_compact(1000, 500));
+    }
+
+    /// xorshift64*: a deterministic generator for the randomised tests (no dependency).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// The reference: a plain list, searched for the minimum (deadline, then push order).
+    #[derive(Default)]
+    struct Model {
+        entries: Vec<(i64, u64, u32)>,
+        seq: u64,
+    }
+    impl Model {
+        fn push(&mut self, when: i64, id: u32) {
+            self.entries.push((when, self.seq, id));
+            self.seq += 1;
+        }
+        fn min(&self) -> Option<usize> {
+            (0..self.entries.len()).min_by_key(|&i| (self.entries[i].0, self.entries[i].1))
+        }
+        fn peek_when(&self) -> Option<i64> {
+            self.min().map(|i| self.entries[i].0)
+        }
+        fn pop_due(&mut self, now: i64) -> Option<u32> {
+            let i = self.min()?;
+            (self.entries[i].0 <= now).then(|| self.entries.remove(i).2)
+        }
+        fn pop_cancelled_head(&mut self, cancelled: &[bool]) -> Vec<u32> {
+            let mut out = vec![];
+            while let Some(i) = self.min() {
+                if !cancelled[self.entries[i].2 as usize] {
+                    break;
+                }
+                out.push(self.entries.remove(i).2);
+            }
+            out
+        }
+        fn compact(&mut self, cancelled: &[bool]) -> Vec<u32> {
+            let mut out: Vec<u32> = self.entries.iter().map(|e| e.2).filter(|&id| cancelled[id as usize]).collect();
+            self.entries.retain(|e| !cancelled[e.2 as usize]);
+            out.sort_unstable();
+            out
+        }
+    }
+
+    /// Random pushes (few distinct deadlines, so many ties, some negative), due pops with a
+    /// moving "now" (and some in the past), cancellations, head purges and compactions,
+    /// checked step by step against the model.
+    fn random_ops(seed: u64, steps: usize, deadlines: u64) {
+        let mut rng = Rng(seed);
+        let mut heap = TimerHeap::default();
+        let mut model = Model::default();
+        let mut cancelled: Vec<bool> = vec![];
+        let mut now: i64 = 0;
+        for _ in 0..steps {
+            match rng.below(100) {
+                0..=44 => {
+                    let when = now + rng.below(deadlines) as i64 - (deadlines / 8) as i64;
+                    let id = cancelled.len() as u32;
+                    cancelled.push(false);
+                    heap.push(when, id);
+                    model.push(when, id);
+                }
+                45..=79 => {
+                    if rng.below(4) != 0 {
+                        now += rng.below(deadlines / 4 + 1) as i64;
+                    }
+                    let probe = if rng.below(10) == 0 { now - 5 } else { now };
+                    for _ in 0..=rng.below(8) {
+                        let want = model.pop_due(probe);
+                        assert_eq!(heap.pop_due(probe), want, "seed {seed}");
+                        if want.is_none() {
+                            break;
+                        }
+                    }
+                }
+                80..=89 => {
+                    if !model.entries.is_empty() {
+                        let i = rng.below(model.entries.len() as u64) as usize;
+                        cancelled[model.entries[i].2 as usize] = true;
+                    }
+                }
+                90..=96 => {
+                    let mut got = vec![];
+                    heap.pop_cancelled_head(|&id| cancelled[id as usize], &mut got);
+                    assert_eq!(got, model.pop_cancelled_head(&cancelled), "seed {seed}");
+                }
+                _ => {
+                    let mut got = vec![];
+                    heap.compact(|&id| cancelled[id as usize], &mut got);
+                    got.sort_unstable();
+                    assert_eq!(got, model.compact(&cancelled), "seed {seed}");
+                }
+            }
+            assert_eq!(heap.len(), model.entries.len(), "seed {seed}");
+            assert_eq!(heap.peek_when(), model.peek_when(), "seed {seed}");
+        }
+        // Drain in order: everything left comes out exactly as the model says.
+        while let Some(want) = model.pop_due(i64::MAX) {
+            assert_eq!(heap.pop_due(i64::MAX), Some(want), "seed {seed}");
+        }
+        assert!(heap.is_empty());
+        assert_eq!(heap.pop_due(i64::MAX), None);
+    }
+
+    #[test]
+    fn random_operations_match_reference_model() {
+        for seed in 1..=300 {
+            // Few distinct deadlines (heavy ties), then a wide spread.
+            random_ops(seed, 400, 4);
+            random_ops(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 400, 1_000_000);
+        }
+        // A few long runs, so the heap grows several levels deep.
+        for seed in 1000..1005 {
+            random_ops(seed, 20_000, 50);
+        }
+    }
+
+    #[test]
+    fn extreme_deadlines_order_correctly() {
+        let mut h = TimerHeap::default();
+        let whens = [i64::MAX, 0, -1, i64::MIN, 1, i64::MIN, i64::MAX, -1];
+        for (i, &w) in whens.iter().enumerate() {
+            h.push(w, i);
+        }
+        assert_eq!(h.peek_when(), Some(i64::MIN));
+        let mut want: Vec<(i64, usize)> = whens.iter().copied().zip(0..).collect();
+        want.sort();
+        let got: Vec<usize> = std::iter::from_fn(|| h.pop_due(i64::MAX)).collect();
+        assert_eq!(got, want.iter().map(|w| w.1).collect::<Vec<_>>());
+        h.push(i64::MIN, 9);
+        assert_eq!(h.pop_due(i64::MIN), Some(9));
+    }
+
+    #[test]
+    fn drain_and_iter_see_every_entry() {
+        let mut h = TimerHeap::default();
+        for i in 0..50 {
+            h.push((i * 37) % 11, i);
+        }
+        let mut seen: Vec<i64> = h.iter().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        let mut drained: Vec<i64> = h.drain().collect();
+        drained.sort_unstable();
+        assert_eq!(drained, (0..50).collect::<Vec<_>>());
+        assert!(h.is_empty());
+        assert_eq!(h.peek_when(), None);
+        h.push(3, 7);
+        assert_eq!(h.pop_due(3), Some(7));
     }
 }
