@@ -26,6 +26,8 @@ pub struct Handle {
     context: Py<PyAny>,
     /// The context is a copy made for this handle (no `context=` given), seen by no one else.
     own_context: bool,
+    /// The context copy is off the GC's lists (`park`).
+    parked: AtomicBool,
     loop_: Py<PyAny>,
     cancelled: AtomicBool,
     source_traceback: Option<Py<PyAny>>,
@@ -51,6 +53,7 @@ impl Handle {
             call: GilCell::new(Some((callback, args))),
             context,
             own_context,
+            parked: AtomicBool::new(false),
             loop_,
             cancelled: AtomicBool::new(false),
             source_traceback,
@@ -58,37 +61,28 @@ impl Handle {
         })
     }
 
-    /// While a new handle waits in the ready queue, its private context copy is taken off the
-    /// GC's lists: the loop holds it, so it cannot be garbage, and a queue of thousands of
+    /// While a new handle waits in a long ready queue, its private context copy is taken off
+    /// the GC's lists: the loop holds it, so it cannot be garbage, and a queue of thousands of
     /// handles (a thread feeding `call_soon_threadsafe`, a burst of `call_soon`) otherwise
     /// makes every collection walk thousands of contexts. `unpark` puts it back before the
     /// handle runs or is dropped by the loop, and before anyone else can see the context.
     pub(crate) fn park(&self) {
-        if self.own_context {
-            let ctx = self.context.as_ptr();
-            // SAFETY: a live context object (a GC type) owned by this handle; with a reference
-            // count of 1 nothing else refers to it, so no cycle can pass through it until it
-            // is handed out (which unparks it first).
-            unsafe {
-                if pyo3::ffi::Py_REFCNT(ctx) == 1 && pyo3::ffi::PyObject_GC_IsTracked(ctx) != 0 {
-                    pyo3::ffi::PyObject_GC_UnTrack(ctx.cast());
-                }
-            }
+        if self.own_context && !self.parked.swap(true, Ordering::Relaxed) {
+            // SAFETY: a context copy made for this handle by PyContext_CopyCurrent (a new,
+            // GC-tracked object) that nothing else refers to until it is handed out, which
+            // unparks it first; so no cycle can pass through it while it is untracked.
+            unsafe { pyo3::ffi::PyObject_GC_UnTrack(self.context.as_ptr().cast()) }
         }
     }
 
-    /// Undo `park` (a no-op for a context that is tracked).
+    /// Undo `park`.
     #[inline]
     pub(crate) fn unpark(&self) {
-        if self.own_context {
-            let ctx = self.context.as_ptr();
-            // SAFETY: a live context object; tracking an untracked GC object is what its
-            // allocation did in the first place.
-            unsafe {
-                if pyo3::ffi::PyObject_GC_IsTracked(ctx) == 0 {
-                    pyo3::ffi::PyObject_GC_Track(ctx.cast());
-                }
-            }
+        if self.parked.load(Ordering::Relaxed) {
+            self.parked.store(false, Ordering::Relaxed);
+            // SAFETY: the context was untracked by `park` and is still alive (this handle
+            // owns it); tracking it again is what its allocation did.
+            unsafe { pyo3::ffi::PyObject_GC_Track(self.context.as_ptr().cast()) }
         }
     }
 

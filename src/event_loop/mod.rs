@@ -35,6 +35,9 @@ pub(crate) use fastcall::install as install_fastcall;
 use ready::ReadyQueue;
 use timers::TimerHeap;
 
+/// Queue length beyond which new handles' context copies leave the GC's lists.
+const PARK_AFTER: usize = 32;
+
 /// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
 const MAX_POLL_TIMEOUT_MS: i64 = 24 * 3600 * 1000;
 
@@ -186,8 +189,17 @@ impl LoopCore {
         )
     }
 
-    fn push_ready(&self, py: Python<'_>, h: Py<Handle>) {
-        self.state.borrow_mut(py).ready.push(Work::Handle(h));
+    /// Queue a new handle. Behind a long queue its context copy is parked (`Handle::park`);
+    /// a short queue is left alone, since a GC pass walks it cheaply.
+    fn push_ready(&self, py: Python<'_>, h: &Py<Handle>) {
+        let len = {
+            let mut st = self.state.borrow_mut(py);
+            st.ready.push(Work::Handle(h.clone_ref(py)));
+            st.ready.len()
+        };
+        if len > PARK_AFTER {
+            h.get().park();
+        }
     }
 
     /// Write the waker if the loop is blocked (or about to block) in the poll. One byte per
@@ -235,8 +247,7 @@ impl LoopCore {
         let core = slf.get();
         let debug = core.check_schedule(py, callback, "call_soon")?;
         let h = Handle::alloc(py, Self::new_handle(slf, callback, args, context, debug)?)?;
-        h.get().park();
-        core.push_ready(py, h.clone_ref(py));
+        core.push_ready(py, &h);
         Ok(h)
     }
 
@@ -259,8 +270,7 @@ impl LoopCore {
             py::check_callback(py, callback, "call_soon_threadsafe")?;
         }
         let h = Handle::alloc(py, Self::new_handle(slf, callback, args, context, debug)?)?;
-        h.get().park();
-        core.push_ready(py, h.clone_ref(py));
+        core.push_ready(py, &h);
         core.wake_if_polling(py);
         Ok(h)
     }
@@ -601,7 +611,7 @@ impl LoopCore {
     /// Queue an existing handle (asyncio's `_add_callback`).
     fn _add_callback(&self, py: Python<'_>, handle: &Bound<'_, Handle>) {
         if !handle.get().is_cancelled() {
-            self.push_ready(py, handle.clone().unbind());
+            self.state.borrow_mut(py).ready.push(Work::Handle(handle.clone().unbind()));
         }
     }
 
