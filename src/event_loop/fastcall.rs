@@ -17,6 +17,7 @@ use std::ffi::{c_char, CStr};
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyTuple;
 use pyo3::{intern, Borrowed, PyTypeInfo};
 
@@ -70,8 +71,7 @@ impl<'a, 'py> Args<'a, 'py> {
         for i in 0..nkw {
             // SAFETY: i < size of the kwnames tuple; the item is a borrowed str.
             let name = unsafe { Borrowed::from_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t)) };
-            // Keyword names are interned by the compiler, so identity usually decides.
-            let is_context = name.is(intern!(py, "context")) || name.eq(intern!(py, "context"))?;
+            let is_context = is_context_name(py, &name)?;
             if !is_context {
                 return Err(PyTypeError::new_err(format!(
                     "{method}() got an unexpected keyword argument '{}'",
@@ -118,6 +118,25 @@ impl<'a, 'py> Args<'a, 'py> {
     fn context(&self) -> Option<Bound<'py, PyAny>> {
         self.context.filter(|c| !c.is_none()).map(|c| c.to_owned())
     }
+}
+
+/// The `context` keyword names seen so far: the interned one and the first other `str` equal
+/// to it (CPython's C code, `_asyncio` included, passes its own static string). Held, so the
+/// identity test can never match a reused address.
+static CONTEXT_NAMES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+/// Is this keyword name `"context"`? By identity first: every Task step and Future callback
+/// passes one, and an equality test costs more than the rest of the parsing.
+fn is_context_name(py: Python<'_>, name: &Borrowed<'_, '_, PyAny>) -> PyResult<bool> {
+    let interned = intern!(py, "context");
+    if name.is(interned) || CONTEXT_NAMES.get(py).is_some_and(|n| name.is(n)) {
+        return Ok(true);
+    }
+    if !name.eq(interned)? {
+        return Ok(false);
+    }
+    let _ = CONTEXT_NAMES.set(py, (*name).to_owned().unbind());
+    Ok(true)
 }
 
 /// `self` as the loop. CPython's method descriptor checks `self` is a `LoopCore` (or subclass)
