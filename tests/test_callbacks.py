@@ -554,6 +554,11 @@ def _call_errors(loop):
         "call_later(1, cb, x=1)": lambda: loop.call_later(1, print, x=1),
         "call_at()": lambda: loop.call_at(),
         "call_at(1, cb, x=1)": lambda: loop.call_at(1, print, x=1),
+        "call_soon(cb, callback=cb)": lambda: loop.call_soon(print, callback=print),
+        "call_later(1, delay=1)": lambda: loop.call_later(1, delay=1),
+        "call_soon(cb, context=None, context=None)": lambda: loop.call_soon(
+            print, **{"context": None}, **{"conte" + "xt": None}
+        ),
     }
     out = {}
     for what, fn in bad.items():
@@ -577,6 +582,34 @@ def test_bad_arguments_are_type_errors_naming_the_argument(loop):
         "call_later() missing 1 required positional argument: 'callback'"
     )
     assert errors["call_at(1, cb, x=1)"] == "call_at() got an unexpected keyword argument 'x'"
+    assert errors["call_soon(cb, callback=cb)"] == (
+        "call_soon() got multiple values for argument 'callback'"
+    )
+    assert (
+        errors["call_later(1, delay=1)"] == "call_later() got multiple values for argument 'delay'"
+    )
+
+
+def test_fixed_parameters_by_keyword(loop):
+    """asyncio's signatures are `call_soon(self, callback, *args, context=None)` etc., so the
+    fixed parameters may be passed by keyword (with no extra positionals)."""
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "kw")
+    seen = []
+    loop.call_soon(callback=lambda: seen.append(("soon", var.get())), context=ctx)
+    loop.call_soon_threadsafe(callback=lambda: seen.append(("threadsafe", var.get())))
+    loop.call_later(delay=0, callback=lambda: seen.append(("later", var.get())))
+    loop.call_at(callback=lambda: seen.append(("at", var.get())), when=loop.time())
+    loop.call_later(0, callback=lambda: seen.append(("later2", var.get())))
+    run_briefly(loop)
+    run_briefly(loop)
+    assert sorted(seen) == [
+        ("at", "default"),
+        ("later", "default"),
+        ("later2", "default"),
+        ("soon", "kw"),
+        ("threadsafe", "default"),
+    ]
 
 
 def test_positional_args_and_context_reach_the_callback(loop):

@@ -23,15 +23,18 @@ use pyo3::{intern, Borrowed, PyTypeInfo};
 
 use super::LoopCore;
 
-/// The arguments of one call: `npos` positionals (the fixed ones first), then `context`.
+/// The arguments of one call: the fixed parameters (at most two), the rest of the
+/// positionals (the callback's arguments), and `context`.
 struct Args<'a, 'py> {
     py: Python<'py>,
-    pos: &'a [*mut ffi::PyObject],
+    fixed: [*mut ffi::PyObject; 2],
+    rest: &'a [*mut ffi::PyObject],
     context: Option<Borrowed<'a, 'py, PyAny>>,
 }
 
 impl<'a, 'py> Args<'a, 'py> {
-    /// Split the vector. `fixed` names the leading positional parameters (for messages).
+    /// Split the vector. `fixed` names the leading parameters, which may also come by keyword
+    /// (as in asyncio's `def call_soon(self, callback, *args, context=None)`).
     ///
     /// # Safety
     /// `args` points at `nargs` live object pointers followed by one per name in `kwnames`
@@ -45,6 +48,7 @@ impl<'a, 'py> Args<'a, 'py> {
         nargs: ffi::Py_ssize_t,
         kwnames: *mut ffi::PyObject,
     ) -> PyResult<Self> {
+        debug_assert!(fixed.len() <= 2);
         let nargs = nargs as usize;
         let nkw = if kwnames.is_null() {
             0
@@ -58,8 +62,35 @@ impl<'a, 'py> Args<'a, 'py> {
             // SAFETY: the caller guarantees `nargs + nkw` valid pointers at `args`.
             unsafe { std::slice::from_raw_parts(args, nargs + nkw) }
         };
-        if nargs < fixed.len() {
-            let missing = &fixed[nargs..];
+        let npos = nargs.min(fixed.len());
+        let mut slots = [std::ptr::null_mut(); 2];
+        slots[..npos].copy_from_slice(&all[..npos]);
+        let mut context = None;
+        for i in 0..nkw {
+            // SAFETY: i < size of the kwnames tuple; the item is a borrowed str.
+            let name = unsafe { Borrowed::from_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t)) };
+            let value = all[nargs + i];
+            if is_context_name(py, &name)? {
+                if context.is_some() {
+                    return Err(multiple_values(method, "context"));
+                }
+                // SAFETY: a live borrowed pointer from the vector.
+                context = Some(unsafe { Borrowed::from_ptr(py, value) });
+                continue;
+            }
+            let Some(j) = fixed.iter().position(|f| name.eq(*f).unwrap_or(false)) else {
+                return Err(PyTypeError::new_err(format!(
+                    "{method}() got an unexpected keyword argument '{}'",
+                    name.str()?
+                )));
+            };
+            if !slots[j].is_null() {
+                return Err(multiple_values(method, fixed[j]));
+            }
+            slots[j] = value;
+        }
+        let missing: Vec<&str> = (0..fixed.len()).filter(|&j| slots[j].is_null()).map(|j| fixed[j]).collect();
+        if !missing.is_empty() {
             let names = missing.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(" and ");
             let s = if missing.len() == 1 { "" } else { "s" };
             return Err(PyTypeError::new_err(format!(
@@ -67,50 +98,31 @@ impl<'a, 'py> Args<'a, 'py> {
                 missing.len()
             )));
         }
-        let mut context = None;
-        for i in 0..nkw {
-            // SAFETY: i < size of the kwnames tuple; the item is a borrowed str.
-            let name = unsafe { Borrowed::from_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as ffi::Py_ssize_t)) };
-            let is_context = is_context_name(py, &name)?;
-            if !is_context {
-                return Err(PyTypeError::new_err(format!(
-                    "{method}() got an unexpected keyword argument '{}'",
-                    name.str()?
-                )));
-            }
-            // SAFETY: the value for keyword i follows the positionals.
-            let value = unsafe { Borrowed::from_ptr(py, all[nargs + i]) };
-            if context.is_some() {
-                return Err(PyTypeError::new_err(format!("{method}() got multiple values for argument 'context'")));
-            }
-            context = Some(value);
-        }
-        Ok(Self { py, pos: &all[..nargs], context })
+        Ok(Self { py, fixed: slots, rest: &all[npos..nargs], context })
     }
 
-    /// Positional argument `i` (checked to exist by `parse` for the fixed ones).
+    /// Fixed parameter `i` (checked to be present by `parse`).
     fn get(&self, i: usize) -> Borrowed<'a, 'py, PyAny> {
-        // SAFETY: `pos` holds live borrowed pointers for the duration of the call.
-        unsafe { Borrowed::from_ptr(self.py, self.pos[i]) }
+        // SAFETY: `parse` filled every fixed slot with a live pointer borrowed for the call.
+        unsafe { Borrowed::from_ptr(self.py, self.fixed[i]) }
     }
 
-    /// The positionals after the first `skip`, as the callback's argument tuple.
-    fn rest(&self, skip: usize) -> Bound<'py, PyTuple> {
-        let items = &self.pos[skip..];
+    /// The positionals after the fixed ones, as the callback's argument tuple.
+    fn rest(&self) -> PyResult<Bound<'py, PyTuple>> {
+        let items = self.rest;
         if items.is_empty() {
-            return PyTuple::empty(self.py);
+            return Ok(PyTuple::empty(self.py));
         }
-        // SAFETY: PyTuple_New returns a new tuple with `len` NULL slots (or NULL on memory
-        // error, which `from_owned_ptr` turns into a panic caught by the trampoline); each slot
-        // is filled once with a new reference, as PyTuple_SET_ITEM requires.
+        // SAFETY: PyTuple_New returns a new tuple with `len` NULL slots, or NULL with an
+        // exception set; each slot is filled once with a new reference, as PyTuple_SET_ITEM
+        // requires.
         unsafe {
-            let t = ffi::PyTuple_New(items.len() as ffi::Py_ssize_t);
-            let t = Bound::from_owned_ptr(self.py, t);
+            let t = Bound::from_owned_ptr_or_err(self.py, ffi::PyTuple_New(items.len() as ffi::Py_ssize_t))?;
             for (i, &item) in items.iter().enumerate() {
                 ffi::Py_INCREF(item);
                 ffi::PyTuple_SET_ITEM(t.as_ptr(), i as ffi::Py_ssize_t, item);
             }
-            t.cast_into_unchecked()
+            Ok(t.cast_into_unchecked())
         }
     }
 
@@ -118,6 +130,10 @@ impl<'a, 'py> Args<'a, 'py> {
     fn context(&self) -> Option<Bound<'py, PyAny>> {
         self.context.filter(|c| !c.is_none()).map(|c| c.to_owned())
     }
+}
+
+fn multiple_values(method: &str, arg: &str) -> PyErr {
+    PyTypeError::new_err(format!("{method}() got multiple values for argument '{arg}'"))
 }
 
 /// The `context` keyword names seen so far: the interned one and the first other `str` equal
@@ -158,7 +174,7 @@ unsafe fn call_soon(
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: CPython's METH_FASTCALL | METH_KEYWORDS convention (see `Args::parse`, `this`).
     let (a, slf) = unsafe { (Args::parse(py, "call_soon", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
-    let h = LoopCore::call_soon(&slf, &a.get(0), &a.rest(1), a.context())?;
+    let h = LoopCore::call_soon(&slf, &a.get(0), &a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
 
@@ -172,7 +188,7 @@ unsafe fn call_soon_threadsafe(
     // SAFETY: as in `call_soon`.
     let (a, slf) =
         unsafe { (Args::parse(py, "call_soon_threadsafe", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
-    let h = LoopCore::call_soon_threadsafe(&slf, &a.get(0), &a.rest(1), a.context())?;
+    let h = LoopCore::call_soon_threadsafe(&slf, &a.get(0), &a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
 
@@ -186,7 +202,7 @@ unsafe fn call_later(
     // SAFETY: as in `call_soon`.
     let (a, slf) =
         unsafe { (Args::parse(py, "call_later", &["delay", "callback"], args, nargs, kwnames)?, this(py, slf)) };
-    let h = LoopCore::call_later(&slf, &a.get(0), &a.get(1), &a.rest(2), a.context())?;
+    let h = LoopCore::call_later(&slf, &a.get(0), &a.get(1), &a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
 
@@ -199,7 +215,7 @@ unsafe fn call_at(
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: as in `call_soon`.
     let (a, slf) = unsafe { (Args::parse(py, "call_at", &["when", "callback"], args, nargs, kwnames)?, this(py, slf)) };
-    let h = LoopCore::call_at(&slf, &a.get(0), &a.get(1), &a.rest(2), a.context())?;
+    let h = LoopCore::call_at(&slf, &a.get(0), &a.get(1), &a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
 
@@ -219,7 +235,7 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
         (
             method(
                 c"call_soon",
-                c"call_soon($self, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
+                c"call_soon($self, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
                 pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon),
             ),
             "call_soon",
@@ -227,7 +243,7 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
         (
             method(
                 c"call_soon_threadsafe",
-                c"call_soon_threadsafe($self, callback, /, *args, context=None)\n--\n\nLike call_soon(), but thread-safe.",
+                c"call_soon_threadsafe($self, callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe.",
                 pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon_threadsafe),
             ),
             "call_soon_threadsafe",
@@ -235,7 +251,7 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
         (
             method(
                 c"call_later",
-                c"call_later($self, delay, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
+                c"call_later($self, delay, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
                 pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_later),
             ),
             "call_later",
@@ -243,7 +259,7 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
         (
             method(
                 c"call_at",
-                c"call_at($self, when, callback, /, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time when.",
+                c"call_at($self, when, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time when.",
                 pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_at),
             ),
             "call_at",
