@@ -23,6 +23,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sockops::SockOp>()?;
     sockops::install_am_send(m.py());
     m.add_class::<transports::accept::Acceptor>()?;
+    m.add_class::<transports::addr::SockAddr>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
