@@ -564,6 +564,30 @@ def test_extra_info_with_given_extra(loop, tcp_net):
     run(loop, main())
 
 
+def test_write_arguments(loop, tcp_net):
+    """transport.write takes ``data`` as a Python method does: positionally or by keyword,
+    through the class or a bound method; anything else is a TypeError."""
+
+    async def main():
+        tr, pr, srv = await tcp_net.connected()
+        tr.write(b"a")
+        tr.write(data=b"b")
+        type(tr).write(tr, b"c")
+        w = tr.write
+        w(b"d")
+        tr.write(memoryview(b"e"))
+        bad = [((), {}), ((b"x", b"y"), {}), ((), {"dat": b"x"}), ((b"x",), {"data": b"y"})]
+        for args, kwargs in bad:
+            with pytest.raises(TypeError):
+                tr.write(*args, **kwargs)
+        with pytest.raises(TypeError, match="bytes-like"):
+            tr.write("str")
+        assert await srv.wait_bytes(5) == b"abcde"
+        assert tr.write.__name__ == "write"
+
+    run(loop, main())
+
+
 def test_echo_protocol(loop, net):
     async def main():
         # Step by step (not net.connected()): the client's state as create_connection()

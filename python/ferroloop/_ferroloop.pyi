@@ -7,7 +7,17 @@ from typing import Any, final
 
 from typing_extensions import disjoint_base
 
-__all__ = ["LoopCore", "Handle", "TimerHandle", "StreamCore", "SockOp", "Acceptor", "__version__"]
+__all__ = [
+    "LoopCore",
+    "Handle",
+    "TimerHandle",
+    "StreamCore",
+    "SockOp",
+    "Acceptor",
+    "SockAddr",
+    "stream_write_method",
+    "__version__",
+]
 
 __version__: str
 
@@ -188,6 +198,10 @@ class SockOp:
     def __qualname__(self) -> str: ...  # type: ignore[override]
     @property
     def cr_await(self) -> Any: ...
+
+def stream_write_method(cls: type) -> Any:
+    """The `write` method descriptor of the stream transport class `cls` (whose `_core` is a
+    slot)."""
 
 @final
 class SockAddr:

@@ -2,8 +2,8 @@
 
 ``StreamTransport`` is an ``asyncio.Transport``. Its per-byte work is ``_ferroloop.StreamCore``:
 the core is registered in the loop's reactor (reads go straight from ``recv`` to
-``data_received`` / ``buffer_updated``), and ``transport.write`` is the core's own method,
-set as an instance attribute so a write runs no Python frame. This class keeps the rare
+``data_received`` / ``buffer_updated``), and ``transport.write`` is a C method of the class
+that runs the core's write, so a write runs no Python frame. This class keeps the rare
 paths, with asyncio's names, messages and order: connection set-up, EOF, close/abort, fatal
 errors, flow-control callbacks, ``write_eof``, ``set_protocol``, sendfile's empty waiter.
 """
@@ -43,8 +43,8 @@ class StreamTransport(transports._FlowControlMixin):
     flow-control state is not used; the core keeps it."""
 
     # No instance __dict__ (asyncio's transport base classes all have __slots__): it is the
-    # largest part of a transport's memory per idle connection. `write` is a slot too: it
-    # holds the core's bound `write`.
+    # largest part of a transport's memory per idle connection. `write` is a C method of the
+    # class (set below the class).
     __slots__ = (
         "__weakref__",
         "_core",
@@ -54,7 +54,6 @@ class StreamTransport(transports._FlowControlMixin):
         "_protocol_connected",
         "_server",
         "_sock",
-        "write",
     )
 
     _start_tls_compatible = True
@@ -95,8 +94,6 @@ class StreamTransport(transports._FlowControlMixin):
                     self._extra["peername"] = sock.getpeername()
                 except OSError:
                     self._extra["peername"] = None
-        # The hot path: transport.write(data) calls straight into Rust.
-        self.write = self._core.write
         if server is not None:
             if _SERVER_TRACKS_TRANSPORTS:
                 server._attach(self)
@@ -384,3 +381,8 @@ class StreamTransport(transports._FlowControlMixin):
             self._server._detach(self)
         else:
             self._server._detach()
+
+
+# The hot path: transport.write(data) is a C method (a method descriptor, like a built-in
+# type's) that runs the core's write on `self._core`: no Python frame, nothing per instance.
+StreamTransport.write = _ferroloop.stream_write_method(StreamTransport)

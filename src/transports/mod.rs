@@ -4,3 +4,4 @@
 pub mod accept;
 pub mod addr;
 pub mod stream;
+pub mod write_method;

@@ -3,7 +3,8 @@
 //! The transport users see is `ferroloop._transports.StreamTransport`, a Python subclass of
 //! `asyncio.Transport` (so `isinstance` holds and rare paths stay readable). It owns a
 //! `StreamCore`, registered directly in the reactor: readiness runs `read_ready` /
-//! `write_ready` here with no Python handle, and `transport.write` *is* `StreamCore.write`.
+//! `write_ready` here with no Python handle, and `transport.write` runs `StreamCore::write`
+//! (`write_method.rs`).
 //!
 //! Ground rules:
 //! - Mirrors asyncio's `_SelectorSocketTransport`: one `recv` per readiness event (256 KiB at
@@ -439,7 +440,7 @@ impl StreamCore {
     }
 
     /// `transport.write(data)`: asyncio's checks and messages, then send or buffer.
-    fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub(crate) fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = slf.py();
         let me = slf.get();
         if !(data.is_instance_of::<PyBytes>()
