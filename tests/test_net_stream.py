@@ -428,6 +428,166 @@ def _check_extra_info(net, transport, *, server_side):
     assert transport.get_extra_info("no-such-key", "dflt") == "dflt"
 
 
+_EXTRA_KEYS = ("socket", "sockname", "peername")
+
+
+def _extras(transport):
+    """Every socket extra, asked twice (the same object each time, as asyncio keeps them)."""
+    got = {k: transport.get_extra_info(k) for k in _EXTRA_KEYS}
+    for k in _EXTRA_KEYS:
+        assert transport.get_extra_info(k) is got[k], k
+        assert transport.get_extra_info(k, "dflt") is got[k], k
+    assert transport.get_extra_info("sslcontext") is None
+    assert transport.get_extra_info("no-such-key", "dflt") == "dflt"
+    return got
+
+
+def _reset(sock):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    "when", ["open", "after_close", "after_lost", "after_peer_reset", "peer_reset_before_made"]
+)
+def test_extra_info_any_time(loop, net, when):
+    """The socket extras are asyncio's whenever they are first asked for: while open, after
+    close(), after connection_lost, after the peer reset the connection (the peername is the
+    address accept() returned, the socket extra wraps the closed socket)."""
+
+    class Asking(Recorder):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if when == "peer_reset_before_made":
+                self.extras = _extras(transport)
+
+    async def main():
+        factory, servers = collector(Asking)
+        await net.server(factory)
+        peer = net.plain_socket()
+        client_name = peer.getsockname()
+        server_name = peer.getpeername()
+        if when == "peer_reset_before_made":
+            _reset(peer)
+        pr = await net.server_side(servers)
+        tr = pr.transport
+        if when == "peer_reset_before_made":
+            await pr.lost
+            assert _extras(tr) == pr.extras
+        if when == "after_close":
+            tr.close()
+        elif when == "after_lost":
+            tr.close()
+            await pr.lost
+        elif when == "after_peer_reset":
+            _reset(peer)
+            await pr.lost
+        got = _extras(tr)
+        if when not in ("after_peer_reset", "peer_reset_before_made"):
+            peer.close()
+        tsock = got["socket"]
+        assert isinstance(tsock, asyncio.trsock.TransportSocket)
+        assert tsock.family == net.sock_family
+        closed = when in ("after_lost", "after_peer_reset", "peer_reset_before_made")
+        assert (tsock.fileno() == -1) is closed
+        if net.family == "unix":
+            assert got["sockname"] == server_name
+            assert got["peername"] == ""
+        else:
+            assert got["sockname"] == server_name
+            assert got["peername"] == client_name
+        if not closed:
+            tr.abort()
+            await pr.lost
+            # Asked once, kept: the same objects after the transport let go of the socket.
+            assert _extras(tr) == got
+            assert tr.get_extra_info("socket") is tsock
+            assert tsock.fileno() == -1
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_extra_info_client_side(loop, net, asked):
+    """create_connection(sock=...): the caller's socket is the one the socket extra wraps and
+    the transport closes; the names are those of the connection, before and after close."""
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        sock = socket.socket(net.sock_family, socket.SOCK_STREAM)
+        sock.connect(net.addr)
+        sock.setblocking(False)
+        names = sock.getsockname(), sock.getpeername()
+        if net.family == "unix":
+            tr, pr = await loop.create_unix_connection(Recorder, sock=sock)
+        else:
+            tr, pr = await loop.create_connection(Recorder, sock=sock)
+        if asked:
+            before = _extras(tr)
+        tr.close()
+        await pr.lost
+        assert sock.fileno() == -1
+        got = _extras(tr)
+        if asked:
+            assert got == before and got["socket"] is before["socket"]
+        assert (got["sockname"], got["peername"]) == names
+        assert got["socket"].fileno() == -1
+        assert repr(got["socket"]) == repr(asyncio.trsock.TransportSocket(sock))
+        await net.server_side(servers)
+
+    run(loop, main())
+
+
+def test_extra_info_with_given_extra(loop, tcp_net):
+    """A transport made with an ``extra`` dict keeps that dict's other keys and its
+    peername, as asyncio's does (``_make_socket_transport`` called directly)."""
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await tcp_net.server(factory)
+        sock = tcp_net.plain_socket()
+        sock.setblocking(False)
+        waiter = loop.create_future()
+        extra = {"peername": "given", "mine": 1}
+        tr = loop._make_socket_transport(sock, asyncio.Protocol(), waiter, extra=extra)
+        await waiter
+        assert tr.get_extra_info("mine") == 1
+        assert tr.get_extra_info("peername") == "given"
+        assert tr.get_extra_info("sockname") == sock.getsockname()
+        assert tr.get_extra_info("socket").fileno() == sock.fileno()
+        tr.close()
+        await asyncio.sleep(0.01)
+        assert tr.get_extra_info("sockname")[0] == "127.0.0.1"
+        await tcp_net.server_side(servers)
+
+    run(loop, main())
+
+
+def test_write_arguments(loop, tcp_net):
+    """transport.write takes ``data`` as a Python method does: positionally or by keyword,
+    through the class or a bound method; anything else is a TypeError."""
+
+    async def main():
+        tr, pr, srv = await tcp_net.connected()
+        tr.write(b"a")
+        tr.write(data=b"b")
+        type(tr).write(tr, b"c")
+        w = tr.write
+        w(b"d")
+        tr.write(memoryview(b"e"))
+        bad = [((), {}), ((b"x", b"y"), {}), ((), {"dat": b"x"}), ((b"x",), {"data": b"y"})]
+        for args, kwargs in bad:
+            with pytest.raises(TypeError):
+                tr.write(*args, **kwargs)
+        with pytest.raises(TypeError, match="bytes-like"):
+            tr.write("str")
+        assert await srv.wait_bytes(5) == b"abcde"
+        assert tr.write.__name__ == "write"
+
+    run(loop, main())
+
+
 def test_echo_protocol(loop, net):
     async def main():
         # Step by step (not net.connected()): the client's state as create_connection()

@@ -7,7 +7,17 @@ from typing import Any, final
 
 from typing_extensions import disjoint_base
 
-__all__ = ["LoopCore", "Handle", "TimerHandle", "StreamCore", "SockOp", "Acceptor", "__version__"]
+__all__ = [
+    "LoopCore",
+    "Handle",
+    "TimerHandle",
+    "StreamCore",
+    "SockOp",
+    "Acceptor",
+    "SockAddr",
+    "stream_write_method",
+    "__version__",
+]
 
 __version__: str
 
@@ -133,7 +143,13 @@ class LoopCore:
 @final
 class StreamCore:
     def __new__(
-        cls, loop_: LoopCore, transport: Any, fd: int, protocol: Any, buffered: bool
+        cls,
+        loop_: LoopCore,
+        transport: Any,
+        fd: int,
+        protocol: Any,
+        buffered: bool,
+        peer: SockAddr | None = None,
     ) -> StreamCore: ...
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
     def start_reading(self) -> None: ...
@@ -146,6 +162,12 @@ class StreamCore:
     def set_empty_waiter(self, waiter: Any) -> None: ...
     @property
     def fd(self) -> int: ...
+    @property
+    def inet(self) -> bool: ...
+    @property
+    def sockname(self) -> tuple[Any, ...] | None: ...
+    @property
+    def peername(self) -> tuple[Any, ...] | None: ...
     @property
     def buffer_size(self) -> int: ...
     @property
@@ -176,6 +198,17 @@ class SockOp:
     def __qualname__(self) -> str: ...  # type: ignore[override]
     @property
     def cr_await(self) -> Any: ...
+
+def stream_write_method(cls: type) -> Any:
+    """The `write` method descriptor of the stream transport class `cls` (whose `_core` is a
+    slot)."""
+
+@final
+class SockAddr:
+    """An accepted connection's IPv4 / IPv6 peer address, kept as plain data."""
+
+    @property
+    def value(self) -> tuple[Any, ...]: ...
 
 @final
 class Acceptor:

@@ -244,9 +244,14 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
 
     # --- transports ---------------------------------------------------------------------
 
-    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+    def _make_socket_transport(
+        self, sock, protocol, waiter=None, *, extra=None, server=None, peer=None
+    ):
+        # peer: an accepted socket's address as a _ferroloop.SockAddr (ours, not asyncio's).
         if _RUST_TRANSPORTS:
-            return _transports.StreamTransport(self, sock, protocol, waiter, extra, server)
+            return _transports.StreamTransport(self, sock, protocol, waiter, extra, server, peer)
+        if peer is not None:
+            extra = {"peername": peer.value}
         return _SELECTOR_SOCKET_TRANSPORT(self, sock, protocol, waiter, extra=extra, server=server)
 
     # --- servers ------------------------------------------------------------------------
@@ -263,14 +268,21 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         else:
             self._start_accepting(protocol_factory, sock, server, backlog)
 
-    def _accept_connection_plain(self, protocol_factory, conn, extra, server):
+    def _accept_connection_plain(self, protocol_factory, conn, peer, server):
         """One accepted connection of a plain server (scheduled by the Rust accept loop in a
         copy of the server's context): asyncio's ``_accept_connection2`` without TLS, whose
-        waiter only ever resolves to None, so it needs no task."""
+        waiter only ever resolves to None, so it needs no task. ``peer``: the address accept()
+        returned, a ``_ferroloop.SockAddr`` for IPv4 / IPv6 (the transport keeps it as plain
+        data), else its Python form."""
         protocol = transport = None
         try:
             protocol = protocol_factory()
-            transport = self._make_socket_transport(conn, protocol, extra=extra, server=server)
+            if type(peer) is _ferroloop.SockAddr:
+                transport = self._make_socket_transport(conn, protocol, server=server, peer=peer)
+            else:
+                transport = self._make_socket_transport(
+                    conn, protocol, extra={"peername": peer}, server=server
+                )
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:

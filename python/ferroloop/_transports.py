@@ -2,8 +2,8 @@
 
 ``StreamTransport`` is an ``asyncio.Transport``. Its per-byte work is ``_ferroloop.StreamCore``:
 the core is registered in the loop's reactor (reads go straight from ``recv`` to
-``data_received`` / ``buffer_updated``), and ``transport.write`` is the core's own method,
-set as an instance attribute so a write runs no Python frame. This class keeps the rare
+``data_received`` / ``buffer_updated``), and ``transport.write`` is a C method of the class
+that runs the core's write, so a write runs no Python frame. This class keeps the rare
 paths, with asyncio's names, messages and order: connection set-up, EOF, close/abort, fatal
 errors, flow-control callbacks, ``write_eof``, ``set_protocol``, sendfile's empty waiter.
 """
@@ -33,6 +33,8 @@ _OWN_WRITELINES = "writelines" in vars(selector_events._SelectorSocketTransport)
 # 3.13 passes the transport to Server._attach/_detach; earlier versions take no argument.
 _SERVER_TRACKS_TRANSPORTS = "transport" in base_events.Server._attach.__code__.co_varnames
 
+_LOW_WATER = 16 * 1024
+
 
 class StreamTransport(transports._FlowControlMixin):
     """A TCP or Unix stream socket transport (the counterpart of asyncio's
@@ -41,8 +43,8 @@ class StreamTransport(transports._FlowControlMixin):
     flow-control state is not used; the core keeps it."""
 
     # No instance __dict__ (asyncio's transport base classes all have __slots__): it is the
-    # largest part of a transport's memory per idle connection. `write` is a slot too: it
-    # holds the core's bound `write`.
+    # largest part of a transport's memory per idle connection. `write` is a C method of the
+    # class (set below the class).
     __slots__ = (
         "__weakref__",
         "_core",
@@ -52,27 +54,17 @@ class StreamTransport(transports._FlowControlMixin):
         "_protocol_connected",
         "_server",
         "_sock",
-        "_sock_fd",
-        "write",
     )
 
     _start_tls_compatible = True
     _sendfile_compatible = constants._SendfileMode.TRY_NATIVE
 
-    def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None):
+    def __init__(self, loop, sock, protocol, waiter=None, extra=None, server=None, peer=None):
         super().__init__(extra, loop)
-        self._extra["socket"] = trsock.TransportSocket(sock)
-        try:
-            self._extra["sockname"] = sock.getsockname()
-        except OSError:
-            self._extra["sockname"] = None
-        if "peername" not in self._extra:
-            try:
-                self._extra["peername"] = sock.getpeername()
-            except OSError:
-                self._extra["peername"] = None
+        # The mixin's limits are not used (the core keeps them); a shared int instead of the
+        # one it computes per instance.
+        self._low_water = _LOW_WATER
         self._sock = sock
-        self._sock_fd = sock.fileno()
         self._protocol = protocol
         self._protocol_connected = True
         self._paused = False
@@ -80,23 +72,62 @@ class StreamTransport(transports._FlowControlMixin):
         self._core = _ferroloop.StreamCore(
             loop,
             self,
-            self._sock_fd,
+            sock.fileno(),
             protocol,
             isinstance(protocol, protocols.BufferedProtocol),
+            peer,
         )
-        # The hot path: transport.write(data) calls straight into Rust.
-        self.write = self._core.write
+        if extra is None and self._core.inet:
+            # The extras asyncio fills here are made when first asked for (get_extra_info):
+            # the core keeps sockname and peername as plain data.
+            self._extra = None
+        else:
+            self._extra["socket"] = trsock.TransportSocket(sock)
+            try:
+                self._extra["sockname"] = sock.getsockname()
+            except OSError:
+                self._extra["sockname"] = None
+            if peer is not None:
+                self._extra.setdefault("peername", peer.value)
+            if "peername" not in self._extra:
+                try:
+                    self._extra["peername"] = sock.getpeername()
+                except OSError:
+                    self._extra["peername"] = None
         if server is not None:
             if _SERVER_TRACKS_TRANSPORTS:
                 server._attach(self)
             else:
                 server._attach()
-        loop._transports[self._sock_fd] = self
+        loop._transports[self._core.fd] = self
         base_events._set_nodelay(sock)
         loop.call_soon(protocol.connection_made, self)
         loop.call_soon(self._start_reading)
         if waiter is not None:
             loop.call_soon(futures._set_result_unless_cancelled, waiter, None)
+
+    @property
+    def _sock_fd(self):
+        return self._core.fd
+
+    def get_extra_info(self, name, default=None):
+        extra = self._extra
+        if extra is not None and name in extra:
+            return extra[name]
+        # Lazy extras (an IPv4 / IPv6 socket made without `extra`): asyncio's values, made on
+        # first request and then kept, so each request returns the same object.
+        if name == "socket":
+            value = trsock.TransportSocket(self._sock)
+        elif name == "sockname":
+            value = self._core.sockname
+        elif name == "peername":
+            value = self._core.peername
+        else:
+            return default
+        if extra is None:
+            self._extra = extra = {}
+        extra[name] = value
+        return value
 
     def __repr__(self):
         info = [self.__class__.__name__]
@@ -331,6 +362,9 @@ class StreamTransport(transports._FlowControlMixin):
             if self._protocol_connected:
                 self._protocol.connection_lost(exc)
         finally:
+            if self._extra is None or "socket" not in self._extra:
+                # The socket extra stays available once the transport lets go of the socket.
+                self.get_extra_info("socket")
             self._sock.close()
             self._sock = None
             self._protocol = None
@@ -347,3 +381,8 @@ class StreamTransport(transports._FlowControlMixin):
             self._server._detach(self)
         else:
             self._server._detach()
+
+
+# The hot path: transport.write(data) is a C method (a method descriptor, like a built-in
+# type's) that runs the core's write on `self._core`: no Python frame, nothing per instance.
+StreamTransport.write = _ferroloop.stream_write_method(StreamTransport)

@@ -436,7 +436,7 @@ impl LoopCore {
                 let found = st.reactor.as_ref().and_then(|r| {
                     r.registry
                         .iter()
-                        .find_map(|(fd, e)| e.fileobj.as_ref().filter(|o| o.bind(py).is(fileobj)).map(|_| *fd))
+                        .find_map(|(fd, e)| e.fileobj.as_ref().filter(|o| o.bind(py).is(fileobj)).map(|_| fd))
                 });
                 match found {
                     Some(fd) => Ok(Some(fd)),
@@ -736,7 +736,7 @@ impl LoopCore {
     /// fd is not watched. Backs the `_selector` view that asyncio's transport reprs consult.
     fn _fd_events(&self, py: Python<'_>, fd: RawFd) -> Option<u8> {
         let st = self.state.borrow(py);
-        let entry = st.reactor.as_ref()?.registry.get(&fd)?;
+        let entry = st.reactor.as_ref()?.registry.get(fd)?;
         let active = |slot: &Option<Py<PyAny>>| slot.as_ref().is_some_and(|i| !is_idle_marker(py, i));
         let mask = u8::from(active(&entry.reader)) | (u8::from(active(&entry.writer)) << 1);
         (mask != 0).then_some(mask)
@@ -746,7 +746,7 @@ impl LoopCore {
     fn _watched_fds(&self, py: Python<'_>) -> Vec<RawFd> {
         let mut v: Vec<RawFd> = {
             let st = self.state.borrow(py);
-            st.reactor.as_ref().map(|r| r.registry.keys().copied().collect()).unwrap_or_default()
+            st.reactor.as_ref().map(|r| r.registry.keys().collect()).unwrap_or_default()
         };
         v.retain(|fd| self._fd_events(py, *fd).is_some());
         v.sort_unstable();

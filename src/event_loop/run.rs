@@ -108,7 +108,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                     continue;
                 }
                 let fd = ev.token as i32;
-                let Some(entry) = r.registry.get(&fd) else { continue };
+                let Some(entry) = r.registry.get(fd) else { continue };
                 for (ready, slot, which) in
                     [(ev.readable, &entry.reader, Which::Reader), (ev.writable, &entry.writer, Which::Writer)]
                 {

@@ -9,12 +9,14 @@
 //! - `Epoll` is shared through an `Arc` so the loop thread can poll without the GIL while other
 //!   threads (holding the GIL) add or remove registrations, which epoll allows.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use crate::sys::{self, Epoll, Interest};
+
+mod fdtable;
+pub use fdtable::FdTable;
 
 /// The token of the waker's read end; fds use their own number as token.
 pub const WAKER_TOKEN: u64 = u64::MAX;
@@ -46,7 +48,7 @@ pub struct Reactor<T> {
     epoll: Arc<Epoll>,
     wake_r: OwnedFd,
     wake_w: OwnedFd,
-    pub registry: HashMap<RawFd, FdEntry<T>>,
+    pub registry: FdTable<T>,
     ep_buf: Vec<libc::epoll_event>,
     /// The decoded events of the last poll, kept so each iteration reuses the allocation.
     events: Vec<sys::Event>,
@@ -67,7 +69,7 @@ impl<T> Reactor<T> {
             epoll: Arc::new(epoll),
             wake_r,
             wake_w,
-            registry: HashMap::new(),
+            registry: FdTable::new(),
             ep_buf: Vec::with_capacity(256),
             events: Vec::with_capacity(256),
         })
@@ -89,8 +91,10 @@ impl<T> Reactor<T> {
     /// reader or writer, and the previous file object) for the caller to drop outside any
     /// borrow. On error the registry is left as it was.
     pub fn set(&mut self, fd: RawFd, fileobj: T, which: Which, item: T) -> io::Result<(Option<T>, Option<T>)> {
-        let existed = self.registry.contains_key(&fd);
-        let entry = self.registry.entry(fd).or_insert(FdEntry { fileobj: None, reader: None, writer: None });
+        let existed = self.registry.contains(fd);
+        let Some(entry) = self.registry.entry(fd) else {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        };
         let old = entry.slot(&which).replace(item);
         let interest = entry.interest();
         let res =
@@ -98,9 +102,10 @@ impl<T> Reactor<T> {
         match res {
             Ok(()) => Ok((old, entry.fileobj.replace(fileobj))),
             Err(e) => {
-                *entry.slot(&which) = old;
-                if !existed {
-                    self.registry.remove(&fd);
+                if existed {
+                    *entry.slot(&which) = old;
+                } else {
+                    self.registry.remove(fd);
                 }
                 Err(e)
             }
@@ -110,11 +115,11 @@ impl<T> Reactor<T> {
     /// Remove the fd's reader or writer. Returns it (None when there was none) and, when the
     /// fd is no longer watched at all, its file object; the caller drops both.
     pub fn unset(&mut self, fd: RawFd, which: Which) -> io::Result<(Option<T>, Option<T>)> {
-        let Some(entry) = self.registry.get_mut(&fd) else { return Ok((None, None)) };
+        let Some(entry) = self.registry.get_mut(fd) else { return Ok((None, None)) };
         let old = entry.slot(&which).take();
         let interest = entry.interest();
         if interest.is_empty() {
-            let fileobj = self.registry.remove(&fd).and_then(|e| e.fileobj);
+            let fileobj = self.registry.remove(fd).and_then(|e| e.fileobj);
             self.epoll.delete(fd)?;
             Ok((old, fileobj))
         } else {
@@ -127,7 +132,7 @@ impl<T> Reactor<T> {
 
     /// The item in the fd's reader or writer slot.
     pub fn item(&self, fd: RawFd, which: Which) -> Option<&T> {
-        let entry = self.registry.get(&fd)?;
+        let entry = self.registry.get(fd)?;
         match which {
             Which::Reader => entry.reader.as_ref(),
             Which::Writer => entry.writer.as_ref(),
@@ -137,7 +142,7 @@ impl<T> Reactor<T> {
     /// Put `item` in an occupied slot without telling the kernel: the interest is unchanged.
     /// Returns the previous item; `None` (and nothing changed) when the slot was empty.
     pub fn swap_item(&mut self, fd: RawFd, which: Which, item: T) -> Option<T> {
-        let entry = self.registry.get_mut(&fd)?;
+        let entry = self.registry.get_mut(fd)?;
         let slot = entry.slot(&which);
         if slot.is_none() {
             return None;
@@ -147,11 +152,10 @@ impl<T> Reactor<T> {
 
     /// Forget every registration (the loop is closing).
     pub fn clear(&mut self) -> Vec<FdEntry<T>> {
-        let fds: Vec<RawFd> = self.registry.keys().copied().collect();
-        for fd in fds.iter() {
-            let _ = self.epoll.delete(*fd);
+        for fd in self.registry.keys() {
+            let _ = self.epoll.delete(fd);
         }
-        self.registry.drain().map(|(_, e)| e).collect()
+        self.registry.drain()
     }
 
     /// Take the event buffers out for a poll that runs without the GIL.

@@ -251,28 +251,53 @@ pub fn accept(fd: RawFd) -> io::Result<(OwnedFd, PeerAddr)> {
     }
     // SAFETY: `rc` is a new fd returned by the kernel, owned by nobody else.
     let conn = unsafe { OwnedFd::from_raw_fd(rc) };
+    Ok((conn, decode_addr(&storage, len)))
+}
+
+/// Decode what `accept4` / `getsockname` / `getpeername` wrote (`len` bytes of `storage`).
+fn decode_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> PeerAddr {
     let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
-    let addr = match storage.ss_family as libc::c_int {
+    match storage.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in, which fits in it.
-            let a: &libc::sockaddr_in = unsafe { &*(&storage as *const libc::sockaddr_storage).cast() };
+            let a: &libc::sockaddr_in = unsafe { &*(storage as *const libc::sockaddr_storage).cast() };
             PeerAddr::V4(a.sin_addr.s_addr.to_ne_bytes(), u16::from_be(a.sin_port))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6, which fits in it.
-            let a: &libc::sockaddr_in6 = unsafe { &*(&storage as *const libc::sockaddr_storage).cast() };
+            let a: &libc::sockaddr_in6 = unsafe { &*(storage as *const libc::sockaddr_storage).cast() };
             PeerAddr::V6(a.sin6_addr.s6_addr, u16::from_be(a.sin6_port), u32::from_be(a.sin6_flowinfo), a.sin6_scope_id)
         }
         libc::AF_UNIX => {
             let off = std::mem::size_of::<libc::sa_family_t>();
             // SAFETY: the family says the storage holds a sockaddr_un, which fits in it.
-            let a: &libc::sockaddr_un = unsafe { &*(&storage as *const libc::sockaddr_storage).cast() };
+            let a: &libc::sockaddr_un = unsafe { &*(storage as *const libc::sockaddr_storage).cast() };
             let n = len.saturating_sub(off).min(a.sun_path.len());
             PeerAddr::Unix(a.sun_path[..n].iter().map(|&c| c as u8).collect())
         }
         _ => PeerAddr::Other,
+    }
+}
+
+/// `getsockname(2)` (`peer` false) or `getpeername(2)` (`peer` true).
+pub fn socket_name(fd: RawFd, peer: bool) -> io::Result<PeerAddr> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid (empty) value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let ptr = (&mut storage as *mut libc::sockaddr_storage).cast();
+    // SAFETY: `storage` is valid for `len` bytes; the kernel writes at most that and updates
+    // `len`.
+    let rc = unsafe {
+        if peer {
+            libc::getpeername(fd, ptr, &mut len)
+        } else {
+            libc::getsockname(fd, ptr, &mut len)
+        }
     };
-    Ok((conn, addr))
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(decode_addr(&storage, len))
 }
 
 extern "C" {

@@ -4,7 +4,7 @@
 //! Registered in the reactor as the listening fd's reader, like `StreamCore`. Each readiness
 //! event accepts up to `backlog` connections with `accept4` (so an empty queue costs no Python
 //! exception), builds the `socket.socket` and the peer address as Python's `accept()` would,
-//! and schedules `loop._accept_connection_plain(protocol_factory, conn, extra, server)` in a
+//! and schedules `loop._accept_connection_plain(protocol_factory, conn, peer, server)` in a
 //! copy of the context the server was started in (asyncio runs each connection's set-up in a
 //! task made from that context).
 //!
@@ -28,6 +28,7 @@ use crate::event_loop::LoopCore;
 use crate::py;
 use crate::reactor::Which;
 use crate::sys::{self, PeerAddr};
+use crate::transports::addr::{InetAddr, SockAddr};
 
 #[pyclass(frozen, module = "ferroloop._ferroloop")]
 pub struct Acceptor {
@@ -80,11 +81,11 @@ impl Acceptor {
 
 /// The peer address in the form Python's `socket.accept()` returns.
 fn peer_to_py<'py>(py: Python<'py>, addr: PeerAddr, conn: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    if let Some(inet) = InetAddr::from_sys(&addr) {
+        return inet.to_py(py);
+    }
     Ok(match addr {
-        PeerAddr::V4(ip, port) => (std::net::Ipv4Addr::from(ip).to_string(), port).into_pyobject(py)?.into_any(),
-        PeerAddr::V6(ip, port, flow, scope) => {
-            (sys::ipv6_to_string(&ip), port, flow, scope).into_pyobject(py)?.into_any()
-        }
+        PeerAddr::V4(..) | PeerAddr::V6(..) => unreachable!("handled above"),
         PeerAddr::Unix(path) if path.first() == Some(&0) => PyBytes::new(py, &path).into_any(),
         PeerAddr::Unix(path) => {
             // A regular path (or "" for an unnamed peer), NUL-terminated, in the file-system
@@ -113,20 +114,32 @@ fn accept_one(slf: &Bound<'_, Acceptor>, conn_fd: std::os::fd::OwnedFd, addr: Pe
     // The socket object owns the fd now.
     let _ = std::os::fd::IntoRawFd::into_raw_fd(conn_fd);
     conn.call_method1(intern!(py, "setblocking"), (false,))?;
-    let addr = peer_to_py(py, addr, &conn)?;
     let loop_ = me.loop_.bind(py);
-    if loop_.get().debug(py) {
-        loop_.call_method1(intern!(py, "_log_new_connection"), (me.server.bind(py), &addr, &conn))?;
-    }
-    let extra = PyDict::new(py);
-    extra.set_item(intern!(py, "peername"), addr)?;
+    // An IPv4 / IPv6 peer travels as plain data (the transport builds its Python form only
+    // when asked); other families as their Python form.
+    let peer = match InetAddr::from_sys(&addr) {
+        Some(inet) => {
+            if loop_.get().debug(py) {
+                let addr = inet.to_py(py)?;
+                loop_.call_method1(intern!(py, "_log_new_connection"), (me.server.bind(py), &addr, &conn))?;
+            }
+            Bound::new(py, SockAddr(inet))?.into_any()
+        }
+        None => {
+            let addr = peer_to_py(py, addr, &conn)?;
+            if loop_.get().debug(py) {
+                loop_.call_method1(intern!(py, "_log_new_connection"), (me.server.bind(py), &addr, &conn))?;
+            }
+            addr
+        }
+    };
     let ctx = me.context.bind(py).call_method0(intern!(py, "copy"))?;
     let cb = loop_.getattr(intern!(py, "_accept_connection_plain"))?;
     let kwargs = PyDict::new(py);
     kwargs.set_item(intern!(py, "context"), ctx)?;
     loop_.call_method(
         intern!(py, "call_soon"),
-        (cb, me.protocol_factory.bind(py), conn, extra, me.server.bind(py)),
+        (cb, me.protocol_factory.bind(py), conn, peer, me.server.bind(py)),
         Some(&kwargs),
     )?;
     Ok(())

@@ -2,4 +2,6 @@
 //! transport class; the Python side (`python/ferroloop/_transports.py`) adds the rare paths.
 
 pub mod accept;
+pub mod addr;
 pub mod stream;
+pub mod write_method;

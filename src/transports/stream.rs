@@ -3,7 +3,8 @@
 //! The transport users see is `ferroloop._transports.StreamTransport`, a Python subclass of
 //! `asyncio.Transport` (so `isinstance` holds and rare paths stay readable). It owns a
 //! `StreamCore`, registered directly in the reactor: readiness runs `read_ready` /
-//! `write_ready` here with no Python handle, and `transport.write` *is* `StreamCore.write`.
+//! `write_ready` here with no Python handle, and `transport.write` runs `StreamCore::write`
+//! (`write_method.rs`).
 //!
 //! Ground rules:
 //! - Mirrors asyncio's `_SelectorSocketTransport`: one `recv` per readiness event (256 KiB at
@@ -30,6 +31,7 @@ use crate::event_loop::LoopCore;
 use crate::py::{self, ByteView, GilCell};
 use crate::reactor::Which;
 use crate::sys;
+use crate::transports::addr::{InetAddr, SockAddr};
 
 /// asyncio's `max_size` for one read.
 pub(crate) const MAX_READ: usize = 256 * 1024;
@@ -81,6 +83,12 @@ impl State {
 pub struct StreamCore {
     loop_: Py<LoopCore>,
     fd: RawFd,
+    /// The socket's name when it is an IPv4 / IPv6 socket (`None`: another family, or
+    /// `getsockname` failed; the Python transport then keeps its extras as Python objects).
+    sockname: Option<InetAddr>,
+    /// The peer's name (from `accept`, else `getpeername` at construction; `None` if that
+    /// failed). Meaningful only when `sockname` is set.
+    peername: Option<InetAddr>,
     st: GilCell<State>,
 }
 
@@ -386,7 +394,9 @@ pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
 
 #[pymethods]
 impl StreamCore {
+    /// `peer`: the address `accept` returned, if the socket was accepted.
     #[new]
+    #[pyo3(signature = (loop_, transport, fd, protocol, buffered, peer=None))]
     fn py_new(
         py: Python<'_>,
         loop_: &Bound<'_, LoopCore>,
@@ -394,11 +404,21 @@ impl StreamCore {
         fd: RawFd,
         protocol: Py<PyAny>,
         buffered: bool,
+        peer: Option<PyRef<'_, SockAddr>>,
     ) -> PyResult<Self> {
         let _ = py;
+        // What asyncio's transport asks the socket for at creation, kept as plain data.
+        let sockname = InetAddr::of_socket(fd, false).ok().flatten();
+        let peername = match (&sockname, peer) {
+            (None, _) => None,
+            (Some(_), Some(peer)) => Some(peer.0),
+            (Some(_), None) => InetAddr::of_socket(fd, true).ok().flatten(),
+        };
         Ok(Self {
             loop_: loop_.clone().unbind(),
             fd,
+            sockname,
+            peername,
             st: GilCell::new(State {
                 transport: Some(transport),
                 protocol: Some(protocol),
@@ -420,7 +440,7 @@ impl StreamCore {
     }
 
     /// `transport.write(data)`: asyncio's checks and messages, then send or buffer.
-    fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+    pub(crate) fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let py = slf.py();
         let me = slf.get();
         if !(data.is_instance_of::<PyBytes>()
@@ -575,6 +595,26 @@ impl StreamCore {
     #[getter]
     fn fd(&self) -> RawFd {
         self.fd
+    }
+
+    /// Whether `sockname` / `peername` are kept here (an IPv4 / IPv6 socket).
+    #[getter]
+    fn inet(&self) -> bool {
+        self.sockname.is_some()
+    }
+
+    /// The socket's name as `socket.getsockname()` gave it at construction (`None`: see
+    /// `inet`).
+    #[getter]
+    fn sockname<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.sockname.map(|a| a.to_py(py)).transpose()
+    }
+
+    /// The peer's name: `accept`'s address or `socket.getpeername()` at construction, `None`
+    /// if that failed.
+    #[getter]
+    fn peername<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.peername.map(|a| a.to_py(py)).transpose()
     }
 
     #[getter]
