@@ -142,7 +142,8 @@ pub fn stream_write_method<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py,
         if ffi::Py_TYPE(ptr) != std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type) {
             return Err(PyTypeError::new_err("_core must be a __slots__ member"));
         }
-        let def = (*ptr.cast::<ffi::PyMemberDescrObject>()).d_member;
+        // (pyo3-ffi types the field as PyGetSetDef before 3.11; CPython has PyMemberDef.)
+        let def = (*ptr.cast::<ffi::PyMemberDescrObject>()).d_member.cast::<ffi::PyMemberDef>();
         if (*def).type_code != ffi::Py_T_OBJECT_EX || (*def).offset <= 0 {
             return Err(PyTypeError::new_err("_core must be an object slot"));
         }
