@@ -856,8 +856,9 @@ def errors(summaries: list[dict], skip: set) -> list[str]:
 
 
 def chart_rows(summaries: list[dict]) -> list[dict]:
-    """For the chart, as "ferroloop's speedup over uvloop" (higher is better): echo rows as
-    uvloop ÷ ferroloop server CPU per request (bar inverted), HTTP rows as req/s."""
+    """For the chart, as "ferroloop's advantage over uvloop" (higher is better): echo rows as
+    uvloop ÷ ferroloop server CPU per request (bar inverted), HTTP rows as req/s, the idle
+    row as uvloop ÷ ferroloop RSS (bar: 1.0, i.e. no more memory than uvloop)."""
     out = []
     for s in summaries:
         if s["kind"] == "echo" and s.get("ratio_cpu"):
@@ -873,5 +874,14 @@ def chart_rows(summaries: list[dict]) -> list[dict]:
         elif s["kind"] == "http" and s.get("ratio_rps"):
             out.append(
                 dict(workload=s["workload"], ratio=s["ratio_rps"], bar=s["bar"], result=s["result"])
+            )
+        elif s["kind"] == "idle" and s.get("ratio"):
+            out.append(
+                dict(
+                    workload=s["workload"],
+                    ratio=1 / s["ratio"],
+                    bar=1.0,
+                    result=s["result"],
+                )
             )
     return out

@@ -347,7 +347,8 @@ def chart(rows: list[dict], path: str) -> str | None:
     ax.set_yticks(list(ys), names)
     ax.set_xlabel(
         "ferroloop ÷ uvloop: ops/s or req/s; (CPU) rows: uvloop ÷ ferroloop server CPU per"
-        " request\n(median of per-round ratios; black tick = bar)",
+        " request;\nmemory row: uvloop ÷ ferroloop RSS"
+        " (median of per-round ratios; black tick = bar)",
         fontsize=8,
     )
     ax.set_title("ferroloop vs uvloop (green: meets bar, red: misses)")
