@@ -107,11 +107,6 @@ impl Handle {
         Ok(())
     }
 
-    /// Allocate a handle (from the freelist when it has one, see `freelist`).
-    pub(crate) fn alloc(py: Python<'_>, h: Handle) -> PyResult<Py<Handle>> {
-        Py::new(py, h)
-    }
-
     fn callback_and_args(&self, py: Python<'_>) -> (Option<Py<PyAny>>, Option<Py<PyTuple>>) {
         match self.call.borrow(py).as_ref() {
             Some((c, a)) => (Some(c.clone_ref(py)), Some(a.clone_ref(py))),
@@ -308,11 +303,6 @@ impl TimerHandle {
             Some(w) => w.clone_ref(py),
             None => PyFloat::new(py, self.when).into_any().unbind(),
         }
-    }
-
-    /// Allocate a timer handle (from the freelist when it has one, see `freelist`).
-    pub(crate) fn alloc(py: Python<'_>, base: Handle, th: TimerHandle) -> PyResult<Py<TimerHandle>> {
-        Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))
     }
 
     pub(crate) fn is_scheduled(&self) -> bool {

@@ -89,8 +89,8 @@ impl<'a, 'py> Args<'a, 'py> {
             }
             slots[j] = value;
         }
-        let missing: Vec<&str> = (0..fixed.len()).filter(|&j| slots[j].is_null()).map(|j| fixed[j]).collect();
-        if !missing.is_empty() {
+        if slots[..fixed.len()].iter().any(|p| p.is_null()) {
+            let missing: Vec<&str> = (0..fixed.len()).filter(|&j| slots[j].is_null()).map(|j| fixed[j]).collect();
             let names = missing.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(" and ");
             let s = if missing.len() == 1 { "" } else { "s" };
             return Err(PyTypeError::new_err(format!(

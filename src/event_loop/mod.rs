@@ -153,11 +153,18 @@ impl LoopCore {
         Ok(())
     }
 
-    /// asyncio's checks for call_soon / call_at: closed loop; in debug mode only, wrong thread
-    /// and bad callback (outside debug mode a bad callback fails when it runs, and the error
-    /// goes to the exception handler).
+    /// asyncio's checks for call_soon / call_at / call_soon_threadsafe: closed loop; in debug
+    /// mode only, wrong thread (not for `call_soon_threadsafe`: `any_thread`) and bad callback
+    /// (outside debug mode a bad callback fails when it runs, and the error goes to the
+    /// exception handler).
     #[inline]
-    fn check_schedule(&self, py: Python<'_>, callback: &Bound<'_, PyAny>, method: &str) -> PyResult<bool> {
+    fn check_schedule(
+        &self,
+        py: Python<'_>,
+        callback: &Bound<'_, PyAny>,
+        method: &str,
+        any_thread: bool,
+    ) -> PyResult<bool> {
         let (closed, debug) = {
             let st = self.state.borrow(py);
             (st.closed, st.debug)
@@ -166,7 +173,9 @@ impl LoopCore {
             return Err(closed_err());
         }
         if debug {
-            self.check_thread(py)?;
+            if !any_thread {
+                self.check_thread(py)?;
+            }
             py::check_callback(py, callback, method)?;
         }
         Ok(debug)
@@ -226,12 +235,12 @@ impl LoopCore {
     ) -> PyResult<Py<TimerHandle>> {
         let py = slf.py();
         let core = slf.get();
-        let debug = core.check_schedule(py, callback, "call_at")?;
+        let debug = core.check_schedule(py, callback, "call_at", false)?;
         let when_ns = secs_to_ns(when);
         let base = Self::new_handle(slf, callback, args, context, debug)?;
         let th = TimerHandle::new(when, when_obj);
         th.set_scheduled(true);
-        let obj = TimerHandle::alloc(py, base, th)?;
+        let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
         core.state.borrow_mut(py).timers.push(when_ns, obj.clone_ref(py));
         Ok(obj)
     }
@@ -243,12 +252,7 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
-        let py = slf.py();
-        let core = slf.get();
-        let debug = core.check_schedule(py, callback, "call_soon")?;
-        let h = Handle::alloc(py, Self::new_handle(slf, callback, args, context, debug)?)?;
-        core.push_ready(py, &h);
-        Ok(h)
+        Self::queue_soon(slf, callback, args, context, "call_soon", false)
     }
 
     pub(crate) fn call_soon_threadsafe(
@@ -257,21 +261,25 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
+        let h = Self::queue_soon(slf, callback, args, context, "call_soon_threadsafe", true)?;
+        slf.get().wake_if_polling(slf.py());
+        Ok(h)
+    }
+
+    /// A new handle for `callback(*args)` at the end of the ready queue.
+    fn queue_soon(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<Bound<'_, PyAny>>,
+        method: &str,
+        any_thread: bool,
+    ) -> PyResult<Py<Handle>> {
         let py = slf.py();
         let core = slf.get();
-        let (closed, debug) = {
-            let st = core.state.borrow(py);
-            (st.closed, st.debug)
-        };
-        if closed {
-            return Err(closed_err());
-        }
-        if debug {
-            py::check_callback(py, callback, "call_soon_threadsafe")?;
-        }
-        let h = Handle::alloc(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        let debug = core.check_schedule(py, callback, method, any_thread)?;
+        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
         core.push_ready(py, &h);
-        core.wake_if_polling(py);
         Ok(h)
     }
 
@@ -465,7 +473,7 @@ impl LoopCore {
             return Err(closed_err());
         }
         let fd = checked_fd(number)?;
-        let handle = Handle::alloc(py, Self::new_handle(slf, callback, args, None, debug)?)?;
+        let handle = Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
             let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
@@ -605,7 +613,7 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         let debug = slf.get().debug(slf.py());
-        Handle::alloc(slf.py(), Self::new_handle(slf, callback, args, None, debug)?)
+        Py::new(slf.py(), Self::new_handle(slf, callback, args, None, debug)?)
     }
 
     /// Queue an existing handle (asyncio's `_add_callback`).
