@@ -12,7 +12,7 @@
 //! are the ordinary Rust methods in `mod.rs`. Errors match asyncio's signatures: a missing
 //! positional argument or an unknown keyword is a `TypeError` naming it.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::CStr;
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
@@ -22,6 +22,7 @@ use pyo3::types::PyTuple;
 use pyo3::{intern, Borrowed, PyTypeInfo};
 
 use super::LoopCore;
+use crate::py;
 
 /// The arguments of one call: the fixed parameters (at most two), the rest of the
 /// positionals (the callback's arguments), and `context`.
@@ -219,60 +220,34 @@ unsafe fn call_at(
     Ok(h.into_ptr())
 }
 
-/// One method: its name, its `__text_signature__`-bearing doc, its entry point.
-fn method(name: &'static CStr, doc: &'static CStr, meth: ffi::PyCFunctionFastWithKeywords) -> ffi::PyMethodDef {
-    ffi::PyMethodDef {
-        ml_name: name.as_ptr(),
-        ml_meth: ffi::PyMethodDefPointer { PyCFunctionFastWithKeywords: meth },
-        ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
-        ml_doc: doc.as_ptr() as *const c_char,
-    }
-}
-
 /// Put the four methods on `LoopCore` (once, at module initialisation).
 pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
-    let defs: [(ffi::PyMethodDef, &str); 4] = [
+    let tp = LoopCore::type_object(py);
+    let methods: [(&'static CStr, &'static CStr, ffi::PyCFunctionFastWithKeywords); 4] = [
         (
-            method(
-                c"call_soon",
-                c"call_soon($self, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
-                pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon),
-            ),
-            "call_soon",
+            c"call_soon",
+            c"call_soon($self, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
+            pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon),
         ),
         (
-            method(
-                c"call_soon_threadsafe",
-                c"call_soon_threadsafe($self, callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe.",
-                pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon_threadsafe),
-            ),
-            "call_soon_threadsafe",
+            c"call_soon_threadsafe",
+            c"call_soon_threadsafe($self, callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe.",
+            pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon_threadsafe),
         ),
         (
-            method(
-                c"call_later",
-                c"call_later($self, delay, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
-                pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_later),
-            ),
-            "call_later",
+            c"call_later",
+            c"call_later($self, delay, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
+            pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_later),
         ),
         (
-            method(
-                c"call_at",
-                c"call_at($self, when, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time when.",
-                pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_at),
-            ),
-            "call_at",
+            c"call_at",
+            c"call_at($self, when, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time when.",
+            pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_at),
         ),
     ];
-    let tp = LoopCore::type_object(py);
-    for (def, name) in defs {
-        // The descriptor keeps a pointer to its PyMethodDef for the life of the process.
-        let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(def));
-        // SAFETY: `tp` is LoopCore's type object (alive for the process) and `def` a
-        // PyMethodDef that is never freed; PyDescr_NewMethod returns a new reference or NULL.
-        let descr = unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(tp.as_type_ptr(), def))? };
-        tp.setattr(name, descr)?;
+    for (name, doc, meth) in methods {
+        let descr = py::fastcall_method(&tp, name, doc, meth)?;
+        tp.setattr(name.to_str().expect("ASCII method name"), descr)?;
     }
     Ok(())
 }
