@@ -368,3 +368,31 @@ def test_many_fds(loop):
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_ready_fds_are_polled_while_callbacks_keep_the_loop_busy(loop, pair):
+    """A callback that always reschedules itself never lets the ready queue empty; readiness
+    must still be seen: a never-drained reader runs at least every other iteration."""
+    a, b = pair
+    ticks = 0
+    seen = []
+
+    def tick():
+        nonlocal ticks
+        ticks += 1
+        if ticks == 1:
+            b.send(b"x")  # readable from now on: the reader never drains it
+        if ticks == 40:
+            loop.stop()
+        else:
+            loop.call_soon(tick)
+
+    loop.add_reader(a, lambda: seen.append(ticks))
+    loop.call_soon(tick)
+    loop.run_forever()
+    loop.remove_reader(a)
+    assert seen, "the reader never ran"
+    assert seen[0] <= 3  # seen within two iterations of the send
+    gaps = [seen[i + 1] - seen[i] for i in range(len(seen) - 1)]
+    assert max(gaps) <= 2, seen
+    assert len(seen) >= 19, seen

@@ -63,6 +63,10 @@ pub(crate) struct State {
     /// True while the loop thread is (about to be) blocked in the poll: only then does
     /// `call_soon_threadsafe` need to write the waker.
     polling: bool,
+    /// The previous iteration polled. With callbacks ready, an iteration right after one that
+    /// polled skips its non-blocking poll, so a burst of I/O costs one poll, not two, while
+    /// fds are still polled at least every other iteration (see `run::run_once`).
+    polled_last: bool,
     /// Signal numbers can arrive on the waker (`add_signal_handler`), so it must be polled
     /// even while the loop is busy.
     signal_handlers: bool,
@@ -534,6 +538,7 @@ impl LoopCore {
                 current_handle: None,
                 slow_callback_duration: 0.1,
                 polling: false,
+                polled_last: false,
                 signal_handlers: false,
                 custom_clock: false,
                 reactor: Some(reactor),
@@ -667,6 +672,8 @@ impl LoopCore {
     /// The body of `run_forever` between its set-up and clean-up (done in Python).
     fn _run_forever_inner(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
+        // The first iteration of a run always polls (`stop(); run_forever()` must see I/O).
+        slf.get().state.borrow_mut(py).polled_last = false;
         loop {
             run::run_once(slf)?;
             if slf.get().state.borrow(py).stopping {

@@ -3,7 +3,9 @@
 //! 1. drop cancelled timers (compacting the heap when they are over half of it),
 //! 2. poll: without blocking when work is ready or a stop is pending, else until the next
 //!    deadline; the GIL is released only for a poll that may block. A non-blocking poll is
-//!    skipped when no fd and no signal handler is registered (it could find nothing),
+//!    skipped when no fd and no signal handler is registered (it could find nothing), and
+//!    right after an iteration that polled (so busy fds cost one poll per burst, as in
+//!    libuv, where ready callbacks run before the poll),
 //! 3. queue the handles of ready fds, handle signals and run Python signal handlers,
 //! 4. move due timers behind what is already queued,
 //! 5. run exactly the handles queued so far.
@@ -56,13 +58,20 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             -1
         };
         let signal_handlers = st.signal_handlers;
+        let just_polled = st.polled_last && !st.stopping;
         let Some(reactor) = st.reactor.as_mut() else {
             return Err(super::closed_err());
         };
-        // With work ready and nothing registered but the waker, a non-blocking poll can find
-        // nothing: the waker is written only while the loop blocks, and signal numbers only
-        // matter when handlers are installed. Skip the syscall.
-        if timeout_ms == 0 && reactor.registry.is_empty() && !signal_handlers {
+        // A non-blocking poll is skipped
+        // - with nothing registered but the waker: it can find nothing (the waker is written
+        //   only while the loop blocks, and signal numbers only matter with handlers);
+        // - right after an iteration that polled, unless stopping: what that poll found has
+        //   just run and usually queued its follow-up callbacks (a task woken by a read);
+        //   polling again before running them would mostly find nothing. fds are still polled
+        //   at least every other iteration, and the last iteration before a stop always polls.
+        let skip = timeout_ms == 0 && (just_polled || (reactor.registry.is_empty() && !signal_handlers));
+        if skip {
+            st.polled_last = false;
             drop(st);
             release_timers(garbage);
             // No poll happened, so "now" is still now.
@@ -71,6 +80,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let epoll = reactor.epoll();
         let buf = reactor.take_buf();
         st.polling = timeout_ms != 0;
+        st.polled_last = true;
         (timeout_ms, epoll, buf)
     };
     release_timers(garbage);
