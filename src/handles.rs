@@ -28,6 +28,8 @@ pub struct Handle {
     own_context: bool,
     /// The context copy is off the GC's lists (`park`).
     parked: AtomicBool,
+    /// The handle itself is off the GC's lists (`park`).
+    untracked: AtomicBool,
     loop_: Py<PyAny>,
     cancelled: AtomicBool,
     source_traceback: Option<Py<PyAny>>,
@@ -54,6 +56,7 @@ impl Handle {
             context,
             own_context,
             parked: AtomicBool::new(false),
+            untracked: AtomicBool::new(false),
             loop_,
             cancelled: AtomicBool::new(false),
             source_traceback,
@@ -61,23 +64,49 @@ impl Handle {
         })
     }
 
-    /// While a new handle waits in a long ready queue, its private context copy is taken off
-    /// the GC's lists: the loop holds it, so it cannot be garbage, and a queue of thousands of
-    /// handles (a thread feeding `call_soon_threadsafe`, a burst of `call_soon`) otherwise
-    /// makes every collection walk thousands of contexts. `unpark` puts it back before the
-    /// handle runs or is dropped by the loop, and before anyone else can see the context.
-    pub(crate) fn park(&self) {
-        if self.own_context && !self.parked.swap(true, Ordering::Relaxed) {
+    /// While a new handle waits in a long ready queue of a running loop, it and its private
+    /// context copy are taken off the GC's lists: a queue of thousands of handles (a thread
+    /// feeding `call_soon_threadsafe`, a burst of `call_soon`) otherwise makes every
+    /// collection walk them all, and promotes them to older generations whose collections
+    /// walk them again. `unpark` puts both back before the handle runs or leaves the queue,
+    /// and the loop unparks its whole queue when `run_forever` returns.
+    ///
+    /// Why no garbage is missed: a parked handle is held by the ready queue of a loop that is
+    /// running, and a running loop is referenced from its thread's running-loop slot, so the
+    /// handle and everything it refers to are alive; an untracked object only hides edges
+    /// from the GC, which can keep objects alive longer, never free them early. The context
+    /// copy is seen by no one else until it is handed out (`get_context`), which unparks it.
+    pub(crate) fn park(slf: &Bound<'_, Self>) {
+        let h = slf.get();
+        if h.own_context && !h.parked.swap(true, Ordering::Relaxed) {
             // SAFETY: a context copy made for this handle by PyContext_CopyCurrent (a new,
             // GC-tracked object) that nothing else refers to until it is handed out, which
-            // unparks it first; so no cycle can pass through it while it is untracked.
-            unsafe { pyo3::ffi::PyObject_GC_UnTrack(self.context.as_ptr().cast()) }
+            // unparks it first.
+            unsafe { pyo3::ffi::PyObject_GC_UnTrack(h.context.as_ptr().cast()) }
+        }
+        if !h.untracked.swap(true, Ordering::Relaxed) {
+            // SAFETY: a live handle (we hold a reference), tracked since its allocation; only
+            // `park` untracks it, once (the flag), and `unpark` tracks it again.
+            unsafe { pyo3::ffi::PyObject_GC_UnTrack(slf.as_ptr().cast()) }
         }
     }
 
     /// Undo `park`.
     #[inline]
-    pub(crate) fn unpark(&self) {
+    pub(crate) fn unpark(slf: &Bound<'_, Self>) {
+        let h = slf.get();
+        h.unpark_context();
+        if h.untracked.load(Ordering::Relaxed) {
+            h.untracked.store(false, Ordering::Relaxed);
+            // SAFETY: untracked by `park` (the flag says so) and alive (we hold a reference);
+            // tracking it again is what its allocation did.
+            unsafe { pyo3::ffi::PyObject_GC_Track(slf.as_ptr().cast()) }
+        }
+    }
+
+    /// Put the context copy back on the GC's lists (before it is handed out).
+    #[inline]
+    fn unpark_context(&self) {
         if self.parked.load(Ordering::Relaxed) {
             self.parked.store(false, Ordering::Relaxed);
             // SAFETY: the context was untracked by `park` and is still alive (this handle
@@ -202,7 +231,7 @@ impl Handle {
     }
 
     fn get_context(&self, py: Python<'_>) -> Py<PyAny> {
-        self.unpark();
+        self.unpark_context();
         self.context.clone_ref(py)
     }
 
@@ -241,7 +270,7 @@ impl Handle {
 
     #[getter]
     fn _context(&self, py: Python<'_>) -> Py<PyAny> {
-        self.unpark();
+        self.unpark_context();
         self.context.clone_ref(py)
     }
 

@@ -542,6 +542,69 @@ def test_handle_in_reference_cycle_is_collected(loop, kind):
     assert [r() for r in refs] == [None] * 50
 
 
+@pytest.mark.parametrize("kind", ["call_soon", "call_soon_threadsafe"])
+@pytest.mark.parametrize("then", ["run", "stop-run", "stop-close"])
+def test_handle_made_behind_long_queue_in_reference_cycle_is_collected(loop_factory, kind, then):
+    """object -> its handle -> bound method -> object, made by a callback of the running loop
+    behind a long ready queue (ferroloop keeps such handles off the GC's lists while they
+    wait): garbage once the handle has run, or has been dropped by close(), including when
+    stop() left it queued."""
+    import weakref
+
+    lp = loop_factory()
+
+    class Owner:
+        def cb(self):
+            pass
+
+    refs = []
+
+    def fill():
+        schedule = getattr(lp, kind)
+        for _ in range(100):
+            schedule(lambda: None)
+        for _ in range(50):
+            o = Owner()
+            o.handle = schedule(o.cb)
+            refs.append(weakref.ref(o))
+            del o
+        if then != "run":
+            lp.stop()
+
+    lp.call_soon(fill)
+    if then == "run":
+        lp.call_later(0.01, lp.stop)
+    lp.run_forever()
+    if then == "stop-run":
+        run_briefly(lp)
+    lp.close()
+    gc.collect()
+    assert [r() for r in refs] == [None] * 50
+
+
+def test_unclosed_loop_stopped_with_long_queue_is_collected(loop_factory):
+    """stop() leaves handles queued (each refers to the loop); dropped unclosed, the loop is
+    still garbage the GC finds (ferroloop puts handles it kept off the GC's lists while
+    running back on them when run_forever returns)."""
+    import weakref
+
+    lp = loop_factory()
+
+    def fill(loop):
+        for _ in range(100):
+            loop.call_soon(loop.time)  # loop -> queue -> handle -> bound method -> loop
+        loop.stop()
+
+    lp.call_soon(fill, lp)
+    lp.run_forever()
+    ref = weakref.ref(lp)
+    with pytest.warns(ResourceWarning, match="unclosed event loop"):
+        del lp
+        gc.collect()
+    gc.collect()
+    assert ref() is None
+
+
 def _call_errors(loop):
     """The TypeError message of each bad call, as a dict (method -> message)."""
     bad = {
@@ -657,14 +720,21 @@ def test_context_of_queued_handle_in_reference_cycle_is_collected(loop_factory, 
         pass
 
     refs = []
-    for _ in range(100):  # a long queue: ferroloop parks contexts behind 32 handles
-        h = lp.call_soon(lambda: None)
-        ctx = ctx_of(h)
-        b = Box()
-        b.ctx = ctx
-        ctx.run(var.set, b)
-        refs.append(weakref.ref(b))
-        del b, ctx, h
+
+    def fill():
+        # A long queue, made while the loop runs: ferroloop parks handles behind 32 others.
+        for _ in range(100):
+            h = lp.call_soon(lambda: None)
+            ctx = ctx_of(h)
+            b = Box()
+            b.ctx = ctx
+            ctx.run(var.set, b)
+            refs.append(weakref.ref(b))
+            del b, ctx, h
+        lp.stop()  # the 100 handles stay queued
+
+    lp.call_soon(fill)
+    lp.run_forever()
     if drop == "run":
         run_briefly(lp)
     lp.close()

@@ -35,7 +35,8 @@ pub(crate) use fastcall::install as install_fastcall;
 use ready::ReadyQueue;
 use timers::TimerHeap;
 
-/// Queue length beyond which new handles' context copies leave the GC's lists.
+/// Queue length beyond which new handles (and their context copies) leave the GC's lists
+/// while the loop runs (`Handle::park`).
 const PARK_AFTER: usize = 32;
 
 /// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
@@ -67,6 +68,8 @@ pub(crate) struct State {
     /// polled skips its non-blocking poll, so a burst of I/O costs one poll, not two, while
     /// fds are still polled at least every other iteration (see `run::run_once`).
     polled_last: bool,
+    /// A handle was parked (`Handle::park`) since the last `unpark_all`.
+    parked_any: bool,
     /// Signal numbers can arrive on the waker (`add_signal_handler`), so it must be polled
     /// even while the loop is busy.
     signal_handlers: bool,
@@ -205,13 +208,22 @@ impl LoopCore {
     /// Queue a new handle. Behind a long queue its context copy is parked (`Handle::park`);
     /// a short queue is left alone, since a GC pass walks it cheaply.
     fn push_ready(&self, py: Python<'_>, h: &Py<Handle>) {
-        let len = {
-            let mut st = self.state.borrow_mut(py);
-            st.ready.push(Work::Handle(h.clone_ref(py)));
-            st.ready.len()
-        };
-        if len > PARK_AFTER {
-            h.get().park();
+        let mut st = self.state.borrow_mut(py);
+        st.ready.push(Work::Handle(h.clone_ref(py)));
+        // Only while running: `run_forever` unparks what is left when it returns, so a loop
+        // that is not running (and could be garbage) never holds parked handles.
+        if st.ready.len() > PARK_AFTER && st.thread_id.is_some() {
+            st.parked_any = true;
+            drop(st);
+            Handle::park(h.bind(py));
+        }
+    }
+
+    /// Put every parked handle still queued back on the GC's lists.
+    fn unpark_all(&self, py: Python<'_>) {
+        let mut st = self.state.borrow_mut(py);
+        if std::mem::take(&mut st.parked_any) {
+            st.ready.iter().for_each(|w| unpark(py, w));
         }
     }
 
@@ -348,10 +360,10 @@ fn checked_fd(fd: i64) -> PyResult<RawFd> {
     Ok(fd as RawFd)
 }
 
-/// A handle leaving the ready queue without running gets its context back on the GC's lists.
-fn unpark(w: &Work) {
+/// A parked handle leaving the ready queue without running goes back on the GC's lists.
+fn unpark(py: Python<'_>, w: &Work) {
     if let Work::Handle(h) = w {
-        h.get().unpark();
+        Handle::unpark(h.bind(py));
     }
 }
 
@@ -539,6 +551,7 @@ impl LoopCore {
                 slow_callback_duration: 0.1,
                 polling: false,
                 polled_last: false,
+                parked_any: false,
                 signal_handlers: false,
                 custom_clock: false,
                 reactor: Some(reactor),
@@ -674,12 +687,16 @@ impl LoopCore {
         let py = slf.py();
         // The first iteration of a run always polls (`stop(); run_forever()` must see I/O).
         slf.get().state.borrow_mut(py).polled_last = false;
-        loop {
-            run::run_once(slf)?;
-            if slf.get().state.borrow(py).stopping {
-                return Ok(());
+        let res = loop {
+            if let Err(e) = run::run_once(slf) {
+                break Err(e);
             }
-        }
+            if slf.get().state.borrow(py).stopping {
+                break Ok(());
+            }
+        };
+        slf.get().unpark_all(py);
+        res
     }
 
     fn stop(&self, py: Python<'_>) {
@@ -703,7 +720,7 @@ impl LoopCore {
         let (ready, timers, entries, reactor, current) = {
             let mut st = self.state.borrow_mut(py);
             st.closed = true;
-            let ready: Vec<_> = st.ready.drain().inspect(unpark).collect();
+            let ready: Vec<_> = st.ready.drain().inspect(|w| unpark(py, w)).collect();
             let timers: Vec<_> = st.timers.drain().collect();
             st.timer_cancelled_count = 0;
             let mut reactor = st.reactor.take();
@@ -932,7 +949,7 @@ impl LoopCore {
         Python::attach(|py| {
             let (ready, timers, entries, current, factory) = {
                 let mut st = self.state.borrow_mut(py);
-                let ready: Vec<_> = st.ready.drain().inspect(unpark).collect();
+                let ready: Vec<_> = st.ready.drain().inspect(|w| unpark(py, w)).collect();
                 let timers: Vec<_> = st.timers.drain().collect();
                 let entries = st.reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
                 let extra = (st.task_factory.take(), st.loop_kwargs.take());

@@ -224,7 +224,7 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
             }
         };
         let h = handle.bind(py);
-        h.get().unpark();
+        Handle::unpark(h);
         if h.get().is_cancelled() {
             continue;
         }
