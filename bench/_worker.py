@@ -5,10 +5,10 @@ parent (``run.py``) starts one of these per (round, workload, loop) so loops nev
 interpreter state.
 
 Throughput workloads: calibrate ``n`` so that one call of the workload takes about
-``--chunk`` seconds (the calibration calls double as warm-up, topped up to ``--warmup``
-seconds), then call it until ``--duration`` seconds of wall time have been measured. Wall time
-(``perf_counter``) and process CPU time (``process_time``: all threads, user + system) are
-summed over the measured calls only.
+``--chunk`` seconds, or the workload's ``min_chunk`` if longer (the calibration calls double
+as warm-up, topped up to ``--warmup`` seconds), then call it until ``--duration`` seconds of
+wall time have been measured. Wall time (``perf_counter``) and process CPU time
+(``process_time``: all threads, user + system) are summed over the measured calls only.
 
 ``_worker.py LOOP --probe`` checks that the loop imports and runs a coroutine.
 """
@@ -45,17 +45,18 @@ def measure_throughput(wl: micro.Workload, loop, args) -> dict:
         ops = fn(loop, n, lat)
         return ops, time.perf_counter() - w0, time.process_time() - c0
 
+    chunk = max(args.chunk, wl.min_chunk)
     # calibration (= warm-up): double n until one call takes half a chunk
     warm = 0.0
     n = args.n or 1
     while True:
         _, wall, _ = call(n)
         warm += wall
-        if args.n or wall >= args.chunk / 2 or n >= 1 << 24:
+        if args.n or wall >= chunk / 2 or n >= 1 << 24:
             break
         n *= 2
     if not args.n:
-        n = max(1, round(n * args.chunk / max(wall, 1e-9)))
+        n = max(1, round(n * chunk / max(wall, 1e-9)))
     while warm < args.warmup:
         warm += call(n)[1]
 

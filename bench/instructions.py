@@ -38,18 +38,10 @@ SKIP = {"call_soon_threadsafe rtt"}  # latency of a thread round trip: not an in
 def child(loop_name: str, workload: str, n: int) -> None:
     """Run one workload once (inside valgrind) and report ops and GC collections on stderr."""
     sys.path.insert(0, HERE)
+    import loops
     import micro
 
-    if loop_name == "ferroloop":
-        import ferroloop
-
-        loop = ferroloop.new_event_loop()
-    elif loop_name == "uvloop":
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
+    loop = loops.factory(loop_name)()
     asyncio.set_event_loop(loop)
     collections = [0, 0, 0]
 
@@ -93,7 +85,9 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--loops", default="ferroloop,uvloop", help="comma-separated: ferroloop, uvloop, asyncio"
+        "--loops",
+        default="ferroloop,uvloop",
+        help="comma-separated: ferroloop, uvloop, rloop, asyncio, ...",
     )
     ap.add_argument("--only", default="", help="regex on workload names (case-insensitive)")
     ap.add_argument("--keep", metavar="DIR", help="keep the callgrind files in DIR")
