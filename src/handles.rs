@@ -78,13 +78,17 @@ impl Handle {
     /// copy is seen by no one else until it is handed out (`get_context`), which unparks it.
     pub(crate) fn park(slf: &Bound<'_, Self>) {
         let h = slf.get();
-        if h.own_context && !h.parked.swap(true, Ordering::Relaxed) {
+        // Plain loads and stores, not `swap` (a locked `xchg`): the GIL serialises every
+        // access to these flags.
+        if h.own_context && !h.parked.load(Ordering::Relaxed) {
+            h.parked.store(true, Ordering::Relaxed);
             // SAFETY: a context copy made for this handle by PyContext_CopyCurrent (a new,
             // GC-tracked object) that nothing else refers to until it is handed out, which
             // unparks it first.
             unsafe { pyo3::ffi::PyObject_GC_UnTrack(h.context.as_ptr().cast()) }
         }
-        if !h.untracked.swap(true, Ordering::Relaxed) {
+        if !h.untracked.load(Ordering::Relaxed) {
+            h.untracked.store(true, Ordering::Relaxed);
             // SAFETY: a live handle (we hold a reference), tracked since its allocation; only
             // `park` untracks it, once (the flag), and `unpark` tracks it again.
             unsafe { pyo3::ffi::PyObject_GC_UnTrack(slf.as_ptr().cast()) }
@@ -123,10 +127,11 @@ impl Handle {
     pub(crate) fn do_cancel(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let h = slf.get();
-        if h.cancelled.swap(true, Ordering::Relaxed) {
+        if h.cancelled.load(Ordering::Relaxed) {
             return Ok(());
         }
-        // Like asyncio: in debug mode the repr is kept, since the callback is about to go.
+        h.cancelled.store(true, Ordering::Relaxed); // under the GIL: no locked `swap` needed
+                                                    // Like asyncio: in debug mode the repr is kept, since the callback is about to go.
         if loop_debug(py, &h.loop_) {
             let r = Self::build_repr(slf)?;
             *h.repr_cache.borrow_mut(py) = Some(r);
