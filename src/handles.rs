@@ -18,6 +18,9 @@ use crate::event_loop::LoopCore;
 use crate::py::{self, GilCell};
 
 mod freelist;
+mod raw;
+
+pub(crate) use raw::{create as new_handle_object, enabled as fast_paths};
 
 #[pyclass(frozen, subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
@@ -461,9 +464,10 @@ unsafe extern "C" fn handle_traverse(
     0
 }
 
-/// Install the handles' hand-written slots: allocation from the freelists and `tp_traverse`
-/// (once, at module initialisation, before any handle exists).
-pub(crate) fn install(py: Python<'_>) {
+/// Install the handles' hand-written slots: allocation from the freelists, `tp_traverse`, and
+/// `Handle`'s construction and `tp_dealloc` (once, at module initialisation, before any
+/// handle exists).
+pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
     freelist::install(py);
     let tp = <Handle as pyo3::PyTypeInfo>::type_object_raw(py);
     // SAFETY: Handle's heap type, alive for the process and with no instances yet; a slot
@@ -473,6 +477,7 @@ pub(crate) fn install(py: Python<'_>) {
         (*tp).tp_traverse = Some(handle_traverse);
         pyo3::ffi::PyType_Modified(tp);
     }
+    raw::install(py)
 }
 
 /// The loop's debug flag, read directly when it is ours.

@@ -20,7 +20,8 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     event_loop::install_fastcall(m.py())?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
-    handles::install(m.py());
+    handles::install(m.py())?;
+    m.add("_handle_fast_paths", handles::fast_paths())?;
     m.add_class::<transports::stream::StreamCore>()?;
     m.add_class::<sockops::SockOp>()?;
     sockops::install_am_send(m.py());

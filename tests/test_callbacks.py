@@ -740,3 +740,33 @@ def test_context_of_queued_handle_in_reference_cycle_is_collected(loop_factory, 
     lp.close()
     gc.collect()
     assert [r() for r in refs] == [None] * 100
+
+
+def test_handle_weakref_callback_runs_when_the_handle_is_freed(loop):
+    """Handles support weak references; the callback runs once the loop has run the handle
+    and nobody holds it, and the handle's callback and args are released with it."""
+    import weakref
+
+    class Arg:
+        pass
+
+    freed = []
+    arg = Arg()
+    arg_ref = weakref.ref(arg)
+    h = loop.call_soon(lambda a: None, arg)
+    ref = weakref.ref(h, lambda r: freed.append("handle"))
+    del h, arg
+    assert ref() is not None  # the ready queue holds it
+    run_briefly(loop)
+    assert freed == ["handle"]
+    assert arg_ref() is None
+
+
+def test_handle_fast_paths_are_on():
+    """ferroloop makes and frees `Handle` objects without PyO3's generic paths when PyO3's
+    object layout is the one it measured at import (handles/raw.rs); a PyO3 upgrade that
+    changes the layout turns them off, and this test says so."""
+    pytest.importorskip("ferroloop")
+    from ferroloop import _ferroloop
+
+    assert _ferroloop._handle_fast_paths is True

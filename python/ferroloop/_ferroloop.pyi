@@ -17,9 +17,11 @@ __all__ = [
     "SockAddr",
     "stream_write_method",
     "__version__",
+    "_handle_fast_paths",
 ]
 
 __version__: str
+_handle_fast_paths: bool
 
 @disjoint_base
 class Handle:

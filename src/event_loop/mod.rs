@@ -24,7 +24,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3::{intern, PyTraverseError};
 
-use crate::handles::{Handle, TimerHandle};
+use crate::handles::{self, Handle, TimerHandle};
 use crate::py::{self, GilCell};
 use crate::reactor::{Reactor, Which};
 use crate::sockops::{self, Kind, SockOp};
@@ -294,7 +294,7 @@ impl LoopCore {
         let py = slf.py();
         let core = slf.get();
         let debug = core.check_schedule(py, callback, method, any_thread)?;
-        let h = Py::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        let h = handles::new_handle_object(py, Self::new_handle(slf, callback, args, context, debug)?)?;
         core.push_ready(py, &h);
         Ok(h)
     }
@@ -489,7 +489,7 @@ impl LoopCore {
             return Err(closed_err());
         }
         let fd = checked_fd(number)?;
-        let handle = Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
+        let handle = handles::new_handle_object(py, Self::new_handle(slf, callback, args, None, debug)?)?;
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
             let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;

@@ -26,6 +26,10 @@ impl<T> GilCell<T> {
         Self(RefCell::new(v))
     }
 
+    pub fn into_inner(self) -> T {
+        self.0.into_inner()
+    }
+
     #[inline]
     pub fn borrow<'a>(&'a self, _py: Python<'_>) -> Ref<'a, T> {
         self.0.borrow()
