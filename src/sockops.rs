@@ -32,7 +32,7 @@ use pyo3::exceptions::{
 };
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PySlice, PyTuple, PyType, PyWeakrefReference};
+use pyo3::types::{PyBytes, PySlice, PyTuple, PyType, PyWeakrefReference};
 use pyo3::{ffi, intern, PyTraverseError};
 
 use crate::event_loop::LoopCore;
@@ -284,6 +284,11 @@ impl SockOp {
                     return Err(PyValueError::new_err("negative buffersize in recv"));
                 }
                 let n = n as usize;
+                if n == 0 {
+                    // As `socket.recv(0)`: empty at once, no syscall (which would fail with
+                    // EAGAIN on an empty socket and make the call wait for data).
+                    return Ok(Attempt::Done(PyBytes::new(py, b"").into_any().unbind()));
+                }
                 let r = if n <= MAX_READ {
                     recv_bytes(py, fd, n)
                 } else {
@@ -309,8 +314,13 @@ impl SockOp {
                         "recv_into() argument 'buffer' must be read-write bytes-like object, not {tname}"
                     ))
                 })?;
+                let len = view.view.len.max(0) as usize;
+                if len == 0 {
+                    // As `socket.recv_into()` of an empty buffer: 0 at once, no syscall.
+                    return Ok(Attempt::Done(0i32.into_pyobject(py)?.into_any().unbind()));
+                }
                 // SAFETY: the exported writable view stays valid until `view` is dropped below.
-                let r = unsafe { sys::recv_raw(fd, view.view.buf as *mut u8, view.view.len.max(0) as usize) };
+                let r = unsafe { sys::recv_raw(fd, view.view.buf as *mut u8, len) };
                 drop(view);
                 match r {
                     Ok(n) => Ok(Attempt::Done(n.into_pyobject(py)?.into_any().unbind())),

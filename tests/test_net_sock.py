@@ -406,6 +406,36 @@ def test_sock_recv_on_a_transports_socket(loop, inet):
     run(loop, main())
 
 
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_recv_of_nothing_returns_at_once(loop, kind, inet):
+    """sock_recv(sock, 0) and sock_recv_into() of an empty buffer return b"" / 0 at once on
+    an empty socket, as the socket's own recv(0) / recv_into() do (no wait for data)."""
+    if kind == "unix":
+        a, b = socket.socketpair()
+    else:
+        family, host = inet
+        with socket.socket(family, socket.SOCK_STREAM) as listener:
+            listener.bind((host, 0))
+            listener.listen()
+            b = socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT)
+            a, _ = listener.accept()
+    with a, b:
+        a.setblocking(False)
+
+        async def main():
+            assert await asyncio.wait_for(loop.sock_recv(a, 0), 1) == b""
+            assert await asyncio.wait_for(loop.sock_recv_into(a, bytearray()), 1) == 0
+            empty_view = memoryview(bytearray(8))[4:4]
+            assert await asyncio.wait_for(loop.sock_recv_into(a, empty_view), 1) == 0
+            b.send(b"data")
+            while not select.select([a], [], [], 0)[0]:
+                await asyncio.sleep(0.001)
+            assert await asyncio.wait_for(loop.sock_recv(a, 0), 1) == b""  # nothing taken
+            assert await asyncio.wait_for(loop.sock_recv(a, 100), 1) == b"data"
+
+        run(loop, main())
+
+
 # --- cancellation ------------------------------------------------------------------------------
 
 
