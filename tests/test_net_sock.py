@@ -465,7 +465,9 @@ async def _recv(loop, sock, n, method):
 
 @pytest.mark.parametrize("method", ["sock_recv", "sock_recv_into"])
 @pytest.mark.parametrize("first", ["at-once", "waited"])
-@pytest.mark.parametrize("then", ["data-already-there", "data-later", "eof", "big", "cancel"])
+@pytest.mark.parametrize(
+    "then", ["data-already-there", "data-later", "eof", "shut-rd", "big", "cancel"]
+)
 def test_read_after_a_short_read(loop, pair, first, then, method):
     """After a read that drained the socket, the next read still gets what is there (data that
     came in meanwhile, with no loop iteration in between), waits for what is not, sees the end
@@ -486,6 +488,10 @@ def test_read_after_a_short_read(loop, pair, first, then, method):
         elif then == "eof":
             b.shutdown(socket.SHUT_WR)
             assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b""
+            assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b""
+            return
+        elif then == "shut-rd":
+            a.shutdown(socket.SHUT_RD)  # our own side: reads see the end at once
             assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b""
             return
         elif then == "big":
