@@ -32,7 +32,7 @@ use pyo3::exceptions::{
 };
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PySlice, PyTuple, PyType, PyWeakrefReference};
+use pyo3::types::{PyBytes, PySlice, PyTuple, PyType, PyWeakrefReference};
 use pyo3::{ffi, intern, PyTraverseError};
 
 use crate::event_loop::LoopCore;
@@ -116,6 +116,11 @@ struct OpState {
     kind: Kind,
     fut: Option<Py<PyAny>>,
     outcome: Option<PyResult<Py<PyAny>>>,
+    /// Its last direct read got fewer bytes than asked (but some): the socket was drained. Kept
+    /// on the idle marker, where it lets the next read of a stream socket wait first.
+    drained: bool,
+    /// Whether the socket is a byte stream, once known (carried from marker to marker).
+    stream: Option<bool>,
 }
 
 #[pyclass(frozen, module = "ferroloop._ferroloop")]
@@ -162,6 +167,8 @@ impl SockOp {
                 kind,
                 fut: None,
                 outcome: None,
+                drained: false,
+                stream: None,
             }),
         }
     }
@@ -185,6 +192,28 @@ impl SockOp {
             },
             None => false,
         }
+    }
+
+    /// The idle marker's socket was drained by its last read and is a byte stream: the next
+    /// read may wait for readiness instead of trying first.
+    pub(crate) fn drained_stream(&self, py: Python<'_>) -> bool {
+        let st = self.st.borrow(py);
+        st.drained && st.stream == Some(true)
+    }
+
+    /// Record on this idle marker that a read of its socket came back short.
+    pub(crate) fn mark_drained(&self, py: Python<'_>) {
+        let mut st = self.st.borrow_mut(py);
+        st.drained = true;
+        if st.stream.is_none() {
+            st.stream = Some(sys::is_stream_socket(st.fd));
+        }
+    }
+
+    /// Take over what is known about the socket from the idle marker this operation replaces.
+    pub(crate) fn inherit(&self, py: Python<'_>, prev: &SockOp) {
+        let stream = prev.st.borrow(py).stream;
+        self.st.borrow_mut(py).stream = stream;
     }
 
     /// Forget everything held (the outcome is taken by the caller first).
@@ -222,13 +251,53 @@ impl SockOp {
             st.fd = fd;
         }
         Self::prepare(slf)?;
+        if direct && Self::wait_first(slf, sock)? {
+            return Self::wait(slf, sock, false).map(Step::Yield);
+        }
         match Self::attempt(slf, sock, true)? {
             Attempt::Done(v) => {
+                let (drained, fd) = {
+                    let st = me.st.borrow(py);
+                    (st.drained, st.fd)
+                };
+                if drained {
+                    if let Some(marker) = core.idle_sock_reader(py, fd, sock) {
+                        marker.get().mark_drained(py);
+                    }
+                }
                 drop(me.finish(py));
                 Ok(Step::Return(v))
             }
-            Attempt::WouldBlock => Self::wait(slf, sock).map(Step::Yield),
+            Attempt::WouldBlock => Self::wait(slf, sock, true).map(Step::Yield),
         }
+    }
+
+    /// Whether a direct read may skip its first try and wait for readiness at once: the
+    /// previous read of this stream socket came back short (so the socket was drained then),
+    /// and its idle marker is still in the reader slot, so the kernel still watches the fd
+    /// (level-triggered: data that came in since is reported by the next poll) and no
+    /// readiness has been seen since (readiness removes an idle marker). The try would most
+    /// likely fail with `EAGAIN`; asyncio does not promise it. Not for a read that returns at
+    /// once whatever the socket holds (a zero byte count, an empty buffer), nor for arguments
+    /// the try would reject (it raises as asyncio does), nor for an fd a transport holds.
+    fn wait_first(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let py = slf.py();
+        let me = slf.get();
+        let fd = {
+            let st = me.st.borrow(py);
+            let wants_bytes = match &st.kind {
+                Kind::Recv(n) => n.bind(py).extract::<isize>().is_ok_and(|n| n > 0),
+                Kind::RecvInto(buf) => ByteView::new(buf.bind(py), true).is_ok_and(|v| v.view.len > 0),
+                _ => false,
+            };
+            if !wants_bytes {
+                return Ok(false);
+            }
+            st.fd
+        };
+        let loop_ = me.loop_.bind(py);
+        let drained = loop_.get().idle_sock_reader(py, fd, sock).is_some_and(|m| m.get().drained_stream(py));
+        Ok(drained && !transport_holds(loop_, fd)?)
     }
 
     /// Argument handling asyncio does before the first attempt: `recvfrom_into`'s default
@@ -284,6 +353,11 @@ impl SockOp {
                     return Err(PyValueError::new_err("negative buffersize in recv"));
                 }
                 let n = n as usize;
+                if n == 0 {
+                    // As `socket.recv(0)`: empty at once, no syscall (which would fail with
+                    // EAGAIN on an empty socket and make the call wait for data).
+                    return Ok(Attempt::Done(PyBytes::new(py, b"").into_any().unbind()));
+                }
                 let r = if n <= MAX_READ {
                     recv_bytes(py, fd, n)
                 } else {
@@ -296,7 +370,11 @@ impl SockOp {
                     }
                 };
                 match r {
-                    Ok(b) => Ok(Attempt::Done(b.into_any().unbind())),
+                    Ok(b) => {
+                        let got = b.as_bytes().len();
+                        me.st.borrow_mut(py).drained = got > 0 && got < n;
+                        Ok(Attempt::Done(b.into_any().unbind()))
+                    }
                     Err(e) if sys::would_block(&e) => Ok(Attempt::WouldBlock),
                     Err(e) => Err(py::os_err(e)),
                 }
@@ -309,11 +387,19 @@ impl SockOp {
                         "recv_into() argument 'buffer' must be read-write bytes-like object, not {tname}"
                     ))
                 })?;
+                let len = view.view.len.max(0) as usize;
+                if len == 0 {
+                    // As `socket.recv_into()` of an empty buffer: 0 at once, no syscall.
+                    return Ok(Attempt::Done(0i32.into_pyobject(py)?.into_any().unbind()));
+                }
                 // SAFETY: the exported writable view stays valid until `view` is dropped below.
-                let r = unsafe { sys::recv_raw(fd, view.view.buf as *mut u8, view.view.len.max(0) as usize) };
+                let r = unsafe { sys::recv_raw(fd, view.view.buf as *mut u8, len) };
                 drop(view);
                 match r {
-                    Ok(n) => Ok(Attempt::Done(n.into_pyobject(py)?.into_any().unbind())),
+                    Ok(n) => {
+                        me.st.borrow_mut(py).drained = n > 0 && n < len;
+                        Ok(Attempt::Done(n.into_pyobject(py)?.into_any().unbind()))
+                    }
                     Err(e) if sys::would_block(&e) => Ok(Attempt::WouldBlock),
                     Err(e) => Err(py::os_err(e)),
                 }
@@ -395,8 +481,9 @@ impl SockOp {
         }
     }
 
-    /// Not ready: create the future, register, yield the future.
-    fn wait(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+    /// Not ready: create the future, register, yield the future. `check_transport`: false when
+    /// the caller has just found that no transport holds the fd.
+    fn wait(slf: &Bound<'_, Self>, sock: &Bound<'_, PyAny>, check_transport: bool) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let me = slf.get();
         let loop_ = me.loop_.bind(py);
@@ -408,13 +495,7 @@ impl SockOp {
             me.st.borrow_mut(py).fd = fd;
             fd
         };
-        // asyncio's `_ensure_fd_no_transport`, consulted only when a transport holds the fd.
-        let transports = loop_.getattr(intern!(py, "_transports"))?;
-        let in_use = match transports.getattr(intern!(py, "data")) {
-            Ok(data) => data.contains(fd)?,
-            Err(_) => true,
-        };
-        if in_use {
+        if check_transport && transport_holds(loop_, fd)? {
             loop_.call_method1(intern!(py, "_ensure_fd_no_transport"), (fd,))?;
         }
         if me.st.borrow(py).sock_ref.is_none() {
@@ -512,6 +593,17 @@ impl SockOp {
     }
 }
 
+/// Whether the loop's `_transports` may hold a transport for `fd`, in which case asyncio's
+/// `_ensure_fd_no_transport` has to be consulted.
+fn transport_holds(loop_: &Bound<'_, LoopCore>, fd: RawFd) -> PyResult<bool> {
+    let py = loop_.py();
+    let transports = loop_.getattr(intern!(py, "_transports"))?;
+    match transports.getattr(intern!(py, "data")) {
+        Ok(data) => data.contains(fd),
+        Err(_) => Ok(true),
+    }
+}
+
 /// The `am_send` slot (`PyIter_Send`, used by `await` and by asyncio's task): the result is
 /// handed back as `PYGEN_RETURN` with no `StopIteration` to create and fetch (measured: about
 /// 2 000 instructions per operation). PyO3 has no way to declare it, so `install_am_send`
@@ -595,6 +687,11 @@ fn ready(slf: &Bound<'_, SockOp>) -> PyResult<()> {
         Err(e) if py::is_fatal(py, &e) => return Err(e),
         Err(e) => Err(e),
     };
+    let drained = me.st.borrow(py).drained;
+    if drained {
+        // It stays in the slot as the idle marker: learn whether the socket is a stream.
+        me.mark_drained(py);
+    }
     {
         let mut st = me.st.borrow_mut(py);
         st.outcome = Some(outcome);

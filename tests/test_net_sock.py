@@ -406,6 +406,192 @@ def test_sock_recv_on_a_transports_socket(loop, inet):
     run(loop, main())
 
 
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_recv_of_nothing_returns_at_once(loop, kind, inet):
+    """sock_recv(sock, 0) and sock_recv_into() of an empty buffer return b"" / 0 at once on
+    an empty socket, as the socket's own recv(0) / recv_into() do (no wait for data)."""
+    if kind == "unix":
+        a, b = socket.socketpair()
+    else:
+        family, host = inet
+        with socket.socket(family, socket.SOCK_STREAM) as listener:
+            listener.bind((host, 0))
+            listener.listen()
+            b = socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT)
+            a, _ = listener.accept()
+    with a, b:
+        a.setblocking(False)
+
+        async def main():
+            assert await asyncio.wait_for(loop.sock_recv(a, 0), 1) == b""
+            assert await asyncio.wait_for(loop.sock_recv_into(a, bytearray()), 1) == 0
+            empty_view = memoryview(bytearray(8))[4:4]
+            assert await asyncio.wait_for(loop.sock_recv_into(a, empty_view), 1) == 0
+            b.send(b"data")
+            while not select.select([a], [], [], 0)[0]:
+                await asyncio.sleep(0.001)
+            assert await asyncio.wait_for(loop.sock_recv(a, 0), 1) == b""  # nothing taken
+            assert await asyncio.wait_for(loop.sock_recv(a, 100), 1) == b"data"
+
+        run(loop, main())
+
+
+# --- the read after a short read ----------------------------------------------------------------
+
+
+async def _short_read(loop, a, b, first, method):
+    """One read of ``a`` that gets fewer bytes than it asked for (``b"abc"`` of 100): at once
+    (the data was there) or after waiting for it."""
+    if first == "at-once":
+        b.send(b"abc")
+        while not select.select([a], [], [], 0)[0]:
+            await asyncio.sleep(0.001)
+        task = asyncio.ensure_future(_recv(loop, a, 100, method))
+    else:
+        task = asyncio.ensure_future(_recv(loop, a, 100, method))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        b.send(b"abc")
+    assert await asyncio.wait_for(task, TIMEOUT) == b"abc"
+
+
+async def _recv(loop, sock, n, method):
+    if method == "sock_recv":
+        return await loop.sock_recv(sock, n)
+    buf = bytearray(n)
+    k = await loop.sock_recv_into(sock, buf)
+    return bytes(buf[:k])
+
+
+@pytest.mark.parametrize("method", ["sock_recv", "sock_recv_into"])
+@pytest.mark.parametrize("first", ["at-once", "waited"])
+@pytest.mark.parametrize(
+    "then", ["data-already-there", "data-later", "eof", "shut-rd", "big", "cancel"]
+)
+def test_read_after_a_short_read(loop, pair, first, then, method):
+    """After a read that drained the socket, the next read still gets what is there (data that
+    came in meanwhile, with no loop iteration in between), waits for what is not, sees the end
+    of stream, and can be cancelled without losing data."""
+    a, b = pair
+
+    async def main():
+        await _short_read(loop, a, b, first, method)
+        if then == "data-already-there":
+            b.send(b"more")  # no loop iteration between this and the read
+            assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b"more"
+        elif then == "data-later":
+            task = asyncio.ensure_future(_recv(loop, a, 100, method))
+            await asyncio.sleep(0.01)
+            assert not task.done()
+            b.send(b"later")
+            assert await asyncio.wait_for(task, TIMEOUT) == b"later"
+        elif then == "eof":
+            b.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b""
+            assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b""
+            return
+        elif then == "shut-rd":
+            a.shutdown(socket.SHUT_RD)  # our own side: reads see the end at once
+            assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b""
+            return
+        elif then == "big":
+            data = payload(50_000)
+            b.sendall(data)  # the Unix socket's buffer takes it at once
+            got = b""
+            while len(got) < len(data):
+                got += await asyncio.wait_for(_recv(loop, a, 8192, method), TIMEOUT)
+            assert got == data
+        else:
+            task = asyncio.ensure_future(_recv(loop, a, 100, method))
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert loop.remove_reader(a) is False
+            b.send(b"after cancel")
+            assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b"after cancel"
+        # A further short read, then one more round: the socket keeps working.
+        b.send(b"xyz")
+        assert await asyncio.wait_for(_recv(loop, a, 100, method), TIMEOUT) == b"xyz"
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("first", ["at-once", "waited"])
+def test_read_after_a_short_read_returns_at_once_for_nothing(loop, pair, first):
+    """After a read that drained the socket, reads of zero bytes return at once (they never
+    wait for data), and bad arguments raise at once, as in asyncio."""
+    a, b = pair
+
+    async def main():
+        await _short_read(loop, a, b, first, "sock_recv")
+        assert await asyncio.wait_for(loop.sock_recv(a, 0), 1) == b""
+        assert await asyncio.wait_for(loop.sock_recv_into(a, bytearray()), 1) == 0
+        with pytest.raises(ValueError, match="negative buffersize"):
+            await asyncio.wait_for(loop.sock_recv(a, -1), 1)
+        with pytest.raises(TypeError):
+            await asyncio.wait_for(loop.sock_recv_into(a, b"read-only"), 1)
+        with pytest.raises(TypeError):
+            await asyncio.wait_for(loop.sock_recv(a, "100"), 1)
+        b.send(b"ok")
+        assert await asyncio.wait_for(loop.sock_recv(a, 100), TIMEOUT) == b"ok"
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("first", ["at-once", "waited"])
+def test_read_after_a_short_read_on_a_reset_connection(loop, tcp_pair, first):
+    """A connection reset after a read that drained the socket: the next read raises
+    ConnectionResetError (and does not hang)."""
+    a, b = tcp_pair
+
+    async def main():
+        await _short_read(loop, a, b, first, "sock_recv")
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()  # sends RST
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(loop.sock_recv(a, 100), TIMEOUT)
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("first", ["at-once", "waited"])
+def test_read_after_a_short_read_on_a_closed_socket(loop, pair, first):
+    """A socket closed after a read that drained it: the next read fails as the socket's own
+    recv() does on a closed socket (no wait on a stale registration)."""
+    a, b = pair
+
+    async def main():
+        await _short_read(loop, a, b, first, "sock_recv")
+        a.close()
+        with pytest.raises(OSError) as caught:
+            await asyncio.wait_for(loop.sock_recv(a, 100), 1)
+        assert caught.value.errno == errno.EBADF
+
+    run(loop, main())
+
+
+def test_datagrams_queued_after_a_short_read(loop):
+    """Connected datagram sockets: every read is "short"; queued datagrams are still read one
+    per call, in order."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        a.setblocking(False)
+        b.setblocking(False)
+
+        async def main():
+            task = asyncio.ensure_future(loop.sock_recv(a, 100))
+            await asyncio.sleep(0.01)
+            b.send(b"d0")
+            assert await asyncio.wait_for(task, TIMEOUT) == b"d0"
+            for i in range(1, 5):
+                b.send(b"d%d" % i)
+            for i in range(1, 5):
+                assert await asyncio.wait_for(loop.sock_recv(a, 100), TIMEOUT) == b"d%d" % i
+
+        run(loop, main())
+
+
 # --- cancellation ------------------------------------------------------------------------------
 
 

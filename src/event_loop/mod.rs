@@ -426,6 +426,7 @@ impl LoopCore {
         if let Some(cur) = current {
             if let Ok(prev) = cur.bind(py).cast::<SockOp>() {
                 if prev.get().is_idle(py) && prev.get().same_socket(py, sock, fd) {
+                    op.get().inherit(py, prev.get());
                     let old = {
                         let mut st = self.state.borrow_mut(py);
                         st.reactor.as_mut().and_then(|r| r.swap_item(fd, which, op.clone().into_any().unbind()))
@@ -436,6 +437,22 @@ impl LoopCore {
             }
         }
         self.watch(py, fd, which, op.clone().into_any().unbind())
+    }
+
+    /// The idle marker a finished read of `sock` left in the reader slot of `fd`, if it is
+    /// still there.
+    pub(crate) fn idle_sock_reader<'py>(
+        &self,
+        py: Python<'py>,
+        fd: RawFd,
+        sock: &Bound<'py, PyAny>,
+    ) -> Option<Bound<'py, SockOp>> {
+        let cur = {
+            let st = self.state.borrow(py);
+            st.reactor.as_ref()?.item(fd, Which::Reader)?.clone_ref(py).into_bound(py)
+        };
+        let op = cur.cast_into::<SockOp>().ok()?;
+        (op.get().is_idle(py) && op.get().same_socket(py, sock, fd)).then_some(op)
     }
 
     /// Take a `sock_*` operation out of the fd's slot, if the slot still holds it.

@@ -212,6 +212,16 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Whether `fd` is a byte-stream socket (`SOCK_STREAM`); false for any other kind of socket,
+/// for what is not a socket and on error.
+pub fn is_stream_socket(fd: RawFd) -> bool {
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `kind` and `len` are valid for writes and `len` holds `kind`'s size.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut kind).cast(), &mut len) };
+    r == 0 && kind == libc::SOCK_STREAM
+}
+
 /// Whether an error only means "try again when the fd is ready".
 pub fn would_block(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
