@@ -205,8 +205,8 @@ impl LoopCore {
         )
     }
 
-    /// Queue a new handle. Behind a long queue its context copy is parked (`Handle::park`);
-    /// a short queue is left alone, since a GC pass walks it cheaply.
+    /// Queue a new handle. Behind a long queue of a running loop it and its context copy are
+    /// parked (`Handle::park`); a short queue is left alone, since a GC pass walks it cheaply.
     fn push_ready(&self, py: Python<'_>, h: &Py<Handle>) {
         let mut st = self.state.borrow_mut(py);
         st.ready.push(Work::Handle(h.clone_ref(py)));
@@ -648,7 +648,7 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         let debug = slf.get().debug(slf.py());
-        Py::new(slf.py(), Self::new_handle(slf, callback, args, None, debug)?)
+        handles::new_handle_object(slf.py(), Self::new_handle(slf, callback, args, None, debug)?)
     }
 
     /// Queue an existing handle (asyncio's `_add_callback`).
