@@ -582,29 +582,6 @@ def test_handle_made_behind_long_queue_in_reference_cycle_is_collected(loop_fact
     assert [r() for r in refs] == [None] * 50
 
 
-def test_unclosed_loop_stopped_with_long_queue_is_collected(loop_factory):
-    """stop() leaves handles queued (each refers to the loop); dropped unclosed, the loop is
-    still garbage the GC finds (ferroloop puts handles it kept off the GC's lists while
-    running back on them when run_forever returns)."""
-    import weakref
-
-    lp = loop_factory()
-
-    def fill(loop):
-        for _ in range(100):
-            loop.call_soon(loop.time)  # loop -> queue -> handle -> bound method -> loop
-        loop.stop()
-
-    lp.call_soon(fill, lp)
-    lp.run_forever()
-    ref = weakref.ref(lp)
-    with pytest.warns(ResourceWarning, match="unclosed event loop"):
-        del lp
-        gc.collect()
-    gc.collect()
-    assert ref() is None
-
-
 def _call_errors(loop):
     """The TypeError message of each bad call, as a dict (method -> message)."""
     bad = {

@@ -144,10 +144,24 @@ def test_unclosed_loop_warns_resource_warning(loop_factory):
         gc.collect()
 
 
-def test_unclosed_loop_in_reference_cycle_warns_and_is_collected(loop_factory):
+def _fill_and_stop(loop):
+    for _ in range(100):
+        loop.call_soon(loop.time)  # loop -> queue -> handle -> bound method -> loop
+    loop.stop()
+
+
+@pytest.mark.parametrize("queued", ["never run", "left by stop"])
+def test_unclosed_loop_in_reference_cycle_warns_and_is_collected(loop_factory, queued):
+    """loop -> its timers and queued handles -> bound methods -> loop. "left by stop": a
+    running loop queued 100 handles and stopped (ferroloop keeps handles behind a long queue
+    off the GC's lists while running, and must put them back when run_forever returns)."""
     lp = loop_factory()
     lp.call_later(3600, lp.stop)  # loop -> timer -> bound method -> loop
-    lp.call_soon(lp.stop)
+    if queued == "never run":
+        lp.call_soon(lp.stop)
+    else:
+        lp.call_soon(_fill_and_stop, lp)
+        lp.run_forever()
     ref = weakref.ref(lp)
     with pytest.warns(ResourceWarning, match="unclosed event loop"):
         del lp
