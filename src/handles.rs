@@ -133,8 +133,9 @@ impl Handle {
         if h.cancelled.load(Ordering::Relaxed) {
             return Ok(());
         }
-        h.cancelled.store(true, Ordering::Relaxed); // under the GIL: no locked `swap` needed
-                                                    // Like asyncio: in debug mode the repr is kept, since the callback is about to go.
+        // Under the GIL: a load and a store, no locked `swap` needed.
+        h.cancelled.store(true, Ordering::Relaxed);
+        // Like asyncio: in debug mode the repr is kept, since the callback is about to go.
         if loop_debug(py, &h.loop_) {
             let r = Self::build_repr(slf)?;
             *h.repr_cache.borrow_mut(py) = Some(r);
