@@ -239,6 +239,26 @@ ENTRIES = [
 ]
 
 
+def _spawn_child(code, *args):
+    """Start the child as a terminal would: SIGINT at its default disposition.
+
+    A shell without job control starts background commands with SIGINT ignored, and an
+    ignored SIGINT is inherited; Python then installs no KeyboardInterrupt handler at start-up
+    and the child would sleep through the test's Ctrl+C. Resetting it in the child before exec
+    makes the test independent of how the test run itself was started.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE")}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 @pytest.mark.parametrize("wait", ["sleep", "event"])
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("kind", LOOP_KINDS)
@@ -247,15 +267,7 @@ def test_ctrl_c_in_child(kind, entry, wait):
         factory=FACTORY_SOURCE[kind],
         run="ferroloop.run" if kind == "ferroloop" else "asyncio.run",
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, entry, wait],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _spawn_child(code, entry, wait)
     try:
         assert proc.stdout.readline() == "ready\n"
         time.sleep(0.05)  # let it block in the poll
@@ -280,15 +292,7 @@ def test_second_ctrl_c_when_main_ignores_cancellation(kind):
         factory=FACTORY_SOURCE[kind],
         run="ferroloop.run" if kind == "ferroloop" else "asyncio.run",
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "run", "sleep", "stubborn"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _spawn_child(code, "run", "sleep", "stubborn")
     try:
         assert proc.stdout.readline() == "ready\n"
         time.sleep(0.05)
