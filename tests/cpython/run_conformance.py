@@ -208,6 +208,10 @@ _PROCS: set[subprocess.Popen] = set()
 _PROCS_LOCK = threading.Lock()
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_group(proc: subprocess.Popen):
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -250,6 +254,10 @@ def run_row(row: Row, opts, workdir: str) -> Row:
                 stdin=subprocess.DEVNULL,
                 cwd=workdir,
                 start_new_session=True,
+                # SIGINT at its default, as under a terminal: a shell without job control
+                # starts background jobs with it ignored, which would be inherited, and
+                # test_runners' Ctrl+C tests would then wait out their timeouts.
+                preexec_fn=_default_sigint,
             )
             with _PROCS_LOCK:
                 _PROCS.add(proc)
