@@ -8,9 +8,16 @@
 //! keywords or exactly `context=`, are parsed here directly from the vector.
 //!
 //! Ground rules: the methods are installed on `LoopCore` once, at module initialisation
-//! (`install`), through PyO3's own trampoline (panic trap, interpreter attachment); the bodies
-//! are the ordinary Rust methods in `mod.rs`. Errors match asyncio's signatures: a missing
-//! positional argument or an unknown keyword is a `TypeError` naming it.
+//! (`install`); the bodies are the ordinary Rust methods in `mod.rs`. Errors match asyncio's
+//! signatures: a missing positional argument or an unknown keyword is a `TypeError` naming it.
+//!
+//! The C entry points are our own (`entry!`), not PyO3's trampoline: CPython calls a method
+//! with the GIL held, so what PyO3's adds on top of a panic trap, the attachment count it
+//! keeps in a thread-local (two `__tls_get_addr` calls per call from a cdylib) and a check of
+//! its deferred-decref pool, is bookkeeping these bodies do not need: they drop no `Py<T>`
+//! (whose drop consults that count) on the success path, only `Bound`s (a plain
+//! `Py_DECREF`); an error path that does drops it through PyO3's pool, which the next PyO3
+//! entry point empties. A panic still becomes a Python exception, never an unwind into C.
 
 use std::ffi::CStr;
 
@@ -51,6 +58,30 @@ impl<'a, 'py> Args<'a, 'py> {
     ) -> PyResult<Self> {
         debug_assert!(fixed.len() <= 2);
         let nargs = nargs as usize;
+        let nfixed = fixed.len();
+        // The shapes every Task step and Future callback use: the fixed parameters and the
+        // callback's arguments by position, then nothing or exactly `context=`.
+        if nargs >= nfixed {
+            // SAFETY: kwnames is NULL or a tuple (CPython's vectorcall convention).
+            let nkw = if kwnames.is_null() { 0 } else { unsafe { ffi::PyTuple_GET_SIZE(kwnames) } };
+            let context_only = nkw == 1 && {
+                // SAFETY: item 0 of a one-item tuple, a borrowed str.
+                let name = unsafe { Borrowed::from_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, 0)) };
+                is_context_name(py, &name)?
+            };
+            if nkw == 0 || context_only {
+                // SAFETY: the caller guarantees `nargs + nkw` valid pointers at `args`.
+                let all: &'a [*mut ffi::PyObject] = unsafe { std::slice::from_raw_parts(args, nargs + nkw as usize) };
+                // Element by element: a `copy_from_slice` of a run-time length is a memcpy call.
+                let mut slots = [std::ptr::null_mut(); 2];
+                for (slot, &p) in slots.iter_mut().zip(&all[..nfixed]) {
+                    *slot = p;
+                }
+                // SAFETY: a live borrowed pointer from the vector.
+                let context = context_only.then(|| unsafe { Borrowed::from_ptr(py, all[nargs]) });
+                return Ok(Self { py, fixed: slots, rest: &all[nfixed..nargs], context });
+            }
+        }
         let nkw = if kwnames.is_null() {
             0
         } else {
@@ -166,6 +197,61 @@ unsafe fn this<'a, 'py>(py: Python<'py>, slf: *mut ffi::PyObject) -> Borrowed<'a
     unsafe { Borrowed::from_ptr(py, slf).cast_unchecked::<LoopCore>() }
 }
 
+/// A panic's payload as the `PanicException` PyO3's trampoline would raise.
+#[cold]
+fn panic_err(payload: Box<dyn std::any::Any + Send + 'static>) -> PyErr {
+    let msg = if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else {
+        "panic from Rust code".to_owned()
+    };
+    pyo3::panic::PanicException::new_err((msg,))
+}
+
+/// The result of a body as CPython expects it: the new reference, or NULL with the exception
+/// set.
+#[inline(always)]
+fn finish(py: Python<'_>, r: std::thread::Result<PyResult<*mut ffi::PyObject>>) -> *mut ffi::PyObject {
+    match r {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            e.restore(py);
+            std::ptr::null_mut()
+        }
+        Err(payload) => {
+            panic_err(payload).restore(py);
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// A `METH_FASTCALL | METH_KEYWORDS` C entry point for one of the bodies below.
+macro_rules! entry {
+    ($name:ident => $body:ident) => {
+        unsafe extern "C" fn $name(
+            slf: *mut ffi::PyObject,
+            args: *const *mut ffi::PyObject,
+            nargs: ffi::Py_ssize_t,
+            kwnames: *mut ffi::PyObject,
+        ) -> *mut ffi::PyObject {
+            // SAFETY: CPython calls a method with the GIL held by this thread.
+            let py = unsafe { Python::assume_attached() };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: CPython's METH_FASTCALL | METH_KEYWORDS convention, as `$body` requires.
+                unsafe { $body(py, slf, args, nargs, kwnames) }
+            }));
+            finish(py, r)
+        }
+    };
+}
+
+entry!(call_soon_entry => call_soon);
+entry!(call_soon_threadsafe_entry => call_soon_threadsafe);
+entry!(call_later_entry => call_later);
+entry!(call_at_entry => call_at);
+
 unsafe fn call_soon(
     py: Python<'_>,
     slf: *mut ffi::PyObject,
@@ -227,22 +313,22 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
         (
             c"call_soon",
             c"call_soon($self, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called soon.",
-            pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon),
+            call_soon_entry,
         ),
         (
             c"call_soon_threadsafe",
             c"call_soon_threadsafe($self, callback, *args, context=None)\n--\n\nLike call_soon(), but thread-safe.",
-            pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_soon_threadsafe),
+            call_soon_threadsafe_entry,
         ),
         (
             c"call_later",
             c"call_later($self, delay, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called after delay seconds.",
-            pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_later),
+            call_later_entry,
         ),
         (
             c"call_at",
             c"call_at($self, when, callback, *args, context=None)\n--\n\nArrange for callback(*args) to be called at loop time when.",
-            pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, call_at),
+            call_at_entry,
         ),
     ];
     for (name, doc, meth) in methods {

@@ -84,7 +84,6 @@ impl<T> TimerHeap<T> {
         self.heap.len()
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
