@@ -28,6 +28,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<transports::accept::Acceptor>()?;
     m.add_class::<transports::addr::SockAddr>()?;
     m.add_function(wrap_pyfunction!(transports::write_method::stream_write_method, m)?)?;
+    m.add_function(wrap_pyfunction!(transports::write_method::stream_is_closing_method, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -588,6 +588,30 @@ def test_write_arguments(loop, tcp_net):
     run(loop, main())
 
 
+def test_is_closing_arguments(loop, tcp_net):
+    """transport.is_closing() follows close() and abort(), through the class or a bound
+    method, and takes no arguments (TypeError otherwise), as a Python method does."""
+
+    async def main():
+        tr, pr, srv = await tcp_net.connected()
+        assert tr.is_closing() is False
+        assert type(tr).is_closing(tr) is False
+        m = tr.is_closing
+        for args, kwargs in [((1,), {}), ((), {"x": 1})]:
+            with pytest.raises(TypeError):
+                tr.is_closing(*args, **kwargs)
+        tr.close()
+        assert m() is True
+        assert tr.is_closing.__name__ == "is_closing"
+        tr2, pr2, srv2 = await tcp_net.connected()
+        tr2.abort()
+        assert tr2.is_closing() is True
+        await asyncio.sleep(0.01)
+        assert tr.is_closing() is True and tr2.is_closing() is True
+
+    run(loop, main())
+
+
 def test_echo_protocol(loop, net):
     async def main():
         # Step by step (not net.connected()): the client's state as create_connection()

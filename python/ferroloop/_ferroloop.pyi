@@ -16,6 +16,7 @@ __all__ = [
     "Acceptor",
     "SockAddr",
     "stream_write_method",
+    "stream_is_closing_method",
     "__version__",
     "_handle_fast_paths",
 ]
@@ -204,6 +205,10 @@ class SockOp:
 def stream_write_method(cls: type) -> Any:
     """The `write` method descriptor of the stream transport class `cls` (whose `_core` is a
     slot)."""
+
+def stream_is_closing_method(cls: type) -> Any:
+    """The `is_closing` method descriptor of the stream transport class `cls` (as for
+    `stream_write_method`)."""
 
 @final
 class SockAddr:

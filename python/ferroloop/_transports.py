@@ -2,10 +2,11 @@
 
 ``StreamTransport`` is an ``asyncio.Transport``. Its per-byte work is ``_ferroloop.StreamCore``:
 the core is registered in the loop's reactor (reads go straight from ``recv`` to
-``data_received`` / ``buffer_updated``), and ``transport.write`` is a C method of the class
-that runs the core's write, so a write runs no Python frame. This class keeps the rare
-paths, with asyncio's names, messages and order: connection set-up, EOF, close/abort, fatal
-errors, flow-control callbacks, ``write_eof``, ``set_protocol``, sendfile's empty waiter.
+``data_received`` / ``buffer_updated``), and ``transport.write`` and ``is_closing`` are C
+methods of the class that run on the core, so neither runs a Python frame. This class keeps
+the rare paths, with asyncio's names, messages and order: connection set-up, EOF,
+close/abort, fatal errors, flow-control callbacks, ``write_eof``, ``set_protocol``, sendfile's
+empty waiter.
 """
 
 from __future__ import annotations
@@ -314,9 +315,6 @@ class StreamTransport(transports._FlowControlMixin):
 
     # --- closing -----------------------------------------------------------------------
 
-    def is_closing(self):
-        return self._core.closing
-
     def close(self):
         if self._core.closing:
             return
@@ -386,3 +384,5 @@ class StreamTransport(transports._FlowControlMixin):
 # The hot path: transport.write(data) is a C method (a method descriptor, like a built-in
 # type's) that runs the core's write on `self._core`: no Python frame, nothing per instance.
 StreamTransport.write = _ferroloop.stream_write_method(StreamTransport)
+# is_closing() likewise: StreamWriter.drain() calls it once per drain.
+StreamTransport.is_closing = _ferroloop.stream_is_closing_method(StreamTransport)

@@ -162,20 +162,43 @@ pub fn in_context<'py, R>(py: Python<'py>, ctx: &Py<PyAny>, f: impl FnOnce() -> 
 
 /// A method descriptor of `cls` for a `METH_FASTCALL | METH_KEYWORDS` entry point (made with
 /// PyO3's trampoline: `pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, f)`).
-/// `doc` may start with a `__text_signature__` line. The definition is leaked on purpose:
-/// the descriptor keeps a pointer to it.
+/// `doc` may start with a `__text_signature__` line.
 pub fn fastcall_method<'py>(
     cls: &Bound<'py, pyo3::types::PyType>,
     name: &'static std::ffi::CStr,
     doc: &'static std::ffi::CStr,
     meth: ffi::PyCFunctionFastWithKeywords,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
-        ml_name: name.as_ptr(),
-        ml_meth: ffi::PyMethodDefPointer { PyCFunctionFastWithKeywords: meth },
-        ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
-        ml_doc: doc.as_ptr(),
-    }));
+    c_method(
+        cls,
+        name,
+        doc,
+        ffi::PyMethodDefPointer { PyCFunctionFastWithKeywords: meth },
+        ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+    )
+}
+
+/// A method descriptor of `cls` for a `METH_NOARGS` entry point (made with PyO3's trampoline:
+/// `pyo3::get_trampoline_function!(noargs, f)`).
+pub fn noargs_method<'py>(
+    cls: &Bound<'py, pyo3::types::PyType>,
+    name: &'static std::ffi::CStr,
+    doc: &'static std::ffi::CStr,
+    meth: ffi::PyCFunction,
+) -> PyResult<Bound<'py, PyAny>> {
+    c_method(cls, name, doc, ffi::PyMethodDefPointer { PyCFunction: meth }, ffi::METH_NOARGS)
+}
+
+/// The definition is leaked on purpose: the descriptor keeps a pointer to it.
+fn c_method<'py>(
+    cls: &Bound<'py, pyo3::types::PyType>,
+    name: &'static std::ffi::CStr,
+    doc: &'static std::ffi::CStr,
+    ml_meth: ffi::PyMethodDefPointer,
+    ml_flags: std::ffi::c_int,
+) -> PyResult<Bound<'py, PyAny>> {
+    let def: &'static mut ffi::PyMethodDef =
+        Box::leak(Box::new(ffi::PyMethodDef { ml_name: name.as_ptr(), ml_meth, ml_flags, ml_doc: doc.as_ptr() }));
     // SAFETY: `cls` is a live type and `def` a PyMethodDef that is never freed;
     // PyDescr_NewMethod returns a new reference or NULL with an exception set.
     unsafe { Bound::from_owned_ptr_or_err(cls.py(), ffi::PyDescr_NewMethod(cls.as_type_ptr(), def)) }

@@ -93,6 +93,11 @@ pub struct StreamCore {
 }
 
 impl StreamCore {
+    /// `transport.is_closing()`.
+    pub(crate) fn closing(&self, py: Python<'_>) -> bool {
+        self.st.borrow(py).closing
+    }
+
     fn transport(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.st.borrow(py).transport.as_ref().map(|t| t.clone_ref(py))
     }

@@ -1,15 +1,17 @@
-//! `StreamTransport.write`: a method descriptor of the Python transport class whose C function
-//! is the core's write.
+//! `StreamTransport.write` and `StreamTransport.is_closing`: method descriptors of the Python
+//! transport class whose C functions run on the transport's core.
 //!
 //! A C-level method (what `PyDescr_NewMethod` makes, like the methods of built-in types) costs
 //! nothing per instance and runs no Python frame: `transport.write(data)` is specialised by the
 //! interpreter into a direct call of `transport_write(transport, [data])`, which reads the
 //! transport's `_core` slot at its fixed offset and runs `StreamCore::write`. (Before, each
 //! transport held the core's bound `write` in a slot: 80 bytes per connection.)
+//! `is_closing()` is the same kind of method: asyncio's `StreamWriter.drain()` calls it once per
+//! drain, and as a Python method it was the only Python frame of ours on a streams echo's path.
 //!
 //! Ground rules:
-//! - The descriptor is made for one class (`stream_write_method`), whose `_core` is an object
-//!   slot; the descriptor checks that `self` is an instance of that class before the function
+//! - The descriptors are made for one class (`stream_write_method`, `stream_is_closing_method`),
+//!   whose `_core` is an object slot; a descriptor checks that `self` is an instance of that class before the function
 //!   runs, so the slot offset is valid for it.
 //! - Arguments as a Python `def write(self, data)` takes them (`data` positional or keyword).
 //! - It is entered through PyO3's trampoline, like the loop's fastcall methods
@@ -83,25 +85,64 @@ unsafe fn transport_write(
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: CPython passes the arguments as the vectorcall protocol lays them out.
     let data = unsafe { parse(py, args, nargs, kwnames)? };
+    // SAFETY: the write descriptor was made by `stream_write_method` for `slf`'s class.
+    let core = unsafe { core_of(py, slf)? };
+    StreamCore::write(core.cast::<StreamCore>()?, &data)?;
+    Ok(py.None().into_ptr())
+}
+
+/// The transport's core, read from its `_core` slot.
+///
+/// # Safety
+/// `slf` is an instance of the class whose `_core` offset `core_offset` recorded (a method
+/// descriptor made for that class checks `self`'s type before its function runs).
+unsafe fn core_of<'py>(py: Python<'py>, slf: *mut ffi::PyObject) -> PyResult<Bound<'py, PyAny>> {
     let offset = CORE_OFFSET.load(Ordering::Relaxed);
-    // SAFETY: the method descriptor made by `stream_write_method` calls this only for instances
-    // of the class it was made for (it checks `self`'s type first), and `offset` is that
-    // class's `_core` object slot, inside every such instance; the slot holds NULL or a
-    // borrowed reference.
+    // SAFETY: `offset` is that class's `_core` object slot, inside every such instance; the
+    // slot holds NULL or a borrowed reference.
     let core = unsafe { *slf.cast::<u8>().offset(offset).cast::<*mut ffi::PyObject>() };
     if core.is_null() {
         return Err(PyAttributeError::new_err("'StreamTransport' object has no attribute '_core'"));
     }
     // SAFETY: `core` is a live object (the slot owns a reference; we hold the GIL).
-    let core = unsafe { Bound::from_borrowed_ptr(py, core) };
-    StreamCore::write(core.cast::<StreamCore>()?, &data)?;
-    Ok(py.None().into_ptr())
+    Ok(unsafe { Bound::from_borrowed_ptr(py, core) })
+}
+
+/// `is_closing()`: the core's `closing` flag.
+unsafe fn transport_is_closing(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: the descriptor was made by `stream_is_closing_method` for `slf`'s class.
+    let core = unsafe { core_of(py, slf)? };
+    let closing = core.cast::<StreamCore>()?.get().closing(py);
+    Ok(pyo3::types::PyBool::new(py, closing).to_owned().into_ptr())
 }
 
 /// The `write` method descriptor for `cls`, whose `_core` must be an object slot (the
 /// `StreamTransport` class; made once).
 #[pyfunction]
 pub fn stream_write_method<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    core_offset(cls)?;
+    py::fastcall_method(
+        cls,
+        c"write",
+        DOC,
+        pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, transport_write),
+    )
+}
+
+/// The `is_closing` method descriptor for `cls` (as for `stream_write_method`).
+#[pyfunction]
+pub fn stream_is_closing_method<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py, PyAny>> {
+    core_offset(cls)?;
+    py::noargs_method(
+        cls,
+        c"is_closing",
+        c"is_closing($self, /)\n--\n\nReturn True if the transport is closing or closed.",
+        pyo3::get_trampoline_function!(noargs, transport_is_closing),
+    )
+}
+
+/// Check that `cls`'s `_core` is an object slot and record its offset (one class per process).
+fn core_offset(cls: &Bound<'_, PyType>) -> PyResult<()> {
     let py = cls.py();
     let member = cls.getattr(intern!(py, "_core"))?;
     // SAFETY: reading the type pointer of a live object, and (after checking that it is a
@@ -126,10 +167,5 @@ pub fn stream_write_method<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound<'py,
     {
         return Err(PyRuntimeError::new_err("stream_write_method: made for another layout already"));
     }
-    py::fastcall_method(
-        cls,
-        c"write",
-        DOC,
-        pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, transport_write),
-    )
+    Ok(())
 }
