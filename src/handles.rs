@@ -20,7 +20,32 @@ use crate::py::{self, GilCell};
 mod freelist;
 mod raw;
 
-pub(crate) use raw::{create as new_handle_object, enabled as fast_paths};
+pub(crate) use raw::enabled as fast_paths;
+
+/// A new `Handle` object for `callback(*args)` on `loop_`: in `context`, or in a copy of the
+/// current one; with a source traceback in debug mode.
+#[inline]
+pub(crate) fn new_handle_object(
+    py: Python<'_>,
+    callback: &Bound<'_, PyAny>,
+    args: &Bound<'_, PyTuple>,
+    loop_: &Bound<'_, PyAny>,
+    context: Option<Bound<'_, PyAny>>,
+    debug: bool,
+) -> PyResult<Py<Handle>> {
+    let (context, own_context, source_traceback) =
+        Handle::context_and_traceback(py, context.map(Bound::unbind), debug)?;
+    raw::create(py, || {
+        Handle::build(
+            callback.clone().unbind(),
+            args.clone().unbind(),
+            loop_.clone().unbind(),
+            context,
+            own_context,
+            source_traceback,
+        )
+    })
+}
 
 #[pyclass(frozen, subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
@@ -48,13 +73,40 @@ impl Handle {
         context: Option<Py<PyAny>>,
         debug: bool,
     ) -> PyResult<Self> {
+        let (context, own_context, source_traceback) = Self::context_and_traceback(py, context, debug)?;
+        Ok(Self::build(callback, args, loop_, context, own_context, source_traceback))
+    }
+
+    /// The handle's context (`context`, or a copy of the current one, then its own), and its
+    /// source traceback in debug mode.
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    fn context_and_traceback(
+        py: Python<'_>,
+        context: Option<Py<PyAny>>,
+        debug: bool,
+    ) -> PyResult<(Py<PyAny>, bool, Option<Py<PyAny>>)> {
         let own_context = context.is_none();
         let context = match context {
             Some(c) => c,
             None => py::copy_context(py)?,
         };
         let source_traceback = if debug { py::source_traceback(py)? } else { None };
-        Ok(Self {
+        Ok((context, own_context, source_traceback))
+    }
+
+    /// The fields of a new handle, built where the object is written (`raw::create` is
+    /// inlined here): building a `Handle` first and passing it on moved it twice.
+    #[inline(always)]
+    fn build(
+        callback: Py<PyAny>,
+        args: Py<PyTuple>,
+        loop_: Py<PyAny>,
+        context: Py<PyAny>,
+        own_context: bool,
+        source_traceback: Option<Py<PyAny>>,
+    ) -> Self {
+        Self {
             call: GilCell::new(Some((callback, args))),
             context,
             own_context,
@@ -64,7 +116,7 @@ impl Handle {
             cancelled: AtomicBool::new(false),
             source_traceback,
             repr_cache: GilCell::new(None),
-        })
+        }
     }
 
     /// While a new handle waits in a long ready queue of a running loop, it and its private

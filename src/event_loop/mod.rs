@@ -188,21 +188,15 @@ impl LoopCore {
         Ok(debug)
     }
 
+    /// A new handle object for `callback(*args)` on this loop (not queued).
     fn new_handle(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
         context: Option<Bound<'_, PyAny>>,
         debug: bool,
-    ) -> PyResult<Handle> {
-        Handle::new(
-            slf.py(),
-            callback.clone().unbind(),
-            args.clone().unbind(),
-            slf.clone().into_any().unbind(),
-            context.map(Bound::unbind),
-            debug,
-        )
+    ) -> PyResult<Py<Handle>> {
+        handles::new_handle_object(slf.py(), callback, args, slf.as_any(), context, debug)
     }
 
     /// Queue a new handle. Behind a long queue of a running loop it and its context copy are
@@ -253,7 +247,14 @@ impl LoopCore {
         let core = slf.get();
         let debug = core.check_schedule(py, callback, "call_at", false)?;
         let when_ns = secs_to_ns(when);
-        let base = Self::new_handle(slf, callback, args, context, debug)?;
+        let base = Handle::new(
+            py,
+            callback.clone().unbind(),
+            args.clone().unbind(),
+            slf.clone().into_any().unbind(),
+            context.map(Bound::unbind),
+            debug,
+        )?;
         let th = TimerHandle::new(when, when_obj);
         th.set_scheduled(true);
         let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
@@ -294,7 +295,7 @@ impl LoopCore {
         let py = slf.py();
         let core = slf.get();
         let debug = core.check_schedule(py, callback, method, any_thread)?;
-        let h = handles::new_handle_object(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        let h = Self::new_handle(slf, callback, args, context, debug)?;
         core.push_ready(py, &h);
         Ok(h)
     }
@@ -506,7 +507,7 @@ impl LoopCore {
             return Err(closed_err());
         }
         let fd = checked_fd(number)?;
-        let handle = handles::new_handle_object(py, Self::new_handle(slf, callback, args, None, debug)?)?;
+        let handle = Self::new_handle(slf, callback, args, None, debug)?;
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
             let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
@@ -648,7 +649,7 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         let debug = slf.get().debug(slf.py());
-        handles::new_handle_object(slf.py(), Self::new_handle(slf, callback, args, None, debug)?)
+        Self::new_handle(slf, callback, args, None, debug)
     }
 
     /// Queue an existing handle (asyncio's `_add_callback`).

@@ -39,11 +39,14 @@ pub(crate) fn enabled() -> bool {
     VALUE_OFFSET.load(Ordering::Relaxed) != 0
 }
 
-/// A new `Handle` object holding `value`.
-pub(crate) fn create(py: Python<'_>, value: Handle) -> PyResult<Py<Handle>> {
+/// A new `Handle` object holding `value()`. The value is made after the allocation succeeded
+/// and written straight into the object (no intermediate moves). If the allocation fails,
+/// `value` is dropped unrun, and with it what it captured.
+#[inline(always)]
+pub(crate) fn create(py: Python<'_>, value: impl FnOnce() -> Handle) -> PyResult<Py<Handle>> {
     let value_off = VALUE_OFFSET.load(Ordering::Relaxed);
     if value_off == 0 {
-        return Py::new(py, value);
+        return Py::new(py, value());
     }
     let weak_off = WEAKLIST_OFFSET.load(Ordering::Relaxed);
     let tp = Handle::type_object_raw(py);
@@ -60,7 +63,7 @@ pub(crate) fn create(py: Python<'_>, value: Handle) -> PyResult<Py<Handle>> {
             return Err(PyErr::fetch(py));
         }
         let base = obj.cast::<u8>();
-        base.offset(value_off).cast::<Handle>().write(value);
+        base.offset(value_off).cast::<Handle>().write(value());
         base.offset(weak_off).cast::<*mut ffi::PyObject>().write(std::ptr::null_mut());
         Ok(Bound::from_owned_ptr(py, obj).cast_into_unchecked::<Handle>().unbind())
     }
