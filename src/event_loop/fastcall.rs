@@ -48,6 +48,7 @@ impl<'a, 'py> Args<'a, 'py> {
     /// `args` points at `nargs` live object pointers followed by one per name in `kwnames`
     /// (a tuple of str, or NULL), as CPython passes them to a `METH_FASTCALL | METH_KEYWORDS`
     /// method; they stay alive for the call.
+    #[inline(always)]
     unsafe fn parse(
         py: Python<'py>,
         method: &str,
@@ -57,6 +58,7 @@ impl<'a, 'py> Args<'a, 'py> {
         kwnames: *mut ffi::PyObject,
     ) -> PyResult<Self> {
         debug_assert!(fixed.len() <= 2);
+        let nargs_in = nargs;
         let nargs = nargs as usize;
         let nfixed = fixed.len();
         // The shapes every Task step and Future callback use: the fixed parameters and the
@@ -82,6 +84,25 @@ impl<'a, 'py> Args<'a, 'py> {
                 return Ok(Self { py, fixed: slots, rest: &all[nfixed..nargs], context });
             }
         }
+        // SAFETY: as for this function.
+        unsafe { Self::parse_general(py, method, fixed, args, nargs_in, kwnames) }
+    }
+
+    /// Every other shape: keywords for the fixed parameters, and the errors.
+    ///
+    /// # Safety
+    /// As for `parse`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn parse_general(
+        py: Python<'py>,
+        method: &str,
+        fixed: &[&str],
+        args: *const *mut ffi::PyObject,
+        nargs: ffi::Py_ssize_t,
+        kwnames: *mut ffi::PyObject,
+    ) -> PyResult<Self> {
+        let nargs = nargs as usize;
         let nkw = if kwnames.is_null() {
             0
         } else {
