@@ -26,7 +26,6 @@ use pyo3::prelude::*;
 use pyo3::PyTypeInfo;
 
 use super::Handle;
-use crate::py::GilCell;
 
 /// Byte offsets in a `Handle` object of the Rust value and of the weak-reference list; 0
 /// while the fast paths are off.
@@ -76,15 +75,15 @@ unsafe extern "C" fn dealloc(obj: *mut ffi::PyObject) {
     // SAFETY: CPython calls tp_dealloc with the GIL held, once, on an object whose reference
     // count reached zero and whose type is `Handle` or a Python subclass of it (TimerHandle
     // has its own slot), so the value at `value_off` is an initialised `Handle` that nobody
-    // can reach any more; it is read out once and the block is then freed with the type's
-    // own `tp_free`, as PyO3's dealloc does.
+    // can reach any more; its references are released once, in place, and the block is then
+    // freed with the type's own `tp_free`, as PyO3's dealloc does.
     unsafe {
         ffi::PyObject_GC_UnTrack(obj.cast());
         let base = obj.cast::<u8>();
         if !base.offset(weak_off).cast::<*mut ffi::PyObject>().read().is_null() {
             ffi::PyObject_ClearWeakRefs(obj);
         }
-        release(base.offset(value_off).cast::<Handle>().read());
+        release(&mut *base.offset(value_off).cast::<Handle>());
         let tp = ffi::Py_TYPE(obj);
         match (*tp).tp_free {
             Some(free) => free(obj.cast()),
@@ -96,9 +95,14 @@ unsafe extern "C" fn dealloc(obj: *mut ffi::PyObject) {
     }
 }
 
-/// Drop a handle's references with `Py_DECREF` (the GIL is held; PyO3's drop would defer them
-/// to its pool outside a PyO3 frame). Listing every field makes a new one a compile error.
-fn release(h: Handle) {
+/// Release a dying handle's references with `Py_DECREF`, in place (the GIL is held; PyO3's
+/// drop would defer them to its pool outside a PyO3 frame, and moving the value out first cost
+/// a copy of it). The value is never dropped as a Rust value: its memory goes back through
+/// `tp_free` right after. Listing every field makes a new one a compile error.
+///
+/// # Safety
+/// `h` is the value of an object in `tp_dealloc`, used for nothing else afterwards.
+unsafe fn release(h: &mut Handle) {
     let Handle {
         call,
         context,
@@ -110,21 +114,22 @@ fn release(h: Handle) {
         source_traceback,
         repr_cache,
     } = h;
-    let decref = |p: Py<PyAny>| {
-        // SAFETY: the GIL is held (we are in tp_dealloc); `p` was an owned reference.
-        unsafe { ffi::Py_DECREF(p.into_ptr()) }
+    let decref = |p: *mut ffi::PyObject| {
+        // SAFETY: the GIL is held (we are in tp_dealloc); `p` is an owned reference of the
+        // dying handle, released exactly once here.
+        unsafe { ffi::Py_DECREF(p) }
     };
-    if let Some((cb, args)) = GilCell::into_inner(call) {
-        decref(cb);
-        decref(args.into_any());
+    if let Some((cb, args)) = call.get_mut() {
+        decref(cb.as_ptr());
+        decref(args.as_ptr());
     }
-    decref(context);
-    decref(loop_);
+    decref(context.as_ptr());
+    decref(loop_.as_ptr());
     if let Some(tb) = source_traceback {
-        decref(tb);
+        decref(tb.as_ptr());
     }
-    if let Some(r) = GilCell::into_inner(repr_cache) {
-        decref(r.into_any());
+    if let Some(r) = repr_cache.get_mut() {
+        decref(r.as_ptr());
     }
 }
 

@@ -26,8 +26,10 @@ impl<T> GilCell<T> {
         Self(RefCell::new(v))
     }
 
-    pub fn into_inner(self) -> T {
-        self.0.into_inner()
+    /// Through exclusive access no borrow can be outstanding: no check needed.
+    #[inline]
+    pub fn get_mut(&mut self) -> &mut T {
+        self.0.get_mut()
     }
 
     #[inline]
