@@ -268,6 +268,31 @@ macro_rules! entry {
     };
 }
 
+/// A `METH_NOARGS` C entry point running `$body(&loop)`.
+macro_rules! noargs_entry {
+    ($name:ident => $body:expr) => {
+        unsafe extern "C" fn $name(slf: *mut ffi::PyObject, _unused: *mut ffi::PyObject) -> *mut ffi::PyObject {
+            // SAFETY: CPython calls a method with the GIL held by this thread.
+            let py = unsafe { Python::assume_attached() };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: CPython's METH_NOARGS convention: `slf` is the descriptor's instance.
+                let slf = unsafe { this(py, slf) };
+                $body(&slf)
+            }));
+            finish(py, r)
+        }
+    };
+}
+
+// Every `Future` made by `create_future` calls `get_debug()` from its `__init__`.
+noargs_entry!(create_future_entry => |slf: &Borrowed<'_, '_, LoopCore>| {
+    LoopCore::new_future(slf).map(Bound::into_ptr)
+});
+noargs_entry!(get_debug_entry => |slf: &Borrowed<'_, '_, LoopCore>| {
+    let py = slf.py();
+    Ok(pyo3::types::PyBool::new(py, slf.get().debug(py)).to_owned().into_ptr())
+});
+
 entry!(call_soon_entry => call_soon);
 entry!(call_soon_threadsafe_entry => call_soon_threadsafe);
 entry!(call_later_entry => call_later);
@@ -327,7 +352,8 @@ unsafe fn call_at(
     Ok(h.into_ptr())
 }
 
-/// Put the four methods on `LoopCore` (once, at module initialisation).
+/// Put the four `call_*` methods, `create_future` and `get_debug` on `LoopCore` (once, at
+/// module initialisation).
 pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
     let tp = LoopCore::type_object(py);
     let methods: [(&'static CStr, &'static CStr, ffi::PyCFunctionFastWithKeywords); 4] = [
@@ -354,6 +380,18 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
     ];
     for (name, doc, meth) in methods {
         let descr = py::fastcall_method(&tp, name, doc, meth)?;
+        tp.setattr(name.to_str().expect("ASCII method name"), descr)?;
+    }
+    let noargs: [(&'static CStr, &'static CStr, ffi::PyCFunction); 2] = [
+        (
+            c"create_future",
+            c"create_future($self, /)\n--\n\nasyncio's `create_future`: `asyncio.Future(loop=self)`.",
+            create_future_entry,
+        ),
+        (c"get_debug", c"get_debug($self, /)\n--\n\nWhether the loop is in debug mode.", get_debug_entry),
+    ];
+    for (name, doc, meth) in noargs {
+        let descr = py::noargs_method(&tp, name, doc, meth)?;
         tp.setattr(name.to_str().expect("ASCII method name"), descr)?;
     }
     Ok(())

@@ -623,11 +623,6 @@ impl LoopCore {
         task.call((coro,), Some(&kw))
     }
 
-    /// asyncio's `create_future`: `asyncio.Future(loop=self)`.
-    fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
-        Self::new_future(slf)
-    }
-
     #[getter(_task_factory)]
     fn getter_attr_task_factory(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.state.borrow(py).task_factory.as_ref().map(|f| f.clone_ref(py))
@@ -727,10 +722,6 @@ impl LoopCore {
 
     fn is_closed(&self, py: Python<'_>) -> bool {
         self.state.borrow(py).closed
-    }
-
-    fn get_debug(&self, py: Python<'_>) -> bool {
-        self.debug(py)
     }
 
     /// Mark closed, drop queued work and registrations, close the poller and the waker.
