@@ -64,8 +64,8 @@ impl<'a, 'py> Args<'a, 'py> {
         // The shapes every Task step and Future callback use: the fixed parameters and the
         // callback's arguments by position, then nothing or exactly `context=`.
         if nargs >= nfixed {
-            // SAFETY: kwnames is NULL or a tuple (CPython's vectorcall convention).
-            let nkw = if kwnames.is_null() { 0 } else { unsafe { ffi::PyTuple_GET_SIZE(kwnames) } };
+            // SAFETY: kwnames as CPython passes it (see this function's contract).
+            let nkw = unsafe { kw_count(kwnames) };
             let context_only = nkw == 1 && {
                 // SAFETY: item 0 of a one-item tuple, a borrowed str.
                 let name = unsafe { Borrowed::from_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, 0)) };
@@ -73,7 +73,7 @@ impl<'a, 'py> Args<'a, 'py> {
             };
             if nkw == 0 || context_only {
                 // SAFETY: the caller guarantees `nargs + nkw` valid pointers at `args`.
-                let all: &'a [*mut ffi::PyObject] = unsafe { std::slice::from_raw_parts(args, nargs + nkw as usize) };
+                let all: &'a [*mut ffi::PyObject] = unsafe { vector(args, nargs + nkw) };
                 // Element by element: a `copy_from_slice` of a run-time length is a memcpy call.
                 let mut slots = [std::ptr::null_mut(); 2];
                 for (slot, &p) in slots.iter_mut().zip(&all[..nfixed]) {
@@ -103,18 +103,10 @@ impl<'a, 'py> Args<'a, 'py> {
         kwnames: *mut ffi::PyObject,
     ) -> PyResult<Self> {
         let nargs = nargs as usize;
-        let nkw = if kwnames.is_null() {
-            0
-        } else {
-            // SAFETY: kwnames is a tuple (CPython's vectorcall convention).
-            unsafe { ffi::PyTuple_GET_SIZE(kwnames) as usize }
-        };
-        let all: &'a [*mut ffi::PyObject] = if nargs + nkw == 0 {
-            &[]
-        } else {
-            // SAFETY: the caller guarantees `nargs + nkw` valid pointers at `args`.
-            unsafe { std::slice::from_raw_parts(args, nargs + nkw) }
-        };
+        // SAFETY: kwnames as CPython passes it (see `parse`'s contract).
+        let nkw = unsafe { kw_count(kwnames) };
+        // SAFETY: the caller guarantees `nargs + nkw` valid pointers at `args`.
+        let all: &'a [*mut ffi::PyObject] = unsafe { vector(args, nargs + nkw) };
         let npos = nargs.min(fixed.len());
         let mut slots = [std::ptr::null_mut(); 2];
         slots[..npos].copy_from_slice(&all[..npos]);
@@ -185,6 +177,34 @@ impl<'a, 'py> Args<'a, 'py> {
     }
 }
 
+/// The number of keyword arguments: the length of `kwnames`, or 0 when it is NULL.
+///
+/// # Safety
+/// `kwnames` is NULL or a tuple (CPython's vectorcall convention).
+#[inline(always)]
+unsafe fn kw_count(kwnames: *mut ffi::PyObject) -> usize {
+    if kwnames.is_null() {
+        0
+    } else {
+        // SAFETY: a tuple, as the caller guarantees.
+        unsafe { ffi::PyTuple_GET_SIZE(kwnames) as usize }
+    }
+}
+
+/// The argument vector as a slice (CPython may pass a NULL `args` when it is empty).
+///
+/// # Safety
+/// `args` points at `len` live object pointers that stay alive for `'a`, or `len` is 0.
+#[inline(always)]
+unsafe fn vector<'a>(args: *const *mut ffi::PyObject, len: usize) -> &'a [*mut ffi::PyObject] {
+    if len == 0 {
+        &[]
+    } else {
+        // SAFETY: as the caller guarantees.
+        unsafe { std::slice::from_raw_parts(args, len) }
+    }
+}
+
 fn multiple_values(method: &str, arg: &str) -> PyErr {
     PyTypeError::new_err(format!("{method}() got multiple values for argument '{arg}'"))
 }
@@ -248,6 +268,18 @@ fn finish(py: Python<'_>, r: std::thread::Result<PyResult<*mut ffi::PyObject>>) 
     }
 }
 
+/// What every entry point below does around its body: the GIL is held (CPython calls a
+/// method with it), and a panic becomes a `PanicException` instead of unwinding into C.
+///
+/// # Safety
+/// Called by CPython as a method's C function, on the thread that holds the GIL.
+#[inline(always)]
+unsafe fn guarded(body: impl FnOnce(Python<'_>) -> PyResult<*mut ffi::PyObject>) -> *mut ffi::PyObject {
+    // SAFETY: as the caller guarantees, this thread holds the GIL.
+    let py = unsafe { Python::assume_attached() };
+    finish(py, std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(py))))
+}
+
 /// A `METH_FASTCALL | METH_KEYWORDS` C entry point for one of the bodies below.
 macro_rules! entry {
     ($name:ident => $body:ident) => {
@@ -257,13 +289,9 @@ macro_rules! entry {
             nargs: ffi::Py_ssize_t,
             kwnames: *mut ffi::PyObject,
         ) -> *mut ffi::PyObject {
-            // SAFETY: CPython calls a method with the GIL held by this thread.
-            let py = unsafe { Python::assume_attached() };
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                // SAFETY: CPython's METH_FASTCALL | METH_KEYWORDS convention, as `$body` requires.
-                unsafe { $body(py, slf, args, nargs, kwnames) }
-            }));
-            finish(py, r)
+            // SAFETY: CPython calls this method's C function with the GIL held, and passes the
+            // arguments by the METH_FASTCALL | METH_KEYWORDS convention, as `$body` requires.
+            unsafe { guarded(|py| $body(py, slf, args, nargs, kwnames)) }
         }
     };
 }
@@ -272,14 +300,9 @@ macro_rules! entry {
 macro_rules! noargs_entry {
     ($name:ident => $body:expr) => {
         unsafe extern "C" fn $name(slf: *mut ffi::PyObject, _unused: *mut ffi::PyObject) -> *mut ffi::PyObject {
-            // SAFETY: CPython calls a method with the GIL held by this thread.
-            let py = unsafe { Python::assume_attached() };
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                // SAFETY: CPython's METH_NOARGS convention: `slf` is the descriptor's instance.
-                let slf = unsafe { this(py, slf) };
-                $body(&slf)
-            }));
-            finish(py, r)
+            // SAFETY: CPython calls this method's C function with the GIL held; by the
+            // METH_NOARGS convention `slf` is the descriptor's instance.
+            unsafe { guarded(|py| $body(&this(py, slf))) }
         }
     };
 }

@@ -162,9 +162,10 @@ pub fn in_context<'py, R>(py: Python<'py>, ctx: &Py<PyAny>, f: impl FnOnce() -> 
     r
 }
 
-/// A method descriptor of `cls` for a `METH_FASTCALL | METH_KEYWORDS` entry point (made with
-/// PyO3's trampoline: `pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, f)`).
-/// `doc` may start with a `__text_signature__` line.
+/// A method descriptor of `cls` for a `METH_FASTCALL | METH_KEYWORDS` C function (PyO3's
+/// trampoline, `pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, f)`, or an
+/// entry point of our own that traps panics likewise). `doc` may start with a
+/// `__text_signature__` line.
 pub fn fastcall_method<'py>(
     cls: &Bound<'py, pyo3::types::PyType>,
     name: &'static std::ffi::CStr,
@@ -180,8 +181,8 @@ pub fn fastcall_method<'py>(
     )
 }
 
-/// A method descriptor of `cls` for a `METH_NOARGS` entry point (made with PyO3's trampoline:
-/// `pyo3::get_trampoline_function!(noargs, f)`).
+/// A method descriptor of `cls` for a `METH_NOARGS` C function (as for `fastcall_method`;
+/// PyO3's trampoline is `pyo3::get_trampoline_function!(noargs, f)`).
 pub fn noargs_method<'py>(
     cls: &Bound<'py, pyo3::types::PyType>,
     name: &'static std::ffi::CStr,

@@ -10,13 +10,15 @@
 //! drain, and as a Python method it was the only Python frame of ours on a streams echo's path.
 //!
 //! Ground rules:
-//! - The descriptors are made for one class (`stream_write_method`, `stream_is_closing_method`),
-//!   whose `_core` is an object slot; a descriptor checks that `self` is an instance of that class before the function
-//!   runs, so the slot offset is valid for it.
+//! - The descriptors are made for one class (`stream_write_method`,
+//!   `stream_is_closing_method`), whose `_core` is an object slot; a descriptor checks that
+//!   `self` is an instance of that class before the function runs, so the slot offset is valid
+//!   for it.
 //! - Arguments as a Python `def write(self, data)` takes them (`data` positional or keyword).
-//! - It is entered through PyO3's trampoline, like the loop's fastcall methods
-//!   (`py::fastcall_method`): a panic becomes an exception, and objects dropped inside are
-//!   released at once even when no other PyO3 frame is active.
+//! - Both are entered through PyO3's trampoline (not the loop's own entry points in
+//!   `event_loop/fastcall.rs`, whose bodies were checked to drop no `Py` value): a panic
+//!   becomes an exception, and objects dropped inside are released at once even when no other
+//!   PyO3 frame is active.
 
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicIsize, Ordering};
