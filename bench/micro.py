@@ -36,15 +36,18 @@ class Workload:
     unit: int = 1000  # operations per unit of ``n``
     doc: str = ""
     min_chunk: float = 0.0  # seconds per call at least, whatever --chunk says
+    heavy: bool = False  # a run takes seconds whatever --duration says: fewer rounds in --quick
 
 
 WORKLOADS: dict[str, Workload] = {}
 
 
-def workload(name, op, bar=None, kind="throughput", latency=False, unit=BATCH, min_chunk=0.0):
+def workload(
+    name, op, bar=None, kind="throughput", latency=False, unit=BATCH, min_chunk=0.0, heavy=False
+):
     def register(fn):
         doc = " ".join((fn.__doc__ or "").split())
-        WORKLOADS[name] = Workload(name, fn, op, bar, kind, latency, unit, doc, min_chunk)
+        WORKLOADS[name] = Workload(name, fn, op, bar, kind, latency, unit, doc, min_chunk, heavy)
         return fn
 
     return register
@@ -153,7 +156,7 @@ _TIMERS_IN_FLIGHT = 20_000
 # Each call starts with 20,000 timers scheduled at once and ends draining them, which takes
 # up to ~50 ms for the slowest loop: a call must be long against that (min_chunk), or the
 # figure measures the ramp and not the saturated loop the docstring describes.
-@workload("timers firing", op="timer fired", bar=3.5, min_chunk=0.5)
+@workload("timers firing", op="timer fired", bar=3.5, min_chunk=0.5, heavy=True)
 def timers_firing(loop, n, lat):
     """20,000 timers in flight, half call_later(d), half call_at(loop.time() + d), d scattered
     over 1-2 ms; each timer that fires schedules the next until n*1000 have been scheduled.
@@ -251,7 +254,7 @@ async def _trivial(i):
     return i
 
 
-@workload("gather 100k", op="task", bar=1.5, unit=_GATHER)
+@workload("gather 100k", op="task", bar=1.5, unit=_GATHER, heavy=True)
 def gather_100k(loop, n, lat):
     """loop.create_task() of 100,000 trivial coroutines, then asyncio.gather() of them; n times.
     Counts tasks completed (results summed and checked)."""
@@ -376,7 +379,7 @@ def rss_bytes() -> int:
 _MEM_TIMERS = 500_000
 
 
-@workload("memory: 500k cancelled timers", op="MB RSS growth", kind="memory")
+@workload("memory: 500k cancelled timers", op="MB RSS growth", kind="memory", heavy=True)
 def memory_cancelled_timers(loop):
     """RSS growth after 500,000 `loop.call_later(3600, cb).cancel()` (handles dropped), then a
     few loop iterations (asyncio purges its heap there) and gc.collect(). Bar: ferroloop's

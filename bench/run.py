@@ -40,15 +40,16 @@ SUBJECT, BASE_FAST, BASE_STD = "ferroloop", "uvloop", "asyncio"
 #: per mode: rounds, measured seconds per (round, workload, loop), minimum warm-up seconds and
 #: target seconds per workload call; for the network workloads: rounds (the first net_rounds
 #: rounds run them), echo measured/warm-up seconds per message size, wrk seconds per HTTP row,
-#: idle connections opened for the memory row, and whether ferroloop-selector is an extra row
+#: idle connections opened for the memory row, and whether ferroloop-selector is an extra row;
+#: heavy_rounds: rounds (the first ones) that run the heavy workloads, whose runs take seconds
 MODES = {
     "quick": dict(
-        rounds=5, duration=0.4, warmup=0.1, chunk=0.025,
-        net_rounds=3, echo_duration=0.2, echo_warmup=0.05, http_duration=1,
+        rounds=4, heavy_rounds=3, duration=0.3, warmup=0.1, chunk=0.025,
+        net_rounds=2, echo_duration=0.2, echo_warmup=0.05, http_duration=1,
         idle_conns=10_000, selector=False,
     ),
     "full": dict(
-        rounds=7, duration=2.0, warmup=0.5, chunk=0.05,
+        rounds=7, heavy_rounds=7, duration=2.0, warmup=0.5, chunk=0.05,
         net_rounds=7, echo_duration=2.0, echo_warmup=0.5, http_duration=5,
         idle_conns=10_000, selector=True,
     ),
@@ -64,10 +65,12 @@ class Progress:
     def __init__(self, total: int):
         self.total, self.done = total, 0
         self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
 
     def step(self, text: str) -> None:
         self.done += 1
-        line = f"[{self.done}/{self.total}] {text}"
+        m, s = divmod(int(time.perf_counter() - self.started), 60)
+        line = f"[{self.done}/{self.total} {m}:{s:02d}] {text}"
         if self.tty:
             sys.stderr.write("\r" + line + "\x1b[K")
         else:
@@ -216,9 +219,13 @@ def table(header: list[str], rows: list[list[str]], align: str) -> str:
     return "\n".join(lines)
 
 
-def report(summaries: list[dict], loops: list, pending: list, rounds: int) -> str:
-    """The markdown tables for the loop microbenchmarks."""
+def report(
+    summaries: list[dict], loops: list, pending: list, rounds: int, fewer: list, fewer_rounds: int
+) -> str:
+    """The markdown tables for the loop microbenchmarks; the ``fewer`` workloads ran in only
+    ``fewer_rounds`` rounds."""
     thr = [s for s in summaries if s["kind"] == "throughput"]
+    fewer_note = f", {fewer_rounds} for {', '.join(fewer)}" if fewer else ""
     mem = [s for s in summaries if s["kind"] == "memory"]
     parts = []
     if thr:
@@ -236,7 +243,8 @@ def report(summaries: list[dict], loops: list, pending: list, rounds: int) -> st
                 + [bar, s["result"]]
             )
         parts.append(
-            f"### Throughput: ops/s (median of {rounds_txt(rounds)}; higher is better)\n\n"
+            f"### Throughput: ops/s (median of {rounds_txt(rounds)}{fewer_note}; "
+            "higher is better)\n\n"
             + table(
                 [
                     "workload",
@@ -380,7 +388,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Compare event loops side by side.")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                      help="5 rounds x 0.4 s per measurement (default; a few minutes)")  # fmt: skip
+                      help="4 rounds x 0.3 s per measurement (default; < 5 minutes)")  # fmt: skip
     mode.add_argument("--full", action="store_const", dest="mode", const="full",
                       help="7 rounds x 2 s per measurement (for releases)")  # fmt: skip
     p.add_argument("--only", metavar="PATTERN", help="regex on workload names (case-insensitive)")
@@ -416,6 +424,7 @@ def main(argv=None) -> int:
     if args.rounds:
         cfg["rounds"] = args.rounds
         cfg["net_rounds"] = args.rounds
+        cfg["heavy_rounds"] = args.rounds
     if args.net_rounds:
         cfg["net_rounds"] = args.net_rounds
     if args.duration:
@@ -468,14 +477,20 @@ def main(argv=None) -> int:
     timeout = 120 + 20 * cfg["duration"]
     runs: dict[str, dict] = {wl.name: {} for wl in workloads}
     raw = []
+
+    def wl_rounds(wl: micro.Workload) -> int:
+        return min(rounds, cfg["heavy_rounds"]) if wl.heavy else rounds
+
     progress = Progress(
-        rounds * len(workloads) * len(available)
+        sum(wl_rounds(wl) for wl in workloads) * len(available)
         + net_rounds * sum(len(net_loops[g.name]) for g in groups)
     )
     try:
         for r in range(rounds):
             for w, wl in enumerate(workloads):
                 # rotate the order per (round, workload): A B C D, B C D A, ...
+                if r >= wl_rounds(wl):
+                    continue
                 for pos, loop in enumerate(rotated(available, r + w) if available else []):
                     progress.step(f"round {r + 1}/{rounds} {loop} {wl.name}")
                     res = run_worker([loop, wl.name, *worker_opts], timeout)
@@ -498,7 +513,7 @@ def main(argv=None) -> int:
                     runs[wl.name][(loop, r)] = {"ok": False, "error": "loop unavailable"}
     elapsed = time.perf_counter() - started
 
-    summaries = [summarize(wl, runs[wl.name], loops, rounds) for wl in workloads]
+    summaries = [summarize(wl, runs[wl.name], loops, wl_rounds(wl)) for wl in workloads]
     shown = loops + ([netbench.SELECTOR] if selector else [])
     net_rows = [row for g in groups for row in g.rows]
     net_summaries = netbench.summarize(net_rows, net_runs, shown, net_rounds)
@@ -524,7 +539,14 @@ def main(argv=None) -> int:
     notes = [f"- {note}" for note in tools.notes]
     notes += netbench.errors(net_summaries, skip=set(missing))
     sections = [
-        report(summaries, loops, pending, rounds),
+        report(
+            summaries,
+            loops,
+            pending,
+            rounds,
+            [wl.name for wl in workloads if wl_rounds(wl) < rounds],
+            cfg["heavy_rounds"],
+        ),
         netbench.report(net_summaries, shown, net_rounds, cfg),
         failures(summaries, loops, missing, notes),
     ]
