@@ -143,6 +143,30 @@ def test_call_soon_threadsafe_context_argument(loop):
     assert seen == ["ts ctx"]
 
 
+def test_call_soon_threadsafe_default_context_is_the_calling_threads(loop):
+    # Without context=, each call copies the calling thread's context at that moment: the
+    # callback sees what that thread had set, and what one callback sets stays in its own copy.
+    seen = []
+
+    def cb():
+        seen.append(var.get())
+        var.set("set by a callback")
+
+    def producer():
+        var.set("thread value")
+        loop.call_soon_threadsafe(cb)
+        loop.call_soon_threadsafe(cb)
+        var.set("set after scheduling")
+
+    t = threading.Thread(target=producer)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    run_briefly(loop)
+    assert seen == ["thread value", "thread value"]
+    assert var.get() == "default"
+
+
 def test_handle_cancel(loop):
     seen = []
     h = loop.call_soon(seen.append, 1)
