@@ -488,9 +488,9 @@ def main(argv=None) -> int:
     try:
         for r in range(rounds):
             for w, wl in enumerate(workloads):
-                # rotate the order per (round, workload): A B C D, B C D A, ...
                 if r >= wl_rounds(wl):
-                    continue
+                    continue  # a heavy workload past its rounds
+                # rotate the order per (round, workload): A B C D, B C D A, ...
                 for pos, loop in enumerate(rotated(available, r + w) if available else []):
                     progress.step(f"round {r + 1}/{rounds} {loop} {wl.name}")
                     res = run_worker([loop, wl.name, *worker_opts], timeout)
