@@ -18,6 +18,8 @@ mod transports;
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::LoopCore>()?;
     event_loop::install_fastcall(m.py())?;
+    m.add_class::<event_loop::CachedCallSoon>()?;
+    event_loop::install_cached_call_soon(m.py())?;
     m.add_class::<handles::Handle>()?;
     m.add_class::<handles::TimerHandle>()?;
     handles::install(m.py())?;

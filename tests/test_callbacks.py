@@ -10,6 +10,7 @@ import threading
 import time
 import unittest.mock
 import warnings
+import weakref
 
 import pytest
 from conftest import run_briefly, run_forever_with
@@ -771,3 +772,120 @@ def test_handle_fast_paths_are_on():
     from ferroloop import _ferroloop
 
     assert _ferroloop._handle_fast_paths is True
+
+
+# --- `loop.call_soon` as an attribute ---------------------------------------------------------
+# asyncio's C Task and Future look `loop.call_soon` up as an attribute for every step and done
+# callback. On 3.10/3.11 ferroloop hands out one bound method per loop there (CachedCallSoon);
+# these tests hold attribute lookup to a plain method's rules on every version.
+
+
+async def _one_step_and_one_callback(loop):
+    """A task that suspends once on a future another callback resolves."""
+    fut = loop.create_future()
+    loop.call_soon(fut.set_result, 1)
+    assert await fut == 1
+
+
+def test_call_soon_attribute_is_bound_to_the_loop(loop):
+    m = loop.call_soon
+    assert m.__self__ is loop
+    assert m.__name__ == "call_soon"
+    assert m == loop.call_soon
+    assert "call_soon" not in vars(loop)
+    seen = []
+    m(seen.append, 1)
+    type(loop).call_soon(loop, seen.append, 2)
+    run_briefly(loop)
+    assert seen == [1, 2]
+
+
+def test_call_soon_assigned_on_the_instance_shadows_it(loop):
+    """`loop.call_soon = f` lands in vars(loop); Tasks and Futures then call f; `del` restores
+    the method, and a second `del` is an AttributeError."""
+    real = loop.call_soon
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    loop.call_soon = spy
+    assert vars(loop)["call_soon"] is spy
+    assert loop.call_soon is spy
+    loop.run_until_complete(_one_step_and_one_callback(loop))
+    assert len(calls) >= 2  # at least the task's first step and the future's wake-up
+    del loop.call_soon
+    assert "call_soon" not in vars(loop)
+    assert loop.call_soon.__self__ is loop
+    n = len(calls)
+    loop.run_until_complete(_one_step_and_one_callback(loop))
+    assert len(calls) == n
+    with pytest.raises(AttributeError, match="call_soon"):
+        del loop.call_soon
+
+
+def test_call_soon_patched_with_mock_on_the_instance(loop):
+    with unittest.mock.patch.object(loop, "call_soon", wraps=loop.call_soon) as m:
+        loop.run_until_complete(_one_step_and_one_callback(loop))
+    assert m.call_count >= 2
+    assert "call_soon" not in vars(loop)
+    assert loop.call_soon.__self__ is loop
+    loop.run_until_complete(_one_step_and_one_callback(loop))
+    assert m.call_count >= 2
+
+
+def test_call_soon_patched_on_the_class(loop):
+    """A patch on the loop's class reaches Tasks and Futures, and is undone by the patch."""
+    cls = type(loop)
+    original = cls.__dict__.get("call_soon")
+    calls = []
+    real = cls.call_soon
+
+    def spy(self, *args, **kwargs):
+        calls.append(args[0])
+        return real(self, *args, **kwargs)
+
+    with unittest.mock.patch.object(cls, "call_soon", spy):
+        loop.run_until_complete(_one_step_and_one_callback(loop))
+    assert len(calls) >= 2
+    assert cls.__dict__.get("call_soon") is original
+    n = len(calls)
+    loop.run_until_complete(_one_step_and_one_callback(loop))
+    assert len(calls) == n
+    assert loop.call_soon.__self__ is loop
+
+
+def test_call_soon_overridden_by_a_subclass(loop_factory):
+    """A subclass's `call_soon` is what Tasks and Futures call; `super().call_soon` is the
+    loop's own."""
+    probe = loop_factory()
+    base = type(probe)
+    probe.close()
+    calls = []
+
+    class Sub(base):
+        def call_soon(self, callback, *args, context=None):
+            calls.append(callback)
+            return super().call_soon(callback, *args, context=context)
+
+    lp = Sub()
+    try:
+        lp.run_until_complete(_one_step_and_one_callback(lp))
+        assert len(calls) >= 2
+        assert lp.call_soon.__func__ is Sub.call_soon
+    finally:
+        lp.close()
+
+
+def test_dropped_loop_is_freed_after_call_soon_was_looked_up(loop_factory):
+    """A loop whose `call_soon` was looked up (a cached bound method refers back to it) is
+    still freed once dropped."""
+    lp = loop_factory()
+    lp.run_until_complete(_one_step_and_one_callback(lp))
+    assert lp.call_soon.__self__ is lp
+    lp.close()
+    ref = weakref.ref(lp)
+    del lp
+    gc.collect()
+    assert ref() is None

@@ -53,6 +53,29 @@ def test_closed_loop_freed_without_gc(loop_factory):
         gc.enable()
 
 
+def test_closed_loop_freed_without_gc_after_tasks_and_futures(loop_factory):
+    """As above for a loop that ran a task awaiting a future (which looks `loop.call_soon`
+    up and makes futures), and whose `call_soon` was looked up before and after close()."""
+
+    async def main(lp):
+        fut = lp.create_future()
+        lp.call_soon(fut.set_result, None)
+        await fut
+
+    lp = loop_factory()
+    lp.run_until_complete(main(lp))
+    assert lp.call_soon.__self__ is lp
+    lp.close()
+    assert lp.call_soon.__self__ is lp
+    ref = weakref.ref(lp)
+    gc.disable()
+    try:
+        del lp
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_handles_referencing_loop_do_not_leak_it_after_close(loop_factory):
     lp = loop_factory()
     handles = [lp.call_soon(lp.stop), lp.call_later(3600, lp.call_soon, lp.stop)]

@@ -15,6 +15,7 @@ __all__ = [
     "SockOp",
     "Acceptor",
     "SockAddr",
+    "CachedCallSoon",
     "stream_write_method",
     "stream_is_closing_method",
     "__version__",
@@ -220,3 +221,11 @@ class SockAddr:
 @final
 class Acceptor:
     """A plain server's accept loop, registered as its listening socket's reader."""
+
+@final
+class CachedCallSoon:
+    """`Loop.call_soon` on 3.10/3.11: a non-data descriptor handing out one bound
+    `LoopCore.call_soon` per loop."""
+
+    def __new__(cls, func: Any) -> CachedCallSoon: ...
+    def __get__(self, obj: Any, owner: Any = None, /) -> Any: ...

@@ -221,6 +221,11 @@ def _sighandler_noop(signum, frame):
 class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
     """An asyncio event loop whose core runs in Rust."""
 
+    if sys.version_info < (3, 12):
+        # 3.10/3.11's _asyncio looks `loop.call_soon` up for every Task step and Future
+        # callback; this hands out one bound method per loop instead of a new one each time.
+        call_soon = _ferroloop.CachedCallSoon(_ferroloop.LoopCore.call_soon)
+
     def __init__(self):
         self._default_executor = None
         self._exception_handler = None

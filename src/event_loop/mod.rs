@@ -11,6 +11,7 @@
 //! The Python-facing names are asyncio's (`call_soon`, `_run_once`, `_write_to_self`, ...), so a
 //! reader can hold this file against `asyncio/base_events.py` and `selector_events.py`.
 
+mod bound_cache;
 mod fastcall;
 mod ready;
 mod run;
@@ -31,6 +32,7 @@ use crate::sockops::{self, Kind, SockOp};
 use crate::sys;
 use crate::transports::accept::Acceptor;
 use crate::transports::stream::StreamCore;
+pub(crate) use bound_cache::{install as install_cached_call_soon, CachedCallSoon};
 pub(crate) use fastcall::install as install_fastcall;
 use ready::ReadyQueue;
 use timers::TimerHeap;
@@ -81,6 +83,8 @@ pub(crate) struct State {
     task_factory: Option<Py<PyAny>>,
     /// `{"loop": <this loop>}` for `Future(**kw)` / `Task(coro, **kw)`.
     loop_kwargs: Option<Py<PyDict>>,
+    /// `loop.call_soon` as one bound method, made on first use (`CachedCallSoon`, 3.10/3.11).
+    call_soon_bound: Option<Py<PyAny>>,
 }
 
 #[pyclass(frozen, subclass, module = "ferroloop._ferroloop")]
@@ -575,6 +579,7 @@ impl LoopCore {
                 reactor: Some(reactor),
                 task_factory: None,
                 loop_kwargs: None,
+                call_soon_bound: None,
             }),
         })
     }
@@ -726,21 +731,23 @@ impl LoopCore {
 
     /// Mark closed, drop queued work and registrations, close the poller and the waker.
     fn _close_core(&self, py: Python<'_>) {
-        let (ready, timers, entries, reactor, current) = {
+        let (ready, timers, entries, reactor, current, own) = {
             let mut st = self.state.borrow_mut(py);
             st.closed = true;
+            // What refers back to the loop goes too, so plain reference counting frees it.
+            let own = (st.loop_kwargs.take(), st.call_soon_bound.take());
             let ready: Vec<_> = st.ready.drain().inspect(|w| unpark(py, w)).collect();
             let timers: Vec<_> = st.timers.drain().collect();
             st.timer_cancelled_count = 0;
             let mut reactor = st.reactor.take();
             let entries = reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
-            (ready, timers, entries, reactor, st.current_handle.take())
+            (ready, timers, entries, reactor, st.current_handle.take(), own)
         };
         for t in timers.iter() {
             t.get().set_scheduled(false);
         }
         // Dropped here, outside the borrow: their destructors may run Python code.
-        drop((ready, timers, entries, reactor, current));
+        drop((ready, timers, entries, reactor, current, own));
     }
 
     // --- readers and writers -------------------------------------------------------------
@@ -944,6 +951,7 @@ impl LoopCore {
         visit.call(&st.current_handle)?;
         visit.call(&st.task_factory)?;
         visit.call(&st.loop_kwargs)?;
+        visit.call(&st.call_soon_bound)?;
         if let Some(r) = &st.reactor {
             for e in r.registry.values() {
                 visit.call(&e.fileobj)?;
@@ -961,7 +969,7 @@ impl LoopCore {
                 let ready: Vec<_> = st.ready.drain().inspect(|w| unpark(py, w)).collect();
                 let timers: Vec<_> = st.timers.drain().collect();
                 let entries = st.reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
-                let extra = (st.task_factory.take(), st.loop_kwargs.take());
+                let extra = (st.task_factory.take(), st.loop_kwargs.take(), st.call_soon_bound.take());
                 (ready, timers, entries, st.current_handle.take(), extra)
             };
             drop((ready, timers, entries, current, factory));
