@@ -23,6 +23,8 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::ffi;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
 use pyo3::{intern, Borrowed, PyTraverseError, PyTypeInfo};
 
 use super::LoopCore;
@@ -49,6 +51,7 @@ impl CachedCallSoon {
         let Ok(core) = obj.cast::<LoopCore>() else {
             return func.call_method1(intern!(py, "__get__"), (obj, owner));
         };
+        let _ = LOOP_CLASS.get_or_init(py, || obj.get_type().unbind());
         let closed = {
             let st = core.get().state.borrow(py);
             if let Some(m) = &st.call_soon_bound {
@@ -79,6 +82,10 @@ impl CachedCallSoon {
     }
 }
 
+/// The first class whose instance `__get__` found to be a `LoopCore` (in practice
+/// `ferroloop.Loop`): `descr_get` serves its instances. Held, so its address is never reused.
+static LOOP_CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
 /// PyO3's `tp_descr_get` for `CachedCallSoon` (the general path), saved by `install`.
 static GENERAL_GET: OnceLock<ffi::descrgetfunc> = OnceLock::new();
 
@@ -98,7 +105,11 @@ unsafe extern "C" fn descr_get(
     if !obj.is_null() {
         // SAFETY: `obj` is a live object borrowed for the call.
         let obj = unsafe { Borrowed::from_ptr(py, obj) };
-        if let Ok(core) = obj.cast::<LoopCore>() {
+        // An exact type test, where PyO3's cast would walk the subclass's MRO (40
+        // instructions a lookup).
+        if LOOP_CLASS.get(py).is_some_and(|t| t.as_ptr() == obj.get_type_ptr().cast()) {
+            // SAFETY: `LOOP_CLASS` is a `LoopCore` subclass (see `LOOP_CLASS`).
+            let core = unsafe { obj.cast_unchecked::<LoopCore>() };
             // Not borrowed elsewhere while Python code runs (GilCell's rule), so this only
             // falls through on a bug, to the general path, never a panic across C.
             if let Some(st) = core.get().state.try_borrow_unguarded() {
