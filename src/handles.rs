@@ -20,6 +20,87 @@ use crate::py::{self, GilCell};
 mod freelist;
 mod raw;
 
+/// A handle's callback and arguments, as asyncio's `_callback` and `_args` give them.
+type CallbackAndArgs = (Option<Py<PyAny>>, Option<Py<PyTuple>>);
+
+/// A callback's positional arguments as a handle keeps them: one argument as itself, any
+/// other number as a tuple. One argument is the shape of every Future done callback
+/// (`cb(fut)`): kept bare, it needs no tuple made and freed per handle, and runs by
+/// vectorcall. `_args` turns it into the tuple on first access and keeps that, so it reads as
+/// asyncio's `_args` does (the same tuple each time).
+pub(crate) struct CallArgs {
+    obj: Py<PyAny>,
+    one: bool,
+}
+
+impl CallArgs {
+    /// The arguments as the tuple `args`.
+    pub(crate) fn tuple(args: &Bound<'_, PyTuple>) -> Self {
+        Self { obj: args.clone().into_any().unbind(), one: false }
+    }
+
+    /// No arguments (the empty tuple).
+    #[inline]
+    pub(crate) fn empty(py: Python<'_>) -> Self {
+        Self { obj: PyTuple::empty(py).into_any().unbind(), one: false }
+    }
+
+    /// The single argument `arg`.
+    pub(crate) fn one(arg: Py<PyAny>) -> Self {
+        Self { obj: arg, one: true }
+    }
+
+    /// The owned reference (the tuple, or the single argument).
+    pub(crate) fn as_ptr(&self) -> *mut pyo3::ffi::PyObject {
+        self.obj.as_ptr()
+    }
+
+    /// A `Bound` copy (one more reference, released by a plain `Py_DECREF`: dropping a
+    /// `Py` would consult PyO3's thread-local attachment count, see docs/DESIGN.md).
+    #[inline(always)]
+    fn bind<'py>(&self, py: Python<'py>) -> BoundArgs<'py> {
+        BoundArgs { obj: self.obj.bind(py).clone(), one: self.one }
+    }
+
+    /// As a tuple (a new one-item tuple for a single argument).
+    fn to_tuple<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        self.bind(py).to_tuple()
+    }
+}
+
+/// `CallArgs` for the length of one call (`run_handle`).
+struct BoundArgs<'py> {
+    obj: Bound<'py, PyAny>,
+    one: bool,
+}
+
+impl<'py> BoundArgs<'py> {
+    /// As a tuple (a new one-item tuple for a single argument).
+    fn to_tuple(&self) -> PyResult<Bound<'py, PyTuple>> {
+        if self.one {
+            PyTuple::new(self.obj.py(), [&self.obj])
+        } else {
+            // SAFETY: `one` is false only for a tuple (`CallArgs::tuple`, `CallArgs::empty`).
+            Ok(unsafe { self.obj.clone().cast_into_unchecked::<PyTuple>() })
+        }
+    }
+
+    /// `cb(*args)`: by vectorcall for a single argument.
+    #[inline(always)]
+    fn call(&self, cb: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        if self.one {
+            return cb.call1((&self.obj,));
+        }
+        // SAFETY: as in `to_tuple`.
+        let args = unsafe { self.obj.cast_unchecked::<PyTuple>() };
+        if args.is_empty() {
+            cb.call0()
+        } else {
+            cb.call1(args)
+        }
+    }
+}
+
 pub(crate) use raw::enabled as fast_paths;
 
 /// A new `Handle` object for `callback(*args)` on `loop_`: in `context`, or in a copy of the
@@ -28,7 +109,7 @@ pub(crate) use raw::enabled as fast_paths;
 pub(crate) fn new_handle_object(
     py: Python<'_>,
     callback: &Bound<'_, PyAny>,
-    args: &Bound<'_, PyTuple>,
+    args: CallArgs,
     loop_: &Bound<'_, PyAny>,
     context: Option<Bound<'_, PyAny>>,
     debug: bool,
@@ -36,21 +117,14 @@ pub(crate) fn new_handle_object(
     let (context, own_context, source_traceback) =
         Handle::context_and_traceback(py, context.map(Bound::unbind), debug)?;
     raw::create(py, || {
-        Handle::build(
-            callback.clone().unbind(),
-            args.clone().unbind(),
-            loop_.clone().unbind(),
-            context,
-            own_context,
-            source_traceback,
-        )
+        Handle::build(callback.clone().unbind(), args, loop_.clone().unbind(), context, own_context, source_traceback)
     })
 }
 
 #[pyclass(frozen, subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
     /// `(callback, args)`, taken out on cancel. One cell, so running costs one borrow.
-    call: GilCell<Option<(Py<PyAny>, Py<PyTuple>)>>,
+    call: GilCell<Option<(Py<PyAny>, CallArgs)>>,
     context: Py<PyAny>,
     /// The context is a copy made for this handle (no `context=` given), seen by no one else.
     own_context: bool,
@@ -68,7 +142,7 @@ impl Handle {
     pub(crate) fn new(
         py: Python<'_>,
         callback: Py<PyAny>,
-        args: Py<PyTuple>,
+        args: CallArgs,
         loop_: Py<PyAny>,
         context: Option<Py<PyAny>>,
         debug: bool,
@@ -100,7 +174,7 @@ impl Handle {
     #[inline(always)]
     fn build(
         callback: Py<PyAny>,
-        args: Py<PyTuple>,
+        args: CallArgs,
         loop_: Py<PyAny>,
         context: Py<PyAny>,
         own_context: bool,
@@ -197,11 +271,16 @@ impl Handle {
         Ok(())
     }
 
-    fn callback_and_args(&self, py: Python<'_>) -> (Option<Py<PyAny>>, Option<Py<PyTuple>>) {
-        match self.call.borrow(py).as_ref() {
-            Some((c, a)) => (Some(c.clone_ref(py)), Some(a.clone_ref(py))),
-            None => (None, None),
+    /// The callback and its arguments as a tuple. A single argument becomes that tuple here,
+    /// kept from then on (see `CallArgs`).
+    fn callback_and_args(&self, py: Python<'_>) -> PyResult<CallbackAndArgs> {
+        let mut call = self.call.borrow_mut(py);
+        let Some((c, a)) = call.as_mut() else { return Ok((None, None)) };
+        if a.one {
+            *a = CallArgs::tuple(&a.to_tuple(py)?);
         }
+        let t = a.to_tuple(py)?.unbind();
+        Ok((Some(c.clone_ref(py)), Some(t)))
     }
 
     fn repr_info(slf: &Bound<'_, Self>) -> PyResult<Vec<String>> {
@@ -211,7 +290,7 @@ impl Handle {
         if h.is_cancelled() {
             info.push("cancelled".to_owned());
         }
-        let (cb, args) = h.callback_and_args(py);
+        let (cb, args) = h.callback_and_args(py)?;
         if let Some(cb) = cb {
             let c = py::cached(py)?;
             let f = c.format_callback_source.bind(py);
@@ -252,13 +331,13 @@ pub(crate) fn run_handle(py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult
     let h = handle.get();
     // Cloned out, not borrowed across the call: the callback may cancel its own handle.
     let (cb, args) = match h.call.borrow(py).as_ref() {
-        Some((c, a)) => (c.bind(py).clone(), a.bind(py).clone()),
+        Some((c, a)) => (c.bind(py).clone(), a.bind(py)),
         None => return Ok(()),
     };
-    match py::call_in_context(py, &h.context, &cb, &args) {
+    match py::in_context(py, &h.context, || args.call(&cb)) {
         Ok(_) => Ok(()),
         Err(err) if py::is_fatal(py, &err) => Err(err),
-        Err(err) => report_callback_error(py, handle, &cb, &args, err),
+        Err(err) => report_callback_error(py, handle, &cb, &args.to_tuple()?, err),
     }
 }
 
@@ -311,12 +390,12 @@ impl Handle {
 
     #[getter]
     fn _callback(&self, py: Python<'_>) -> Option<Py<PyAny>> {
-        self.callback_and_args(py).0
+        self.call.borrow(py).as_ref().map(|(c, _)| c.clone_ref(py))
     }
 
     #[getter]
-    fn _args(&self, py: Python<'_>) -> Option<Py<PyTuple>> {
-        self.callback_and_args(py).1
+    fn _args(&self, py: Python<'_>) -> PyResult<Option<Py<PyTuple>>> {
+        Ok(self.callback_and_args(py)?.1)
     }
 
     #[getter]
@@ -356,7 +435,7 @@ impl Handle {
         if let Some(call) = self.call.try_borrow_unguarded() {
             if let Some((cb, args)) = call.as_ref() {
                 visit.call(cb)?;
-                visit.call(args)?;
+                visit.call(&args.obj)?;
             }
         }
         visit.call(&self.context)?;
@@ -466,7 +545,7 @@ fn timer_eq(a: &Bound<'_, TimerHandle>, b: &Bound<'_, TimerHandle>) -> PyResult<
     if a.get().when != b.get().when || ha.is_cancelled() != hb.is_cancelled() {
         return Ok(false);
     }
-    Ok(opt_eq(py, &ha._callback(py), &hb._callback(py))? && opt_eq(py, &ha._args(py), &hb._args(py))?)
+    Ok(opt_eq(py, &ha._callback(py), &hb._callback(py))? && opt_eq(py, &ha._args(py)?, &hb._args(py)?)?)
 }
 
 fn opt_eq<T>(py: Python<'_>, a: &Option<Py<T>>, b: &Option<Py<T>>) -> PyResult<bool> {

@@ -229,6 +229,40 @@ def test_handle_repr_names_callback(loop):
     assert repr(h) == "<Handle cancelled>"
 
 
+@pytest.mark.parametrize("method", ["call_soon", "call_later", "call_soon_threadsafe"])
+def test_handle_with_one_argument(loop, handler_calls, method):
+    """One argument (the shape of every Future done callback; ferroloop keeps it without a
+    tuple): `_args` is the same one-tuple each time, a tuple argument stays one argument, the
+    repr in debug mode shows it, and an error reaches the handler with the handle."""
+    schedule = getattr(loop, method)
+    if method == "call_later":
+
+        def schedule(cb, *args):
+            return loop.call_later(0, cb, *args)
+
+    seen = []
+    arg = (1, 2)
+    h = schedule(seen.append, arg)
+    assert h._args == ((1, 2),)
+    assert h._args is h._args
+    assert h._args[0] is arg
+    h2 = schedule(seen.append, "x")
+    loop.set_debug(True)
+    assert "append('x')" in repr(h2)
+    loop.set_debug(False)
+
+    def boom(x):
+        raise ValueError(x)
+
+    h3 = schedule(boom, 7)
+    run_briefly(loop)
+    assert seen == [(1, 2), "x"]
+    assert len(handler_calls) == 1
+    assert isinstance(handler_calls[0]["exception"], ValueError)
+    assert handler_calls[0]["exception"].args == (7,)
+    assert handler_calls[0]["handle"] is h3
+
+
 def test_handle_repr_shows_args_in_debug(loop):
     # Python 3.12+ shows the arguments only in debug mode.
     loop.set_debug(True)

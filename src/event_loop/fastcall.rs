@@ -25,10 +25,10 @@ use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyTuple;
 use pyo3::{intern, Borrowed, PyTypeInfo};
 
 use super::LoopCore;
+use crate::handles::CallArgs;
 use crate::py;
 
 /// The arguments of one call: the fixed parameters (at most two), the rest of the
@@ -152,11 +152,17 @@ impl<'a, 'py> Args<'a, 'py> {
         unsafe { Borrowed::from_ptr(self.py, self.fixed[i]) }
     }
 
-    /// The positionals after the fixed ones, as the callback's argument tuple.
-    fn rest(&self) -> PyResult<Bound<'py, PyTuple>> {
+    /// The positionals after the fixed ones, as the handle keeps them: a single one bare
+    /// (`CallArgs`), any other number as a tuple.
+    #[inline(always)]
+    fn rest(&self) -> PyResult<CallArgs> {
         let items = self.rest;
+        if let [one] = items {
+            // SAFETY: a live pointer borrowed from the vector for the call.
+            return Ok(CallArgs::one(unsafe { Borrowed::from_ptr(self.py, *one) }.to_owned().unbind()));
+        }
         if items.is_empty() {
-            return Ok(PyTuple::empty(self.py));
+            return Ok(CallArgs::empty(self.py));
         }
         // SAFETY: PyTuple_New returns a new tuple with `len` NULL slots, or NULL with an
         // exception set; each slot is filled once with a new reference, as PyTuple_SET_ITEM
@@ -167,7 +173,7 @@ impl<'a, 'py> Args<'a, 'py> {
                 ffi::Py_INCREF(item);
                 ffi::PyTuple_SET_ITEM(t.as_ptr(), i as ffi::Py_ssize_t, item);
             }
-            Ok(t.cast_into_unchecked())
+            Ok(CallArgs::tuple(&t.cast_into_unchecked()))
         }
     }
 
@@ -330,7 +336,7 @@ unsafe fn call_soon(
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: CPython's METH_FASTCALL | METH_KEYWORDS convention (see `Args::parse`, `this`).
     let (a, slf) = unsafe { (Args::parse(py, "call_soon", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
-    let h = LoopCore::call_soon(&slf, &a.get(0), &a.rest()?, a.context())?;
+    let h = LoopCore::call_soon(&slf, &a.get(0), a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
 
@@ -344,7 +350,7 @@ unsafe fn call_soon_threadsafe(
     // SAFETY: as in `call_soon`.
     let (a, slf) =
         unsafe { (Args::parse(py, "call_soon_threadsafe", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
-    let h = LoopCore::call_soon_threadsafe(&slf, &a.get(0), &a.rest()?, a.context())?;
+    let h = LoopCore::call_soon_threadsafe(&slf, &a.get(0), a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
 
@@ -358,7 +364,7 @@ unsafe fn call_later(
     // SAFETY: as in `call_soon`.
     let (a, slf) =
         unsafe { (Args::parse(py, "call_later", &["delay", "callback"], args, nargs, kwnames)?, this(py, slf)) };
-    let h = LoopCore::call_later(&slf, &a.get(0), &a.get(1), &a.rest()?, a.context())?;
+    let h = LoopCore::call_later(&slf, &a.get(0), &a.get(1), a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
 
@@ -371,7 +377,7 @@ unsafe fn call_at(
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: as in `call_soon`.
     let (a, slf) = unsafe { (Args::parse(py, "call_at", &["when", "callback"], args, nargs, kwnames)?, this(py, slf)) };
-    let h = LoopCore::call_at(&slf, &a.get(0), &a.get(1), &a.rest()?, a.context())?;
+    let h = LoopCore::call_at(&slf, &a.get(0), &a.get(1), a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
 

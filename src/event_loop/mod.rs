@@ -25,7 +25,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3::{intern, PyTraverseError};
 
-use crate::handles::{self, Handle, TimerHandle};
+use crate::handles::{self, CallArgs, Handle, TimerHandle};
 use crate::py::{self, GilCell};
 use crate::reactor::{Reactor, Which};
 use crate::sockops::{self, Kind, SockOp};
@@ -196,7 +196,7 @@ impl LoopCore {
     fn new_handle(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: CallArgs,
         context: Option<Bound<'_, PyAny>>,
         debug: bool,
     ) -> PyResult<Py<Handle>> {
@@ -244,7 +244,7 @@ impl LoopCore {
         when: f64,
         when_obj: Option<&Bound<'_, PyAny>>,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: CallArgs,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         let py = slf.py();
@@ -254,7 +254,7 @@ impl LoopCore {
         let base = Handle::new(
             py,
             callback.clone().unbind(),
-            args.clone().unbind(),
+            args,
             slf.clone().into_any().unbind(),
             context.map(Bound::unbind),
             debug,
@@ -270,7 +270,7 @@ impl LoopCore {
     pub(crate) fn call_soon(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: CallArgs,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
         Self::queue_soon(slf, callback, args, context, "call_soon", false)
@@ -279,7 +279,7 @@ impl LoopCore {
     pub(crate) fn call_soon_threadsafe(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: CallArgs,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
         let h = Self::queue_soon(slf, callback, args, context, "call_soon_threadsafe", true)?;
@@ -291,7 +291,7 @@ impl LoopCore {
     fn queue_soon(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: CallArgs,
         context: Option<Bound<'_, PyAny>>,
         method: &str,
         any_thread: bool,
@@ -308,7 +308,7 @@ impl LoopCore {
         slf: &Bound<'_, Self>,
         delay: &Bound<'_, PyAny>,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: CallArgs,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         if delay.is_none() {
@@ -323,7 +323,7 @@ impl LoopCore {
         slf: &Bound<'_, Self>,
         when: &Bound<'_, PyAny>,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: CallArgs,
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<TimerHandle>> {
         if when.is_none() {
@@ -511,7 +511,7 @@ impl LoopCore {
             return Err(closed_err());
         }
         let fd = checked_fd(number)?;
-        let handle = Self::new_handle(slf, callback, args, None, debug)?;
+        let handle = Self::new_handle(slf, callback, CallArgs::tuple(args), None, debug)?;
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
             let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
@@ -649,7 +649,7 @@ impl LoopCore {
         args: &Bound<'_, PyTuple>,
     ) -> PyResult<Py<Handle>> {
         let debug = slf.get().debug(slf.py());
-        Self::new_handle(slf, callback, args, None, debug)
+        Self::new_handle(slf, callback, CallArgs::tuple(args), None, debug)
     }
 
     /// Queue an existing handle (asyncio's `_add_callback`).

@@ -141,7 +141,7 @@ pub(crate) fn install(py: Python<'_>) -> PyResult<()> {
     let probe = Handle::new(
         py,
         none.clone_ref(py),
-        pyo3::types::PyTuple::empty(py).unbind(),
+        super::CallArgs::tuple(&pyo3::types::PyTuple::empty(py)),
         none.clone_ref(py),
         Some(none),
         false,
