@@ -273,14 +273,26 @@ impl Handle {
 
     /// The callback and its arguments as a tuple. A single argument becomes that tuple here,
     /// kept from then on (see `CallArgs`).
+    /// The tuple is made with no borrow held (an allocation can run the GC, and its
+    /// callbacks Python code that reads `_args`).
     fn callback_and_args(&self, py: Python<'_>) -> PyResult<CallbackAndArgs> {
-        let mut call = self.call.borrow_mut(py);
-        let Some((c, a)) = call.as_mut() else { return Ok((None, None)) };
+        let (c, a) = match self.call.borrow(py).as_ref() {
+            Some((c, a)) => (c.clone_ref(py), a.bind(py)),
+            None => return Ok((None, None)),
+        };
+        let mut t = a.to_tuple()?;
         if a.one {
-            *a = CallArgs::tuple(&a.to_tuple(py)?);
+            let mut call = self.call.borrow_mut(py);
+            if let Some((_, cur)) = call.as_mut() {
+                if cur.one {
+                    *cur = CallArgs::tuple(&t);
+                } else {
+                    // Kept by a read that ran meanwhile: hand out that one.
+                    t = cur.to_tuple(py)?;
+                }
+            }
         }
-        let t = a.to_tuple(py)?.unbind();
-        Ok((Some(c.clone_ref(py)), Some(t)))
+        Ok((Some(c), Some(t.unbind())))
     }
 
     fn repr_info(slf: &Bound<'_, Self>) -> PyResult<Vec<String>> {
