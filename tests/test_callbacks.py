@@ -923,3 +923,23 @@ def test_dropped_loop_is_freed_after_call_soon_was_looked_up(loop_factory):
     del lp
     gc.collect()
     assert ref() is None
+
+
+def test_call_soon_cache_is_installed_where_it_pays():
+    """ferroloop hands out one bound `call_soon` per loop on 3.10/3.11, where `_asyncio` looks
+    it up per Task step (docs/DESIGN.md, "Speed notes"), and leaves the plain method on 3.12+,
+    where it would only add a call. A refactor that drops either way shows here."""
+    import ferroloop
+    from ferroloop import _ferroloop
+
+    lp = ferroloop.new_event_loop()
+    try:
+        if sys.version_info < (3, 12):
+            assert isinstance(ferroloop.Loop.__dict__["call_soon"], _ferroloop.CachedCallSoon)
+            assert lp.call_soon is lp.call_soon
+        else:
+            assert "call_soon" not in ferroloop.Loop.__dict__
+            assert lp.call_soon is not lp.call_soon
+        assert lp.call_soon.__self__ is lp
+    finally:
+        lp.close()
