@@ -272,9 +272,8 @@ impl Handle {
     }
 
     /// The callback and its arguments as a tuple. A single argument becomes that tuple here,
-    /// kept from then on (see `CallArgs`).
-    /// The tuple is made with no borrow held (an allocation can run the GC, and its
-    /// callbacks Python code that reads `_args`).
+    /// kept from then on (see `CallArgs`). The tuple is made with no borrow held: an
+    /// allocation can run the GC, and its callbacks Python code that reads `_args`.
     fn callback_and_args(&self, py: Python<'_>) -> PyResult<CallbackAndArgs> {
         let (c, a) = match self.call.borrow(py).as_ref() {
             Some((c, a)) => (c.clone_ref(py), a.bind(py)),
