@@ -560,6 +560,46 @@ def test_call_soon_threadsafe_wakeups_are_not_lost(loop):
     loop.run_until_complete(main())
 
 
+def test_call_soon_threadsafe_bursts_run_in_order_with_their_arguments(loop):
+    """Another thread schedules bursts of thousands of callbacks while the loop runs the
+    previous ones (ferroloop recycles the handles the loop frees for the thread's next
+    burst): every callback runs once, in the order scheduled, with its own argument, and a
+    handle kept by the caller still says what it was made for."""
+    bursts, per_burst = 4, 6000
+    total = bursts * per_burst
+    seen = []
+    kept = []
+
+    async def main():
+        done = loop.create_future()
+
+        def cb(i):
+            seen.append(i)
+            if len(seen) == total:
+                done.set_result(None)
+
+        def producer():
+            for b in range(bursts):
+                for i in range(b * per_burst, (b + 1) * per_burst):
+                    h = loop.call_soon_threadsafe(cb, i)
+                    if i % 997 == 0:
+                        kept.append((i, h))
+                time.sleep(0.01)
+
+        t = threading.Thread(target=producer)
+        t.start()
+        try:
+            await asyncio.wait_for(done, 30)
+        finally:
+            t.join()
+
+    loop.run_until_complete(main())
+    assert seen == list(range(total))
+    for i, h in kept:
+        assert not h.cancelled()
+        assert h._args == (i,)
+
+
 def test_call_soon_threadsafe_handle_can_be_cancelled(loop):
     seen = []
     h = loop.call_soon_threadsafe(seen.append, 1)
