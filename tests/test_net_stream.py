@@ -651,9 +651,9 @@ def test_echo_protocol(loop, net):
 
 
 def test_echo_protocol_messages_of_changing_sizes(loop, net):
-    """Round trips whose sizes jump up and down (ferroloop sizes each read from the
-    transport's last one, and a larger message than predicted must still arrive whole): every
-    byte comes back, in order, and each chunk handed to data_received is non-empty bytes."""
+    """Round trips whose sizes jump up and down, across the loops' read sizes (a guard for
+    any read-size heuristic): every byte comes back, in order, and each chunk handed to
+    data_received is non-empty bytes."""
     sizes = [1, 10_240, 10_240, 5_000, 12_800, 12_801, 70_000, 100, 65_536, 4_096, 300_000]
     sizes += [3, 10_240]
 

@@ -63,9 +63,6 @@ struct State {
     closing: bool,
     eof: bool,
     conn_lost: u32,
-    /// What the last read returned, or twice it when it filled its buffer: the size of the
-    /// next one (`recv_hinted`).
-    read_hint: usize,
     protocol_paused: bool,
     high_water: usize,
     low_water: usize,
@@ -299,49 +296,17 @@ pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Re
     r
 }
 
-/// A transport's reads predicted at least this large go straight into a new `bytes`.
-const HINTED_DIRECT_MIN: usize = 4 * 1024;
-
-/// One `recv` of at most `limit` bytes into a new `bytes`, for a stream transport whose last
-/// read asked `*hint` (updated here). A read predicted large (`*hint` of 4 KiB or more) goes
-/// straight into a `bytes` a quarter larger than the prediction, shrunk to what arrived: no
-/// copy, and a small shrink (a 64 KiB allocation shrunk to 10 KiB gives most of it back to
-/// malloc, which then trims and regrows the heap). Smaller reads use the shared buffer and
-/// copy. A read that fills its buffer doubles the next one (up to `limit`); any other read
-/// predicts its own size. Only the sizes of `data_received` chunks change, which asyncio
-/// leaves unspecified.
-fn recv_hinted<'py>(
-    py: Python<'py>,
-    fd: RawFd,
-    limit: usize,
-    hint: &mut usize,
-) -> std::io::Result<Bound<'py, PyBytes>> {
-    let direct = (*hint >= HINTED_DIRECT_MIN).then(|| (*hint + *hint / 4).next_multiple_of(1024).min(limit));
-    let (r, cap) = match direct.and_then(|cap| {
-        // SAFETY: `ptr` is writable for `cap` bytes for the duration of the call.
-        py::bytes_filled_by(py, cap, |ptr, cap| unsafe { sys::recv_raw(fd, ptr, cap) }).map(|r| (r, cap))
-    }) {
-        Some(rc) => rc,
-        None => (recv_bytes(py, fd, limit), limit),
-    };
-    if let Ok(b) = &r {
-        let n = b.as_bytes().len();
-        *hint = if n >= cap { (cap * 2).min(limit) } else { n };
-    }
-    r
-}
-
 /// Readable: one `recv`, handed to the protocol.
 pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let me = slf.get();
-    let (protocol, buffered, mut hint) = {
+    let (protocol, buffered) = {
         let st = me.st.borrow(py);
         if !st.reading || st.conn_lost > 0 {
             return Ok(());
         }
         match &st.protocol {
-            Some(p) => (p.clone_ref(py), st.buffered, st.read_hint),
+            Some(p) => (p.clone_ref(py), st.buffered),
             None => return Ok(()),
         }
     };
@@ -387,8 +352,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
     } else {
-        let r = recv_hinted(py, me.fd, TRANSPORT_READ, &mut hint);
-        me.st.borrow_mut(py).read_hint = hint;
+        let r = recv_bytes(py, me.fd, TRANSPORT_READ);
         match r {
             Ok(data) if data.as_bytes().is_empty() => {
                 me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py))
@@ -479,7 +443,6 @@ impl StreamCore {
                 closing: false,
                 eof: false,
                 conn_lost: 0,
-                read_hint: 0,
                 protocol_paused: false,
                 high_water: 64 * 1024,
                 low_water: 16 * 1024,
