@@ -315,51 +315,6 @@ extern "C" {
     fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> std::os::raw::c_int;
 }
 
-/// Like `bytes_filled_by`, but `fill` also gets `spill`, where it writes what does not fit in
-/// the `cap` bytes; the `bytes` then grows to hold that too (one copy of the spilled part).
-/// `fill(ptr, cap, spill_ptr, spill_len)` returns how many bytes it wrote in all.
-pub fn bytes_filled_split<'py>(
-    py: Python<'py>,
-    cap: usize,
-    spill: &mut [u8],
-    fill: impl FnOnce(*mut u8, usize, *mut u8, usize) -> std::io::Result<usize>,
-) -> Option<std::io::Result<Bound<'py, pyo3::types::PyBytes>>> {
-    // SAFETY: as in `bytes_filled_by`.
-    let mut obj = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), cap as ffi::Py_ssize_t) };
-    if obj.is_null() {
-        drop(PyErr::fetch(py));
-        return None;
-    }
-    // SAFETY: `obj` is a fresh bytes object of `cap` bytes that nobody else has seen yet.
-    let data = unsafe { ffi::PyBytes_AsString(obj) }.cast::<u8>();
-    let n = match fill(data, cap, spill.as_mut_ptr(), spill.len()) {
-        Ok(n) => n.min(cap + spill.len()),
-        Err(e) => {
-            // SAFETY: drops the only reference to `obj`.
-            unsafe { ffi::Py_DecRef(obj) };
-            return Some(Err(e));
-        }
-    };
-    // SAFETY: `obj` has exactly one reference (ours), as `_PyBytes_Resize` requires; it may
-    // move the object (updating `obj`) or, on failure, free it and set `obj` to NULL.
-    if n != cap && unsafe { _PyBytes_Resize(&mut obj, n as ffi::Py_ssize_t) } < 0 {
-        drop(PyErr::fetch(py));
-        return Some(Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory)));
-    }
-    if n > cap {
-        // SAFETY: `obj` now holds `n` bytes, and `spill` holds the `n - cap` that arrived past
-        // the first `cap`; the two do not overlap (`spill` is not Python memory).
-        unsafe {
-            let data = ffi::PyBytes_AsString(obj).cast::<u8>();
-            std::ptr::copy_nonoverlapping(spill.as_ptr(), data.add(cap), n - cap);
-        }
-    }
-    // SAFETY: `obj` is a valid bytes object whose one reference we own.
-    let any = unsafe { Bound::from_owned_ptr(py, obj) };
-    // SAFETY: it was created by PyBytes_FromStringAndSize, so it is a bytes object.
-    Some(Ok(unsafe { any.cast_into_unchecked::<pyo3::types::PyBytes>() }))
-}
-
 /// Fill a new `bytes` of `cap` bytes with `fill` (which returns how many bytes it wrote) and
 /// shrink it to that length: what CPython's `socket.recv` does, with no copy. `None` when the
 /// bytes object could not be allocated (nothing was read then).

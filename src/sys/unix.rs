@@ -200,27 +200,6 @@ pub unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize>
     }
 }
 
-/// One `recvmsg(2)` into two buffers in turn (what arrives past the first `len1` bytes goes
-/// into the second).
-///
-/// # Safety
-/// `ptr1` is writable for `len1` bytes and `ptr2` for `len2`, for the duration of the call.
-pub unsafe fn recv_two(fd: RawFd, ptr1: *mut u8, len1: usize, ptr2: *mut u8, len2: usize) -> io::Result<usize> {
-    let mut iov =
-        [libc::iovec { iov_base: ptr1.cast(), iov_len: len1 }, libc::iovec { iov_base: ptr2.cast(), iov_len: len2 }];
-    // SAFETY: an all-zero msghdr is valid (no name, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: `msg` points at two iovecs over memory the caller guarantees writable.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// `send(2)` without SIGPIPE (a closed peer is an EPIPE error, as in Python) and without
 /// blocking (`MSG_DONTWAIT`).
 pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {

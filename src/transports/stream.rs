@@ -63,8 +63,6 @@ struct State {
     closing: bool,
     eof: bool,
     conn_lost: u32,
-    /// The sizes of the last two reads (`recv_predicted`).
-    last_reads: [usize; 2],
     protocol_paused: bool,
     high_water: usize,
     low_water: usize,
@@ -298,53 +296,17 @@ pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Re
     r
 }
 
-/// A transport's reads predicted at least this large go straight into a new `bytes`.
-const PREDICTED_MIN: usize = 4 * 1024;
-
-/// One `recv` of at most `limit` bytes into a new `bytes`, for a stream transport whose last
-/// two reads were `last` (updated here). The read always takes what is queued, up to
-/// `limit`, as a plain `recv` does. When the larger of the last two reads is 4 KiB or more,
-/// the first bytes go straight into a `bytes` a quarter larger than it (rounded up to 1 KiB),
-/// and anything past that into the shared buffer, in the same `recvmsg`. The `bytes` is then
-/// shrunk to what arrived, or grown to take the spilled part. A steady message size thus
-/// costs no copy and only a small shrink. Smaller reads use the shared buffer and copy.
-fn recv_predicted<'py>(
-    py: Python<'py>,
-    fd: RawFd,
-    limit: usize,
-    last: &mut [usize; 2],
-) -> std::io::Result<Bound<'py, PyBytes>> {
-    let predicted = last[0].max(last[1]);
-    let direct = if predicted >= PREDICTED_MIN {
-        let cap = (predicted + predicted / 4).next_multiple_of(1024).min(limit);
-        READ_BUF.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => py::bytes_filled_split(py, cap, &mut buf[..limit - cap], |p1, l1, p2, l2| {
-                // SAFETY: `p1` is writable for `l1` bytes and `p2` for `l2`, during the call.
-                unsafe { sys::recv_two(fd, p1, l1, p2, l2) }
-            }),
-            Err(_) => None,
-        })
-    } else {
-        None
-    };
-    let r = direct.unwrap_or_else(|| recv_bytes(py, fd, limit));
-    if let Ok(b) = &r {
-        *last = [last[1], b.as_bytes().len()];
-    }
-    r
-}
-
 /// Readable: one `recv`, handed to the protocol.
 pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let me = slf.get();
-    let (protocol, buffered, mut last_reads) = {
+    let (protocol, buffered) = {
         let st = me.st.borrow(py);
         if !st.reading || st.conn_lost > 0 {
             return Ok(());
         }
         match &st.protocol {
-            Some(p) => (p.clone_ref(py), st.buffered, st.last_reads),
+            Some(p) => (p.clone_ref(py), st.buffered),
             None => return Ok(()),
         }
     };
@@ -390,8 +352,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
     } else {
-        let r = recv_predicted(py, me.fd, TRANSPORT_READ, &mut last_reads);
-        me.st.borrow_mut(py).last_reads = last_reads;
+        let r = recv_bytes(py, me.fd, TRANSPORT_READ);
         match r {
             Ok(data) if data.as_bytes().is_empty() => {
                 me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py))
@@ -482,7 +443,6 @@ impl StreamCore {
                 closing: false,
                 eof: false,
                 conn_lost: 0,
-                last_reads: [0, 0],
                 protocol_paused: false,
                 high_water: 64 * 1024,
                 low_water: 16 * 1024,
