@@ -30,7 +30,7 @@ const HANDLE_CAPACITY: usize = 32 * 1024;
 /// Timer handles: a burst of 1000 timers fits. Kept small: cancelled timers are freed in bulk
 /// (500,000 at once in the memory benchmark), and what a list keeps is not given back.
 const TIMER_CAPACITY: usize = 1024;
-/// What each list reserves at start; it grows (by doubling) up to its capacity.
+/// What each list reserves at start; it grows (by doubling) up to its `cap`.
 const INITIAL: usize = 1024;
 
 struct List {
@@ -86,10 +86,9 @@ unsafe extern "C" fn free(obj: *mut c_void) {
     // is untracked and whose contents are dropped; its type pointer is still valid.
     unsafe {
         if let Some(list) = list_for(ffi::Py_TYPE(obj)) {
-            let len = list.free.len();
-            // Grow by doubling with `try_reserve`: a failed allocation frees the block
-            // instead of aborting the process.
-            if len < list.cap && (len < list.free.capacity() || list.free.try_reserve_exact(len.max(INITIAL)).is_ok()) {
+            // `try_reserve` does nothing while there is room, else doubles the list; a failed
+            // growth frees the block instead of aborting the process.
+            if list.free.len() < list.cap && list.free.try_reserve(1).is_ok() {
                 list.free.push(obj);
                 return;
             }
