@@ -9,40 +9,43 @@ pinned to CPU 1) alternates between them, SECONDS each, in ABBA order, so both s
 machine in nearly the same state. Prints every pair (CPU per request, the servers' busy share,
 requests/s) and the median of the per-pair ratios A / B. For small changes on a noisy machine,
 where a full run's rounds are seconds apart (docs/DESIGN.md, "Benchmarks"). Check req/s too: a
-change can lower CPU per request while a stall lowers throughput.
+change can lower CPU per request while a stall lowers throughput. Servers and the load client
+are started and run by ``netbench.py``'s own helpers.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-LOADGEN = os.path.join(HERE, "loadgen", "target", "release", "loadgen")
+import netbench
+
+SERVER_CPU, CLIENT_CPU = 0, 1
 
 
 def start(spec: str, style: str, transport: str, path: str):
+    """A running echo server for ``LOOP[@PYTHON]``; (server, loadgen address arguments)."""
     loop, _, python = spec.partition("@")
-    argv = [python or sys.executable, os.path.join(HERE, "_server.py"), loop, style]
-    argv += ["--unix", path] if transport == "unix" else ["--tcp"]
-    proc = subprocess.Popen(["taskset", "-c", "0", *argv], stdout=subprocess.PIPE, text=True)
-    info = json.loads(proc.stdout.readline())
-    if not info.get("ready"):
-        raise SystemExit(f"{spec}: {info}")
-    target = ["--unix", path] if transport == "unix" else ["--tcp", f"127.0.0.1:{info['port']}"]
-    return proc, target
+    where = ["--unix", path] if transport == "unix" else ["--tcp"]
+    argv = [python or sys.executable, netbench.SERVER, loop, style, *where]
+    srv = netbench.Server(argv + ["--max-seconds", "3600"], SERVER_CPU, netbench._env(loop))
+    try:
+        info = srv.ready_line(timeout=60)
+    except netbench.NetError as exc:
+        srv.stop()
+        raise SystemExit(f"{spec}: {exc}") from None
+    return srv, where if transport == "unix" else ["--tcp", f"127.0.0.1:{info['port']}"]
 
 
-def measure(proc, target, size: int, seconds: float, warmup: float) -> dict:
-    argv = ["taskset", "-c", "1", LOADGEN, "echo", *target, "--conns", "10"]
+def measure(srv, target, size: int, seconds: float, warmup: float) -> dict:
+    argv = [netbench.LOADGEN, "echo", *target, "--conns", str(netbench.ECHO_CONNS)]
     argv += ["--size", str(size), "--duration", str(seconds), "--warmup", str(warmup)]
-    argv += ["--server-pid", str(proc.pid)]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    res = netbench._run_json(argv + ["--server-pid", str(srv.pid)], CLIENT_CPU, 60 + 3 * seconds)
+    if not res.get("ok"):
+        raise SystemExit(f"loadgen: {res.get('error')}")
+    return res
 
 
 def main() -> int:
@@ -51,13 +54,15 @@ def main() -> int:
         return 2
     style, size, transport = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     pairs, seconds, specs = int(sys.argv[4]), float(sys.argv[5]), sys.argv[6:8]
-    if not os.path.exists(LOADGEN):
+    if not os.path.exists(netbench.LOADGEN):
         raise SystemExit("build bench/loadgen first (run.py does: cargo build --release)")
     with tempfile.TemporaryDirectory(prefix="ferroloop-ab-") as tmp:
-        servers = [start(s, style, transport, f"{tmp}/{i}.sock") for i, s in enumerate(specs)]
+        servers = []
         try:
-            for proc, target in servers:
-                measure(proc, target, size, 0.5, 0.2)
+            for i, spec in enumerate(specs):
+                servers.append(start(spec, style, transport, f"{tmp}/{i}.sock"))
+            for srv, target in servers:
+                measure(srv, target, size, 0.5, 0.2)
             ratios = []
             for p in range(pairs):
                 order = [0, 1] if p % 2 == 0 else [1, 0]
@@ -71,9 +76,8 @@ def main() -> int:
                 )
                 print(f"pair {p}: ratio {ratios[-1]:.3f}  [{detail}]", flush=True)
         finally:
-            for proc, _ in servers:
-                proc.kill()
-                proc.wait()
+            for srv, _ in servers:
+                srv.stop()
     print(f"{style} {transport} {size}: median ratio {statistics.median(ratios):.3f}, "
           f"{sum(r < 1 for r in ratios)} of {pairs} pairs below 1")  # fmt: skip
     return 0
