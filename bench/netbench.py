@@ -469,24 +469,104 @@ def _start_echo_server(style: str, transport: str, loop: str, tools: Tools, path
 
 def _echo_group(g: Group, loop: str, cfg: dict, tools: Tools, tmp: str) -> dict[str, dict]:
     srv, target = _start_echo_server(g.style, g.transport, loop, tools, f"{tmp}/echo.sock")
-    out = {}
     try:
-        for row in g.rows:
-            if not srv.alive():
-                out[row.name] = {"ok": False, "error": srv.failure("died")}
-                continue
-            argv = [tools.loadgen, "echo", *target, "--conns", str(row.conns)]
-            argv += ["--size", str(row.size), "--duration", str(cfg["echo_duration"])]
-            argv += ["--warmup", str(cfg["echo_warmup"]), "--server-pid", str(srv.pid)]
-            res = _run_json(argv, tools.client_cpu, timeout=60 + 3 * cfg["echo_duration"])
-            if not res.get("ok") and not srv.alive():
-                res["error"] = f"{res.get('error')}; {srv.failure('died')}"
-            if res.get("ok"):
-                res["cpu_us_per_req"] = res.get("server_cpu_us_per_req")
-            out[row.name] = res
+        return {
+            row.name: _echo_run(srv, target, row, cfg["echo_duration"], cfg["echo_warmup"], tools)
+            for row in g.rows
+        }
     finally:
         srv.stop()
+
+
+#: --full's echo windows are cut into slices of at most this many seconds, taken in turn
+ECHO_SLICE = 0.5
+#: warm-up of every slice after a loop's first in a row: loadgen's fresh connections settle
+SLICE_WARMUP = 0.05
+
+
+def run_echo_interleaved(g: Group, loops: list[str], cfg: dict, tools: Tools):
+    """Every loop's echo server for ``g`` up at once (all pinned to the server core); per row,
+    ``loadgen`` (on the client core) measures them in turn, ABCD DCBA, in slices of at most
+    ``ECHO_SLICE`` seconds, until each has ``echo_duration`` seconds measured; the slices are
+    summed per loop (``merge``). Loops are compared over the same seconds of a machine whose
+    speed drifts, instead of seconds apart. loop -> {row name -> result}."""
+    out: dict[str, dict] = {loop: {} for loop in loops}
+    if tools.loadgen is None:
+        for loop in loops:
+            out[loop] = {r.name: {"ok": False, "error": tools.loadgen_error} for r in g.rows}
+        return out
+    slices = max(1, round(cfg["echo_duration"] / ECHO_SLICE))
+    window = cfg["echo_duration"] / slices
+    with tempfile.TemporaryDirectory(prefix="ferroloop-bench-") as tmp:
+        servers: dict[str, tuple] = {}
+        try:
+            for i, loop in enumerate(loops):
+                try:
+                    servers[loop] = _start_echo_server(
+                        g.style, g.transport, loop, tools, f"{tmp}/echo{i}.sock"
+                    )
+                except NetError as exc:
+                    out[loop] = {r.name: {"ok": False, "error": str(exc)} for r in g.rows}
+            for row in g.rows:
+                parts: dict[str, list] = {loop: [] for loop in servers}
+                for k in range(slices):
+                    for loop in list(servers) if k % 2 == 0 else list(servers)[::-1]:
+                        if parts[loop] is None:
+                            continue  # failed in an earlier slice
+                        srv, target = servers[loop]
+                        warm = (
+                            cfg["echo_warmup"] if k == 0 else min(SLICE_WARMUP, cfg["echo_warmup"])
+                        )
+                        res = _echo_run(srv, target, row, window, warm, tools)
+                        if res.get("ok"):
+                            parts[loop].append(res)
+                        else:
+                            out[loop][row.name], parts[loop] = res, None
+                for loop, got in parts.items():
+                    if got:
+                        out[loop][row.name] = merge(got)
+        finally:
+            for srv, _ in servers.values():
+                srv.stop()
     return out
+
+
+def merge(parts: list[dict]) -> dict:
+    """One echo result from loadgen's slices: totals and rates over all of them; p50/p99 are
+    the medians of the slices' (each slice has thousands of requests)."""
+    out = dict(parts[0])
+    for key in ("requests", "wall_s", "client_cpu_s", "server_cpu_s", "verified_full"):
+        if all(key in p for p in parts):
+            out[key] = sum(p[key] for p in parts)
+    n, wall = out["requests"], out["wall_s"]
+    out["req_per_s"] = n / wall
+    out["mean_us"] = sum(p["mean_us"] * p["requests"] for p in parts) / n
+    out["max_us"] = max(p["max_us"] for p in parts)
+    out["client_busy"] = out["client_cpu_s"] / wall
+    for key in ("p50_us", "p99_us"):
+        out[key] = statistics.median(p[key] for p in parts)
+    if "server_cpu_s" in out:
+        out["server_cpu_us_per_req"] = out["server_cpu_s"] * 1e6 / n
+        out["server_busy"] = out["server_cpu_s"] / wall
+        out["cpu_us_per_req"] = out["server_cpu_us_per_req"]
+    out["slices"] = len(parts)
+    return out
+
+
+def _echo_run(srv: Server, target: list[str], row: Row, seconds: float, warmup: float,
+              tools: Tools) -> dict:  # fmt: skip
+    """One ``loadgen echo`` window against a running server."""
+    if not srv.alive():
+        return {"ok": False, "error": srv.failure("died")}
+    argv = [tools.loadgen, "echo", *target, "--conns", str(row.conns)]
+    argv += ["--size", str(row.size), "--duration", str(seconds)]
+    argv += ["--warmup", str(warmup), "--server-pid", str(srv.pid)]
+    res = _run_json(argv, tools.client_cpu, timeout=60 + 3 * seconds)
+    if not res.get("ok") and not srv.alive():
+        res["error"] = f"{res.get('error')}; {srv.failure('died')}"
+    if res.get("ok"):
+        res["cpu_us_per_req"] = res.get("server_cpu_us_per_req")
+    return res
 
 
 def _http_check(port: int, n: int) -> None:
@@ -756,8 +836,10 @@ def report(summaries: list[dict], loops: list[str], rounds: int, cfg: dict) -> s
         ]
         parts.append(
             f"### Echo servers: server CPU per request, µs ({n}; lower is better)\n\n"
-            f"{ECHO_CONNS} connections, closed loop, {cfg['echo_duration']} s measured after "
-            f"{cfg['echo_warmup']} s warm-up; server pinned to one core, loadgen to the other. "
+            f"{ECHO_CONNS} connections, closed loop, {cfg['echo_duration']} s measured per loop "
+            f"after {cfg['echo_warmup']} s warm-up, every loop's server up at once and measured "
+            f"in turn in slices of at most {ECHO_SLICE} s; server pinned to one core, loadgen to "
+            "the other. "
             "`floor`: loadgen's own epoll echo server. Bar: ferro÷uvloop ≤ bar.\n\n"
             + _table(
                 ["workload", *cols, "ferro÷uvloop", "(rounds)", "bar", "result"],

@@ -3,9 +3,10 @@
 Every measurement runs in a fresh subprocess: ``_worker.py`` for the loop microbenchmarks
 (``micro.py``), a fresh server (``_server.py``, uvicorn, or loadgen's floor server) for the
 network workloads (``netbench.py``). Loops are compared in one run, interleaved in rotating
-order over several rounds; the report gives, per workload, the median over rounds of each
-loop's figure and the median of the per-round ratios ferroloop ÷ uvloop and ferroloop ÷
-asyncio. See bench/README.md.
+order over several rounds; within a round, every loop's worker (or echo server) is up at once
+and they take measured calls (load slices) in turn, ABCD DCBA. The report gives, per workload,
+the median over rounds of each loop's figure and the median of the per-round ratios ferroloop
+÷ uvloop and ferroloop ÷ asyncio. See bench/README.md.
 
 Installs nothing but bench/loadgen, which it builds with cargo when its binary is missing or
 stale: the loops it compares are imported in the workers if they are installed (see
@@ -23,6 +24,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -100,6 +102,91 @@ def run_worker(argv: list[str], timeout: float) -> dict:
         result["ok"] = False
         result.setdefault("error", f"worker killed by signal {-proc.returncode}")
     return result
+
+
+class Served:
+    """A ``_worker.py --serve`` process: one loop, one workload, driven call by call."""
+
+    def __init__(self, loop: str, argv: list[str], timeout: float):
+        self.loop, self.timeout = loop, timeout
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, WORKER, loop, *argv, "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+        )
+
+    def reply(self) -> dict:
+        """The worker's next JSON line; a failure (``"ok": false``, its last word) raises."""
+        line = netbench._readline(self.proc, self.timeout)
+        if line is None:
+            self.err.seek(0)
+            tail = (self.err.read().decode(errors="replace").strip().splitlines() or [""])[-1]
+            state = "running" if self.proc.poll() is None else f"exit {self.proc.returncode}"
+            raise WorkerError({"ok": False, "error": f"worker {state}: {tail[:300]}".rstrip(": ")})
+        msg = json.loads(line)
+        if msg.get("ok") is False:
+            raise WorkerError(msg)
+        return msg
+
+    def ask(self, cmd: str) -> dict:
+        try:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the worker is gone: reply() says why
+        return self.reply()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.err):
+            f.close()
+
+
+class WorkerError(Exception):
+    pass
+
+
+def run_interleaved(loops: list[str], argv: list[str], duration: float, timeout: float):
+    """One round of a throughput workload with every loop's worker up at once: each calibrates
+    in turn, then they take measured calls in turn, in ABCD DCBA order, until every loop has
+    ``duration`` seconds of measured wall time. Loops are compared over the same seconds of a
+    machine whose speed drifts, instead of seconds apart. loop -> worker result."""
+    workers: dict[str, Served] = {}
+    out: dict[str, dict] = {}
+    try:
+        for loop in loops:
+            workers[loop] = Served(loop, argv, timeout)
+        for loop in loops:
+            try:
+                workers[loop].reply()  # ready
+                workers[loop].ask("calibrate")
+            except WorkerError as exc:
+                out[loop] = exc.args[0]
+        live = [lp for lp in loops if lp not in out]
+        wall = dict.fromkeys(live, 0.0)
+        turn = 0
+        while live and min(wall[lp] for lp in live) < duration:
+            for loop in live if turn % 2 == 0 else live[::-1]:
+                try:
+                    wall[loop] += workers[loop].ask("call")["wall_s"]
+                except WorkerError as exc:
+                    out[loop] = exc.args[0]
+            live = [lp for lp in live if lp not in out]
+            turn += 1
+        for loop in live:
+            try:
+                out[loop] = workers[loop].ask("end")
+            except WorkerError as exc:
+                out[loop] = exc.args[0]
+    finally:
+        for w in workers.values():
+            w.close()
+    return out
 
 
 def rotated(items: list, k: int) -> list:
@@ -482,8 +569,8 @@ def main(argv=None) -> int:
         return min(rounds, cfg["heavy_rounds"]) if wl.heavy else rounds
 
     progress = Progress(
-        sum(wl_rounds(wl) for wl in workloads) * len(available)
-        + net_rounds * sum(len(net_loops[g.name]) for g in groups)
+        sum(wl_rounds(wl) * (len(available) if wl.kind == "memory" else 1) for wl in workloads)
+        + net_rounds * sum(1 if g.kind == "echo" else len(net_loops[g.name]) for g in groups)
     )
     try:
         for r in range(rounds):
@@ -491,16 +578,33 @@ def main(argv=None) -> int:
                 if r >= wl_rounds(wl):
                     continue  # a heavy workload past its rounds
                 # rotate the order per (round, workload): A B C D, B C D A, ...
-                for pos, loop in enumerate(rotated(available, r + w) if available else []):
-                    progress.step(f"round {r + 1}/{rounds} {loop} {wl.name}")
-                    res = run_worker([loop, wl.name, *worker_opts], timeout)
+                order = rotated(available, r + w) if available else []
+                if wl.kind == "memory":  # one fresh process per figure
+                    results = {}
+                    for loop in order:
+                        progress.step(f"round {r + 1}/{rounds} {loop} {wl.name}")
+                        results[loop] = run_worker([loop, wl.name, *worker_opts], timeout)
+                else:
+                    progress.step(f"round {r + 1}/{rounds} {wl.name} ({len(order)} loops)")
+                    argv = [wl.name, *worker_opts]
+                    results = run_interleaved(order, argv, cfg["duration"], timeout)
+                for pos, loop in enumerate(order):
+                    res = results[loop]
                     res.update(loop=loop, workload=wl.name, round=r, position=pos)
                     runs[wl.name][(loop, r)] = res
                     raw.append(res)
             for gi, g in enumerate(groups if r < net_rounds else []):
-                for pos, loop in enumerate(rotated(net_loops[g.name], r + gi)):
-                    progress.step(f"round {r + 1}/{rounds} {loop} {g.name}")
-                    for name, res in netbench.run_group(g, loop, cfg, tools).items():
+                order = rotated(net_loops[g.name], r + gi)
+                if g.kind == "echo":  # every loop's server up at once, measured in turn
+                    progress.step(f"round {r + 1}/{rounds} {g.name} ({len(order)} loops)")
+                    results = netbench.run_echo_interleaved(g, order, cfg, tools)
+                else:
+                    results = {}
+                    for loop in order:
+                        progress.step(f"round {r + 1}/{rounds} {loop} {g.name}")
+                        results[loop] = netbench.run_group(g, loop, cfg, tools)
+                for pos, loop in enumerate(order):
+                    for name, res in results[loop].items():
                         res.update(loop=loop, workload=name, round=r, position=pos)
                         net_runs[name][(loop, r)] = res
                         raw.append(res)
