@@ -168,7 +168,7 @@ impl LoopCore {
     /// mode only, wrong thread (not for `call_soon_threadsafe`: `any_thread`) and bad callback
     /// (outside debug mode a bad callback fails when it runs, and the error goes to the
     /// exception handler).
-    #[inline]
+    #[inline(always)]
     fn check_schedule(
         &self,
         py: Python<'_>,
@@ -193,6 +193,7 @@ impl LoopCore {
     }
 
     /// A new handle object for `callback(*args)` on this loop (not queued).
+    #[inline(always)]
     fn new_handle(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
@@ -205,6 +206,7 @@ impl LoopCore {
 
     /// Queue a new handle. Behind a long queue of a running loop it and its context copy are
     /// parked (`Handle::park`); a short queue is left alone, since a GC pass walks it cheaply.
+    #[inline(always)]
     fn push_ready(&self, py: Python<'_>, h: &Py<Handle>) {
         let mut st = self.state.borrow_mut(py);
         st.ready.push(Work::Handle(h.clone_ref(py)));
@@ -267,6 +269,7 @@ impl LoopCore {
     }
 
     /// `call_soon(callback, *args, context=None)`; the argument parsing is in `fastcall`.
+    #[inline(always)]
     pub(crate) fn call_soon(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
@@ -288,6 +291,7 @@ impl LoopCore {
     }
 
     /// A new handle for `callback(*args)` at the end of the ready queue.
+    #[inline(always)]
     fn queue_soon(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
