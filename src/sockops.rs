@@ -287,7 +287,7 @@ impl SockOp {
             let st = me.st.borrow(py);
             let wants_bytes = match &st.kind {
                 Kind::Recv(n) => n.bind(py).extract::<isize>().is_ok_and(|n| n > 0),
-                Kind::RecvInto(buf) => ByteView::new(buf.bind(py), true).is_ok_and(|v| v.view.len > 0),
+                Kind::RecvInto(buf) => ByteView::new(buf.bind(py), true).is_ok_and(|v| !v.is_empty()),
                 _ => false,
             };
             if !wants_bytes {
@@ -387,13 +387,13 @@ impl SockOp {
                         "recv_into() argument 'buffer' must be read-write bytes-like object, not {tname}"
                     ))
                 })?;
-                let len = view.view.len.max(0) as usize;
+                let len = view.len();
                 if len == 0 {
                     // As `socket.recv_into()` of an empty buffer: 0 at once, no syscall.
                     return Ok(Attempt::Done(0i32.into_pyobject(py)?.into_any().unbind()));
                 }
                 // SAFETY: the exported writable view stays valid until `view` is dropped below.
-                let r = unsafe { sys::recv_raw(fd, view.view.buf as *mut u8, len) };
+                let r = unsafe { sys::recv_raw(fd, view.as_mut_ptr(), len) };
                 drop(view);
                 match r {
                     Ok(n) => {

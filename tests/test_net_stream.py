@@ -1005,6 +1005,44 @@ def test_get_write_buffer_size_counts_unsent_bytes(loop, tcp_net):
     run(loop, main())
 
 
+class _Bytes(bytes):
+    pass
+
+
+def test_written_bytes_and_bytes_subclasses_arrive_after_the_caller_drops_them(loop, tcp_net):
+    """`write` of a `bytes` (read in place by ferroloop) and of a `bytes` subclass (exported
+    through the buffer protocol), sent at once and then behind a backlog, with no other
+    reference to the data left after each call."""
+
+    async def main():
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True), client=recorder(small_buffers=True)
+        )
+        shrink_buffers(srv.transport)
+        tr.set_write_buffer_limits(high=1 << 30)
+        expected = []
+        for i, make in enumerate([bytes, _Bytes] * 3):
+            chunk = make(bytes([65 + i]) * (1000 + i))
+            expected.append(bytes(chunk))
+            tr.write(chunk)
+            del chunk
+        tr.write(bytes(4 << 20))  # a backlog: what follows is buffered
+        expected.append(bytes(4 << 20))
+        for i, make in enumerate([_Bytes, bytes] * 3):
+            chunk = make(bytes([97 + i]) * (777 + i))
+            expected.append(bytes(chunk))
+            tr.write(chunk)
+            del chunk
+        want = b"".join(expected)
+        srv.transport.resume_reading()
+        await srv.wait_bytes(len(want))
+        assert bytes(srv.data) == want
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
 def test_writes_from_resume_writing_are_all_sent(loop, net):
     """resume_writing() that writes more than the socket takes: the transport must keep
     its writer registered (asyncio checks for an empty buffer after the callback)."""

@@ -275,12 +275,33 @@ pub fn os_err(e: std::io::Error) -> PyErr {
 }
 
 /// A borrowed contiguous byte view of a bytes-like object.
-pub struct ByteView {
-    pub view: Box<ffi::Py_buffer>,
+///
+/// An exact `bytes` is read in place (immutable, and kept alive by the view's reference): no
+/// export, and no heap block for the `Py_buffer` (a boxed `Py_buffer` per `transport.write`
+/// was a `malloc`/`free` of 96 bytes per echo, which left glibc's fast-bin flag set, so the
+/// next large `malloc`, the read's `bytes`, ran `malloc_consolidate`). Anything else is
+/// exported with `PyObject_GetBuffer` into a boxed `Py_buffer` (boxed: the exporter may keep
+/// pointers into it) and released on drop.
+pub struct ByteView<'py> {
+    buf: *mut u8,
+    len: usize,
+    export: Export<'py>,
 }
 
-impl ByteView {
-    pub fn new(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Self> {
+enum Export<'py> {
+    Bytes(#[allow(dead_code)] Bound<'py, PyAny>),
+    Buffer(Box<ffi::Py_buffer>),
+}
+
+impl<'py> ByteView<'py> {
+    pub fn new(obj: &Bound<'py, PyAny>, writable: bool) -> PyResult<Self> {
+        if !writable {
+            if let Ok(b) = obj.cast_exact::<pyo3::types::PyBytes>() {
+                let data = b.as_bytes();
+                let (buf, len) = (data.as_ptr().cast_mut(), data.len());
+                return Ok(Self { buf, len, export: Export::Bytes(obj.clone()) });
+            }
+        }
         // SAFETY: Py_buffer is plain data; zeroed is its documented initial state.
         let mut view: Box<ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
         let flags = if writable { ffi::PyBUF_WRITABLE } else { ffi::PyBUF_SIMPLE };
@@ -288,24 +309,40 @@ impl ByteView {
         if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) } != 0 {
             return Err(PyErr::fetch(obj.py()));
         }
-        Ok(Self { view })
+        let (buf, len) = (view.buf.cast::<u8>(), view.len.max(0) as usize);
+        Ok(Self { buf, len, export: Export::Buffer(view) })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first byte, writable for `len()` bytes if the view was made writable.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.buf
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        if self.view.len <= 0 {
+        if self.len == 0 {
             return &[];
         }
-        // SAFETY: a PyBUF_SIMPLE/WRITABLE export is one contiguous run of `len` bytes that
-        // stays valid until the view is released.
-        unsafe { std::slice::from_raw_parts(self.view.buf as *const u8, self.view.len as usize) }
+        // SAFETY: a `bytes`'s storage, or a PyBUF_SIMPLE/WRITABLE export, is one contiguous
+        // run of `len` bytes that stays valid while the view (its reference or export) lives.
+        unsafe { std::slice::from_raw_parts(self.buf, self.len) }
     }
 }
 
-impl Drop for ByteView {
+impl Drop for ByteView<'_> {
     fn drop(&mut self) {
-        // SAFETY: the view was filled by a successful PyObject_GetBuffer and is released once;
-        // releasing needs the GIL, which every owner of a ByteView holds.
-        unsafe { ffi::PyBuffer_Release(&mut *self.view) };
+        if let Export::Buffer(view) = &mut self.export {
+            // SAFETY: the view was filled by a successful PyObject_GetBuffer and is released
+            // once; releasing needs the GIL, which every owner of a ByteView holds ('py).
+            unsafe { ffi::PyBuffer_Release(&mut **view) };
+        }
     }
 }
 

@@ -337,7 +337,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             }
         };
         // SAFETY: the exported writable view stays valid until `view` is dropped below.
-        let r = unsafe { sys::recv_raw(me.fd, view.view.buf as *mut u8, view.view.len as usize) };
+        let r = unsafe { sys::recv_raw(me.fd, view.as_mut_ptr(), view.len()) };
         drop(view);
         match r {
             Ok(0) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
