@@ -7,8 +7,9 @@ interpreter (a venv holding another build of ferroloop, for an A/B of two builds
 servers (``_server.py``) start at once, pinned to CPU 0; ``loadgen echo`` (10 connections,
 pinned to CPU 1) alternates between them, SECONDS each, in ABBA order, so both see the
 machine in nearly the same state. Prints every pair (CPU per request, the servers' busy share,
-requests/s) and the median of the per-pair ratios A / B. For small changes on a noisy machine,
-where a full run's rounds are seconds apart (docs/DESIGN.md, "Benchmarks"). Check req/s too: a
+requests/s) and the median of the per-pair ratios A / B. For A/B changes of one echo row on a
+noisy machine, two builds at a time (``run.py`` interleaves loops the same way, but not builds;
+docs/DESIGN.md, "Benchmarks"). Even so, 1-2% is below what 10 pairs resolve. Check req/s too: a
 change can lower CPU per request while a stall lowers throughput. Servers and the load client
 are started and run by ``netbench.py``'s own helpers.
 """
