@@ -126,7 +126,11 @@ class Served:
             tail = (self.err.read().decode(errors="replace").strip().splitlines() or [""])[-1]
             state = "running" if self.proc.poll() is None else f"exit {self.proc.returncode}"
             raise WorkerError({"ok": False, "error": f"worker {state}: {tail[:300]}".rstrip(": ")})
-        msg = json.loads(line)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            said = line.strip()[:200]
+            raise WorkerError({"ok": False, "error": f"worker said {said!r}"}) from None
         if msg.get("ok") is False:
             raise WorkerError(msg)
         return msg
