@@ -24,6 +24,7 @@ import tempfile
 import netbench
 
 SERVER_CPU, CLIENT_CPU = 0, 1
+TOOLS = netbench.Tools(loadgen=netbench.LOADGEN, client_cpu=CLIENT_CPU)
 
 
 def start(spec: str, style: str, transport: str, path: str):
@@ -41,9 +42,9 @@ def start(spec: str, style: str, transport: str, path: str):
 
 
 def measure(srv, target, size: int, seconds: float, warmup: float) -> dict:
-    argv = [netbench.LOADGEN, "echo", *target, "--conns", str(netbench.ECHO_CONNS)]
-    argv += ["--size", str(size), "--duration", str(seconds), "--warmup", str(warmup)]
-    res = netbench._run_json(argv + ["--server-pid", str(srv.pid)], CLIENT_CPU, 60 + 3 * seconds)
+    """One ``loadgen echo`` window, by netbench's own runner (``_echo_run``)."""
+    row = netbench.Row(name=f"{size}", kind="echo", group="", size=size, conns=netbench.ECHO_CONNS)
+    res = netbench._echo_run(srv, target, row, seconds, warmup, TOOLS)
     if not res.get("ok"):
         raise SystemExit(f"loadgen: {res.get('error')}")
     return res
