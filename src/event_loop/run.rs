@@ -38,7 +38,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     let now_ns = if has_timers { Some(LoopCore::now_ns(slf)?) } else { None };
 
     // 1 + 2a: purge cancelled timers, compute the poll timeout.
-    let (timeout_ms, epoll, (mut buf, mut events)) = {
+    let (timeout_ms, poller, (mut buf, mut events)) = {
         let mut st = core.state.borrow_mut(py);
         if has_timers {
             if timers::should_compact(st.timers.len(), st.timer_cancelled_count) {
@@ -82,19 +82,20 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             // No poll happened, so "now" is still now.
             return run_ready(slf, now_ns);
         }
-        let epoll = reactor.epoll();
+        let poller = reactor.poller();
         let buf = reactor.take_buf();
         st.polling = timeout_ms != 0;
         st.polled_last = true;
-        (timeout_ms, epoll, buf)
+        (timeout_ms, poller, buf)
     };
     release_timers(py, garbage);
 
-    // 2b: poll.
+    // 2b: poll (the waker, if written, is drained in there: signal numbers land in `signals`).
+    let mut signals: Vec<u8> = Vec::new();
     let res = if timeout_ms == 0 {
-        epoll.wait(&mut buf, &mut events, 0)
+        poller.wait(&mut buf, &mut events, 0, &mut signals)
     } else {
-        py.detach(|| epoll.wait(&mut buf, &mut events, timeout_ms))
+        py.detach(|| poller.wait(&mut buf, &mut events, timeout_ms, &mut signals))
     };
     let interrupted = match res {
         Ok(_) => false,
@@ -110,7 +111,6 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     };
 
     // 3: dispatch readiness.
-    let mut signals: Vec<u8> = Vec::new();
     let mut stale: Vec<(i32, Which)> = Vec::new();
     {
         let mut st = core.state.borrow_mut(py);
@@ -119,7 +119,6 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         if let Some(r) = st.reactor.as_mut() {
             for ev in events.iter() {
                 if ev.token == WAKER_TOKEN {
-                    sys::drain_wakeup(r.wake_read_fd(), &mut signals);
                     continue;
                 }
                 let fd = ev.token as i32;

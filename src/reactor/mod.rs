@@ -6,8 +6,10 @@
 //!   the next poll with no extra syscall).
 //! - The waker is one end of a socketpair. `call_soon_threadsafe` writes a zero byte only while
 //!   the loop is (about to be) blocked in the poll; `signal.set_wakeup_fd` writes signal numbers.
-//! - `Epoll` is shared through an `Arc` so the loop thread can poll without the GIL while other
-//!   threads (holding the GIL) add or remove registrations, which epoll allows.
+//! - `Poller` (the epoll instance and the waker's read end) is shared through an `Arc` so the
+//!   loop thread can poll, and drain the waker, without the GIL while other threads (holding
+//!   the GIL) add or remove registrations, which epoll allows. The `Arc` keeps both fds open
+//!   for as long as a poll uses them.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -44,9 +46,35 @@ impl<T> FdEntry<T> {
     }
 }
 
-pub struct Reactor<T> {
-    epoll: Arc<Epoll>,
+/// What a poll needs without the GIL: the epoll instance and the waker's read end.
+pub struct Poller {
+    epoll: Epoll,
     wake_r: OwnedFd,
+}
+
+impl Poller {
+    /// Wait up to `timeout_ms` (-1: no limit) for events into `out`. If the waker is among
+    /// them, drain it here, before the caller takes the GIL back: signal numbers go to
+    /// `signals`, and the thread that wrote the waker (still holding the GIL right after the
+    /// write) usually lets the GIL go meanwhile, so the loop thread takes it without waiting
+    /// on the GIL's condition variable. The waker's event stays in `out` (callers skip it).
+    pub fn wait(
+        &self,
+        buf: &mut Vec<libc::epoll_event>,
+        out: &mut Vec<sys::Event>,
+        timeout_ms: i32,
+        signals: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        let n = self.epoll.wait(buf, out, timeout_ms)?;
+        if out.iter().any(|ev| ev.token == WAKER_TOKEN) {
+            sys::drain_wakeup(self.wake_r.as_raw_fd(), signals);
+        }
+        Ok(n)
+    }
+}
+
+pub struct Reactor<T> {
+    poller: Arc<Poller>,
     wake_w: OwnedFd,
     pub registry: FdTable<T>,
     ep_buf: Vec<libc::epoll_event>,
@@ -66,8 +94,7 @@ impl<T> Reactor<T> {
         let (wake_r, wake_w) = sys::socketpair()?;
         epoll.add(wake_r.as_raw_fd(), Interest { read: true, write: false }, WAKER_TOKEN)?;
         Ok(Self {
-            epoll: Arc::new(epoll),
-            wake_r,
+            poller: Arc::new(Poller { epoll, wake_r }),
             wake_w,
             registry: FdTable::new(),
             ep_buf: Vec::with_capacity(256),
@@ -75,16 +102,12 @@ impl<T> Reactor<T> {
         })
     }
 
-    pub fn epoll(&self) -> Arc<Epoll> {
-        Arc::clone(&self.epoll)
+    pub fn poller(&self) -> Arc<Poller> {
+        Arc::clone(&self.poller)
     }
 
     pub fn wake_write_fd(&self) -> RawFd {
         self.wake_w.as_raw_fd()
-    }
-
-    pub fn wake_read_fd(&self) -> RawFd {
-        self.wake_r.as_raw_fd()
     }
 
     /// Install `item` as the fd's reader or writer. Returns what it replaced (the previous
@@ -97,8 +120,11 @@ impl<T> Reactor<T> {
         };
         let old = entry.slot(&which).replace(item);
         let interest = entry.interest();
-        let res =
-            if existed { self.epoll.modify(fd, interest, fd as u64) } else { self.epoll.add(fd, interest, fd as u64) };
+        let res = if existed {
+            self.poller.epoll.modify(fd, interest, fd as u64)
+        } else {
+            self.poller.epoll.add(fd, interest, fd as u64)
+        };
         match res {
             Ok(()) => Ok((old, entry.fileobj.replace(fileobj))),
             Err(e) => {
@@ -120,11 +146,11 @@ impl<T> Reactor<T> {
         let interest = entry.interest();
         if interest.is_empty() {
             let fileobj = self.registry.remove(fd).and_then(|e| e.fileobj);
-            self.epoll.delete(fd)?;
+            self.poller.epoll.delete(fd)?;
             Ok((old, fileobj))
         } else {
             if old.is_some() {
-                self.epoll.modify(fd, interest, fd as u64)?;
+                self.poller.epoll.modify(fd, interest, fd as u64)?;
             }
             Ok((old, None))
         }
@@ -153,7 +179,7 @@ impl<T> Reactor<T> {
     /// Forget every registration (the loop is closing).
     pub fn clear(&mut self) -> Vec<FdEntry<T>> {
         for fd in self.registry.keys() {
-            let _ = self.epoll.delete(fd);
+            let _ = self.poller.epoll.delete(fd);
         }
         self.registry.drain()
     }
