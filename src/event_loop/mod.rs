@@ -234,7 +234,7 @@ impl LoopCore {
         if st.polling {
             st.polling = false;
             if let Some(r) = &st.reactor {
-                sys::write_wakeup(r.wake_write_fd());
+                r.wake();
             }
         }
     }
@@ -681,13 +681,13 @@ impl LoopCore {
 
     fn _write_to_self(&self, py: Python<'_>) {
         if let Some(r) = &self.state.borrow(py).reactor {
-            sys::write_wakeup(r.wake_write_fd());
+            r.wake();
         }
     }
 
     /// The fd that `signal.set_wakeup_fd` should write to, or -1 once closed.
     fn _wakeup_fd(&self, py: Python<'_>) -> RawFd {
-        self.state.borrow(py).reactor.as_ref().map_or(-1, |r| r.wake_write_fd())
+        self.state.borrow(py).reactor.as_ref().map_or(-1, |r| r.signal_fd())
     }
 
     fn _check_callback(&self, py: Python<'_>, callback: &Bound<'_, PyAny>, method: &str) -> PyResult<()> {

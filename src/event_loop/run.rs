@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 
 use super::{timers, LoopCore, Work, MAX_POLL_TIMEOUT_MS};
 use crate::handles::{self, Handle, TimerHandle};
-use crate::reactor::{Which, WAKER_TOKEN};
+use crate::reactor::{is_waker, Which};
 use crate::sockops::{self, SockOp};
 use crate::sys;
 use crate::transports::accept::{self, Acceptor};
@@ -118,7 +118,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let st = &mut *st;
         if let Some(r) = st.reactor.as_mut() {
             for ev in events.iter() {
-                if ev.token == WAKER_TOKEN {
+                if is_waker(ev.token) {
                     continue;
                 }
                 let fd = ev.token as i32;

@@ -4,11 +4,12 @@
 //! - The registry maps each fd to its reader and writer work; the epoll interest always equals
 //!   "has a reader" / "has a writer" (level-triggered, so an undrained fd is reported again on
 //!   the next poll with no extra syscall).
-//! - The waker is one end of a socketpair. `call_soon_threadsafe` writes a zero byte only while
-//!   the loop is (about to be) blocked in the poll; `signal.set_wakeup_fd` writes signal numbers.
-//! - `Poller` (the epoll instance and the waker's read end) is shared through an `Arc` so the
-//!   loop thread can poll, and drain the waker, without the GIL while other threads (holding
-//!   the GIL) add or remove registrations, which epoll allows. The `Arc` keeps both fds open
+//! - Two wakers. Other threads (`call_soon_threadsafe`) add to an eventfd, and only while the
+//!   loop is (about to be) blocked in the poll. `signal.set_wakeup_fd` writes signal numbers
+//!   to one end of a socketpair (it writes single bytes, which an eventfd refuses).
+//! - `Poller` (the epoll instance and both wakers' read ends) is shared through an `Arc` so the
+//!   loop thread can poll, and drain the wakers, without the GIL while other threads (holding
+//!   the GIL) add or remove registrations, which epoll allows. The `Arc` keeps the fds open
 //!   for as long as a poll uses them.
 
 use std::io;
@@ -20,8 +21,16 @@ use crate::sys::{self, Epoll, Interest};
 mod fdtable;
 pub use fdtable::FdTable;
 
-/// The token of the waker's read end; fds use their own number as token.
+/// The token of the thread waker (an eventfd); fds use their own number as token.
 pub const WAKER_TOKEN: u64 = u64::MAX;
+/// The token of the signal waker's read end.
+pub const SIGNAL_TOKEN: u64 = u64::MAX - 1;
+
+/// A poll event of one of the reactor's own wakers, not of a registered fd.
+#[inline]
+pub fn is_waker(token: u64) -> bool {
+    token >= SIGNAL_TOKEN
+}
 
 /// What the registry holds per fd. `T` is the loop's work item (a handle today; transports'
 /// Rust-side work later).
@@ -46,18 +55,21 @@ impl<T> FdEntry<T> {
     }
 }
 
-/// What a poll needs without the GIL: the epoll instance and the waker's read end.
+/// What a poll needs without the GIL: the epoll instance and the wakers' read ends.
 pub struct Poller {
     epoll: Epoll,
-    wake_r: OwnedFd,
+    /// The thread waker: an eventfd, written by other threads and read here.
+    waker: OwnedFd,
+    /// The read end of the signal waker's socketpair.
+    sig_r: OwnedFd,
 }
 
 impl Poller {
-    /// Wait up to `timeout_ms` (-1: no limit) for events into `out`. If the waker is among
-    /// them, drain it here, before the caller takes the GIL back: signal numbers go to
-    /// `signals`, and the thread that wrote the waker (still holding the GIL right after the
-    /// write) usually lets the GIL go meanwhile, so the loop thread takes it without waiting
-    /// on the GIL's condition variable. The waker's event stays in `out` (callers skip it).
+    /// Wait up to `timeout_ms` (-1: no limit) for events into `out`. Wakers among them are
+    /// drained here, before the caller takes the GIL back: signal numbers go to `signals`, and
+    /// the thread that wrote the waker (still holding the GIL right after the write) usually
+    /// lets the GIL go meanwhile, so the loop thread takes it without waiting on the GIL's
+    /// condition variable. The wakers' events stay in `out` (callers skip them: `is_waker`).
     pub fn wait(
         &self,
         buf: &mut Vec<libc::epoll_event>,
@@ -66,8 +78,12 @@ impl Poller {
         signals: &mut Vec<u8>,
     ) -> io::Result<usize> {
         let n = self.epoll.wait(buf, out, timeout_ms)?;
-        if out.iter().any(|ev| ev.token == WAKER_TOKEN) {
-            sys::drain_wakeup(self.wake_r.as_raw_fd(), signals);
+        for ev in out.iter().filter(|ev| is_waker(ev.token)) {
+            if ev.token == WAKER_TOKEN {
+                sys::drain_event(self.waker.as_raw_fd());
+            } else {
+                sys::drain_wakeup(self.sig_r.as_raw_fd(), signals);
+            }
         }
         Ok(n)
     }
@@ -75,7 +91,8 @@ impl Poller {
 
 pub struct Reactor<T> {
     poller: Arc<Poller>,
-    wake_w: OwnedFd,
+    /// The write end of the signal waker (given to `signal.set_wakeup_fd`).
+    sig_w: OwnedFd,
     pub registry: FdTable<T>,
     ep_buf: Vec<libc::epoll_event>,
     /// The decoded events of the last poll, kept so each iteration reuses the allocation.
@@ -91,11 +108,14 @@ pub enum Which {
 impl<T> Reactor<T> {
     pub fn new() -> io::Result<Self> {
         let epoll = Epoll::new()?;
-        let (wake_r, wake_w) = sys::socketpair()?;
-        epoll.add(wake_r.as_raw_fd(), Interest { read: true, write: false }, WAKER_TOKEN)?;
+        let waker = sys::eventfd()?;
+        let (sig_r, sig_w) = sys::socketpair()?;
+        let read = Interest { read: true, write: false };
+        epoll.add(waker.as_raw_fd(), read, WAKER_TOKEN)?;
+        epoll.add(sig_r.as_raw_fd(), read, SIGNAL_TOKEN)?;
         Ok(Self {
-            poller: Arc::new(Poller { epoll, wake_r }),
-            wake_w,
+            poller: Arc::new(Poller { epoll, waker, sig_r }),
+            sig_w,
             registry: FdTable::new(),
             ep_buf: Vec::with_capacity(256),
             events: Vec::with_capacity(256),
@@ -106,8 +126,14 @@ impl<T> Reactor<T> {
         Arc::clone(&self.poller)
     }
 
-    pub fn wake_write_fd(&self) -> RawFd {
-        self.wake_w.as_raw_fd()
+    /// Wake the poll (from any thread holding the GIL).
+    pub fn wake(&self) {
+        sys::write_event(self.poller.waker.as_raw_fd());
+    }
+
+    /// The fd for `signal.set_wakeup_fd`.
+    pub fn signal_fd(&self) -> RawFd {
+        self.sig_w.as_raw_fd()
     }
 
     /// Install `item` as the fd's reader or writer. Returns what it replaced (the previous
