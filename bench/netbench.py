@@ -316,13 +316,22 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str | None:
 
 
 class Server:
-    """A server subprocess with its stderr kept in a temporary file."""
+    """A server subprocess with its stderr kept in a temporary file. ``stdin=subprocess.PIPE``
+    for one driven by commands (``run.py``'s micro workers); ``name`` is what failures call it."""
 
-    def __init__(self, argv: list[str], cpu: int | None, env: dict | None = None):
+    def __init__(
+        self,
+        argv: list[str],
+        cpu: int | None,
+        env: dict | None = None,
+        stdin: int = subprocess.DEVNULL,
+        name: str = "server",
+    ):
+        self.name = name
         self.err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=self.err,
             text=True,
@@ -366,7 +375,7 @@ class Server:
         lines = [ln for ln in self.err.read().decode(errors="replace").splitlines() if ln.strip()]
         tail = lines[-1].strip() if lines else ""
         state = "running" if rc is None else f"exit {rc}"
-        return f"server {what} ({state}){': ' + tail[:300] if tail else ''}"
+        return f"{self.name} {what} ({state}){': ' + tail[:300] if tail else ''}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -376,8 +385,12 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(3)
-        self.proc.stdout.close()
-        self.err.close()
+        for f in (self.proc.stdin, self.proc.stdout, self.err):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass  # stdin's unsent bytes to a process that is gone
 
 
 def _run_json(argv: list[str], cpu: int | None, timeout: float) -> dict:

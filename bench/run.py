@@ -24,7 +24,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -105,27 +104,20 @@ def run_worker(argv: list[str], timeout: float) -> dict:
 
 
 class Served:
-    """A ``_worker.py --serve`` process: one loop, one workload, driven call by call."""
+    """A ``_worker.py --serve`` process: one loop, one workload, driven call by call. Not
+    pinned (the threadsafe workloads use two cores), stderr kept as for the servers."""
 
     def __init__(self, loop: str, argv: list[str], timeout: float):
         self.loop, self.timeout = loop, timeout
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, WORKER, loop, *argv, "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-            text=True,
-        )
+        argv = [sys.executable, WORKER, loop, *argv, "--serve"]
+        self.server = netbench.Server(argv, None, stdin=subprocess.PIPE, name="worker")
+        self.proc = self.server.proc
 
     def reply(self) -> dict:
         """The worker's next JSON line; a failure (``"ok": false``, its last word) raises."""
         line = netbench._readline(self.proc, self.timeout)
         if line is None:
-            self.err.seek(0)
-            tail = (self.err.read().decode(errors="replace").strip().splitlines() or [""])[-1]
-            state = "running" if self.proc.poll() is None else f"exit {self.proc.returncode}"
-            raise WorkerError({"ok": False, "error": f"worker {state}: {tail[:300]}".rstrip(": ")})
+            raise WorkerError({"ok": False, "error": self.server.failure("gave no reply")})
         try:
             msg = json.loads(line)
         except ValueError:
@@ -144,11 +136,7 @@ class Served:
         return self.reply()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.err):
-            f.close()
+        self.server.stop()
 
 
 class WorkerError(Exception):
