@@ -237,6 +237,28 @@ impl Handle {
         }
     }
 
+    /// Before a popped handle runs: put its context copy back on the GC's lists (it is
+    /// entered for the call, and must be tracked when it is freed: `context_tp_dealloc`
+    /// untracks without checking). The handle itself stays off them while it runs: it is
+    /// alive (the caller holds it) and `settle` decides afterwards.
+    #[inline]
+    pub(crate) fn unpark_for_run(&self) {
+        self.unpark_context();
+    }
+
+    /// After a popped handle ran (or was skipped), before the caller drops it: if anyone else
+    /// holds it now, put it back on the GC's lists (it may be part of a cycle from here on).
+    /// Held by the caller alone, it is freed by that drop and never needs the lists: this
+    /// saves a track and an untrack per parked handle (each touching two neighbours' GC
+    /// links). Its `tp_dealloc` untracks only what is tracked.
+    #[inline]
+    pub(crate) fn settle(slf: &Bound<'_, Self>) {
+        // SAFETY: `slf` is a live object (the caller holds a reference) and the GIL is held.
+        if slf.get().untracked.load(Ordering::Relaxed) && unsafe { pyo3::ffi::Py_REFCNT(slf.as_ptr()) } > 1 {
+            Self::unpark(slf);
+        }
+    }
+
     /// Put the context copy back on the GC's lists (before it is handed out).
     #[inline]
     fn unpark_context(&self) {

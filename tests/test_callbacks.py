@@ -818,6 +818,44 @@ def test_context_of_queued_handle_in_reference_cycle_is_collected(loop_factory, 
     assert [r() for r in refs] == [None] * 100
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_queued_handle_in_reference_cycle_is_collected_after_it_runs(loop_factory, debug):
+    """Handles queued behind a long ready queue whose argument refers back to the handle
+    (handle -> args -> box -> handle) are garbage once they have run, and a handle nobody
+    else holds is freed as soon as it has run. (ferroloop keeps such handles off the GC's
+    lists while they wait and run.)"""
+
+    class Box:
+        pass
+
+    lp = loop_factory()
+    lp.set_debug(debug)
+    cycles, singles = [], []
+
+    def cb(box):
+        box.ran = True
+
+    def fill():
+        for _ in range(100):
+            box = Box()
+            box.h = lp.call_soon(cb, box)
+            cycles.append(weakref.ref(box))
+            single = Box()
+            lp.call_soon(cb, single)
+            singles.append(weakref.ref(single))
+            del box, single
+        lp.call_soon(lp.stop)
+
+    try:
+        lp.call_soon(fill)
+        lp.run_forever()
+        assert [r() for r in singles] == [None] * 100
+        gc.collect()
+        assert [r() for r in cycles] == [None] * 100
+    finally:
+        lp.close()
+
+
 def test_handle_weakref_callback_runs_when_the_handle_is_freed(loop):
     """Handles support weak references; the callback runs once the loop has run the handle
     and nobody holds it, and the handle's callback and args are released with it."""

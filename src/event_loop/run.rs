@@ -226,14 +226,13 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
             }
         };
         let h = &handle;
-        Handle::unpark(h);
-        if h.get().is_cancelled() {
-            continue;
-        }
-        if debug {
-            run_debug(slf, h)?;
+        h.get().unpark_for_run();
+        if !h.get().is_cancelled() {
+            let r = if debug { run_debug(slf, h) } else { handles::run_handle(py, h) };
+            Handle::settle(h);
+            r?;
         } else {
-            handles::run_handle(py, h)?;
+            Handle::settle(h);
         }
     }
     Ok(())
