@@ -20,11 +20,12 @@
 //! entry point empties. A panic still becomes a Python exception, never an unwind into C.
 
 use std::ffi::CStr;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
 use pyo3::{intern, Borrowed, PyTypeInfo};
 
 use super::LoopCore;
@@ -215,22 +216,35 @@ fn multiple_values(method: &str, arg: &str) -> PyErr {
     PyTypeError::new_err(format!("{method}() got multiple values for argument '{arg}'"))
 }
 
-/// The `context` keyword names seen so far: the interned one and the first other `str` equal
-/// to it (CPython's C code, `_asyncio` included, passes its own static string). Held, so the
-/// identity test can never match a reused address.
-static CONTEXT_NAMES: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+/// The `context` keyword names seen so far: the first two distinct `str` objects equal to
+/// `"context"` (CPython's C code, `_asyncio` included, passes its own static string; Python
+/// callers pass the interned one). Each holds a reference that is never released, so the
+/// identity test can never match a reused address. Written under the GIL only.
+static CONTEXT_NAMES: [AtomicPtr<ffi::PyObject>; 2] =
+    [AtomicPtr::new(ptr::null_mut()), AtomicPtr::new(ptr::null_mut())];
 
 /// Is this keyword name `"context"`? By identity first: every Task step and Future callback
 /// passes one, and an equality test costs more than the rest of the parsing.
+#[inline(always)]
 fn is_context_name(py: Python<'_>, name: &Borrowed<'_, '_, PyAny>) -> PyResult<bool> {
-    let interned = intern!(py, "context");
-    if name.is(interned) || CONTEXT_NAMES.get(py).is_some_and(|n| name.is(n)) {
+    let p = name.as_ptr();
+    // `p` is never NULL, so an empty slot never matches.
+    if CONTEXT_NAMES.iter().any(|slot| slot.load(Ordering::Relaxed) == p) {
         return Ok(true);
     }
-    if !name.eq(interned)? {
+    is_context_name_slow(py, name)
+}
+
+#[cold]
+#[inline(never)]
+fn is_context_name_slow(py: Python<'_>, name: &Borrowed<'_, '_, PyAny>) -> PyResult<bool> {
+    if !name.eq(intern!(py, "context"))? {
         return Ok(false);
     }
-    let _ = CONTEXT_NAMES.set(py, (*name).to_owned().unbind());
+    if let Some(slot) = CONTEXT_NAMES.iter().find(|slot| slot.load(Ordering::Relaxed).is_null()) {
+        // A reference kept for the life of the process (see `CONTEXT_NAMES`).
+        slot.store((*name).to_owned().into_ptr(), Ordering::Relaxed);
+    }
     Ok(true)
 }
 
