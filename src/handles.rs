@@ -237,15 +237,6 @@ impl Handle {
         }
     }
 
-    /// Before a popped handle runs: put its context copy back on the GC's lists (it is
-    /// entered for the call, and must be tracked when it is freed: `context_tp_dealloc`
-    /// untracks without checking). The handle itself stays off them while it runs: it is
-    /// alive (the caller holds it) and `settle` decides afterwards.
-    #[inline]
-    pub(crate) fn unpark_for_run(&self) {
-        self.unpark_context();
-    }
-
     /// After a popped handle ran (or was skipped), before the caller drops it: if anyone else
     /// holds it now, put it back on the GC's lists (it may be part of a cycle from here on).
     /// Held by the caller alone, it is freed by that drop and never needs the lists: this
@@ -259,9 +250,12 @@ impl Handle {
         }
     }
 
-    /// Put the context copy back on the GC's lists (before it is handed out).
+    /// Put the context copy back on the GC's lists: before it is handed out, and before a
+    /// popped handle runs (it is entered for the call, and must be tracked when it is freed:
+    /// `context_tp_dealloc` untracks without checking). A running handle itself stays off
+    /// them: it is alive (the caller holds it) and `settle` decides afterwards.
     #[inline]
-    fn unpark_context(&self) {
+    pub(crate) fn unpark_context(&self) {
         if self.parked.load(Ordering::Relaxed) {
             self.parked.store(false, Ordering::Relaxed);
             // SAFETY: the context was untracked by `park` and is still alive (this handle

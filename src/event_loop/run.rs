@@ -226,14 +226,16 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
             }
         };
         let h = &handle;
-        h.get().unpark_for_run();
-        if !h.get().is_cancelled() {
-            let r = if debug { run_debug(slf, h) } else { handles::run_handle(py, h) };
-            Handle::settle(h);
-            r?;
+        h.get().unpark_context();
+        let r = if h.get().is_cancelled() {
+            Ok(())
+        } else if debug {
+            run_debug(slf, h)
         } else {
-            Handle::settle(h);
-        }
+            handles::run_handle(py, h)
+        };
+        Handle::settle(h);
+        r?;
     }
     Ok(())
 }
