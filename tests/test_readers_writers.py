@@ -372,7 +372,8 @@ def test_many_fds(loop):
 
 def test_ready_fds_are_polled_while_callbacks_keep_the_loop_busy(loop, pair):
     """A callback that always reschedules itself never lets the ready queue empty; readiness
-    must still be seen: a never-drained reader runs at least every other iteration."""
+    must still be seen: a never-drained reader runs at least every third iteration (asyncio:
+    every iteration; ferroloop skips two non-blocking polls after each poll, DESIGN.md)."""
     a, b = pair
     ticks = 0
     seen = []
@@ -392,7 +393,7 @@ def test_ready_fds_are_polled_while_callbacks_keep_the_loop_busy(loop, pair):
     loop.run_forever()
     loop.remove_reader(a)
     assert seen, "the reader never ran"
-    assert seen[0] <= 3  # seen within two iterations of the send
+    assert seen[0] <= 4  # seen within three iterations of the send
     gaps = [seen[i + 1] - seen[i] for i in range(len(seen) - 1)]
-    assert max(gaps) <= 2, seen
-    assert len(seen) >= 19, seen
+    assert max(gaps) <= 3, seen
+    assert len(seen) >= 12, seen

@@ -43,6 +43,8 @@ const PARK_AFTER: usize = 32;
 
 /// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
 const MAX_POLL_TIMEOUT_MS: i64 = 24 * 3600 * 1000;
+/// Non-blocking polls skipped after a poll while callbacks are ready (`run::run_once`).
+const POLL_SKIP: u8 = 2;
 
 /// One unit of work in the ready queue: a Python-visible handle, or readiness of a Rust
 /// transport (which needs no Python object per event).
@@ -66,10 +68,10 @@ pub(crate) struct State {
     /// True while the loop thread is (about to be) blocked in the poll: only then does
     /// `call_soon_threadsafe` need to write the waker.
     polling: bool,
-    /// The previous iteration polled. With callbacks ready, an iteration right after one that
-    /// polled skips its non-blocking poll, so a burst of I/O costs one poll, not two, while
-    /// fds are still polled at least every other iteration (see `run::run_once`).
-    polled_last: bool,
+    /// How many of the coming iterations skip a non-blocking poll: `POLL_SKIP` after a poll,
+    /// counting down (see `run::run_once`). So a burst of I/O and its follow-up callbacks
+    /// cost one poll, while fds are still polled at least every `POLL_SKIP + 1` iterations.
+    polls_to_skip: u8,
     /// A handle was parked (`Handle::park`) since the last `unpark_all`.
     parked_any: bool,
     /// Signal numbers can arrive on the waker (`add_signal_handler`), so it must be polled
@@ -576,7 +578,7 @@ impl LoopCore {
                 current_handle: None,
                 slow_callback_duration: 0.1,
                 polling: false,
-                polled_last: false,
+                polls_to_skip: 0,
                 parked_any: false,
                 signal_handlers: false,
                 custom_clock: false,
@@ -708,7 +710,7 @@ impl LoopCore {
     fn _run_forever_inner(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         // The first iteration of a run always polls (`stop(); run_forever()` must see I/O).
-        slf.get().state.borrow_mut(py).polled_last = false;
+        slf.get().state.borrow_mut(py).polls_to_skip = 0;
         let res = loop {
             if let Err(e) = run::run_once(slf) {
                 break Err(e);

@@ -4,8 +4,9 @@
 //! 2. poll: without blocking when work is ready or a stop is pending, else until the next
 //!    deadline; the GIL is released only for a poll that may block. A non-blocking poll is
 //!    skipped when no fd and no signal handler is registered (it could find nothing), and
-//!    right after an iteration that polled (so busy fds cost one poll per burst, as in
-//!    libuv, where ready callbacks run before the poll),
+//!    in the two iterations after one that polled (what a poll finds usually takes three
+//!    iterations to settle: the fd's callback, the task it wakes, that task's done callbacks;
+//!    by then the queue has usually drained and the next poll is the blocking one),
 //! 3. queue the handles of ready fds, handle signals and run Python signal handlers,
 //! 4. move due timers behind what is already queued,
 //! 5. run exactly the handles queued so far.
@@ -63,20 +64,22 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             -1
         };
         let signal_handlers = st.signal_handlers;
-        let just_polled = st.polled_last && !st.stopping;
+        let just_polled = st.polls_to_skip > 0 && !st.stopping;
         let Some(reactor) = st.reactor.as_mut() else {
             return Err(super::closed_err());
         };
         // A non-blocking poll is skipped
         // - with nothing registered but the waker: it can find nothing (the waker is written
         //   only while the loop blocks, and signal numbers only matter with handlers);
-        // - right after an iteration that polled, unless stopping: what that poll found has
-        //   just run and usually queued its follow-up callbacks (a task woken by a read);
-        //   polling again before running them would mostly find nothing. fds are still polled
-        //   at least every other iteration, and the last iteration before a stop always polls.
+        // - in the `POLL_SKIP` iterations after one that polled, unless stopping: what that
+        //   poll found has just run and usually queued its follow-ups (a task woken by a read,
+        //   then that task's done callbacks). Polling before they run would mostly find
+        //   nothing, or race a peer's reply to a response written a few microseconds earlier
+        //   (DESIGN.md). fds are still polled at least every `POLL_SKIP + 1` iterations, and
+        //   the last iteration before a stop always polls.
         let skip = timeout_ms == 0 && (just_polled || (reactor.registry.is_empty() && !signal_handlers));
         if skip {
-            st.polled_last = false;
+            st.polls_to_skip = st.polls_to_skip.saturating_sub(1);
             drop(st);
             release_timers(py, garbage);
             // No poll happened, so "now" is still now.
@@ -85,7 +88,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let poller = reactor.poller();
         let buf = reactor.take_buf();
         st.polling = timeout_ms != 0;
-        st.polled_last = true;
+        st.polls_to_skip = super::POLL_SKIP;
         (timeout_ms, poller, buf)
     };
     release_timers(py, garbage);
