@@ -64,7 +64,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             -1
         };
         let signal_handlers = st.signal_handlers;
-        let just_polled = st.polls_to_skip > 0 && !st.stopping;
+        let in_skip_window = st.polls_to_skip > 0 && !st.stopping;
         let Some(reactor) = st.reactor.as_mut() else {
             return Err(super::closed_err());
         };
@@ -77,7 +77,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         //   nothing, or race a peer's reply to a response written a few microseconds earlier
         //   (DESIGN.md). fds are still polled at least every `POLL_SKIP + 1` iterations, and
         //   the last iteration before a stop always polls.
-        let skip = timeout_ms == 0 && (just_polled || (reactor.registry.is_empty() && !signal_handlers));
+        let skip = timeout_ms == 0 && (in_skip_window || (reactor.registry.is_empty() && !signal_handlers));
         if skip {
             st.polls_to_skip = st.polls_to_skip.saturating_sub(1);
             drop(st);
