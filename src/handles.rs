@@ -114,20 +114,34 @@ pub(crate) fn new_handle_object(
     context: Option<Bound<'_, PyAny>>,
     debug: bool,
 ) -> PyResult<Py<Handle>> {
-    let (context, own_context, source_traceback) =
-        Handle::context_and_traceback(py, context.map(Bound::unbind), debug)?;
+    let (context, source_traceback) = Handle::context_and_traceback(py, context.map(Bound::unbind), debug)?;
     raw::create(py, || {
-        Handle::build(callback.clone().unbind(), args, loop_.clone().unbind(), context, own_context, source_traceback)
+        Handle::build(callback.clone().unbind(), args, loop_.clone().unbind(), context, source_traceback)
     })
+}
+
+/// Where a new handle's context comes from.
+pub(crate) enum HandleContext {
+    /// `context=` as given.
+    Given(Py<PyAny>),
+    /// A copy of the caller's current context, made now.
+    Copy(Py<PyAny>),
+    /// The caller's context variables; the copy is made when needed (`py::context`).
+    Deferred(Py<PyAny>),
 }
 
 #[pyclass(frozen, subclass, weakref, module = "ferroloop._ferroloop")]
 pub struct Handle {
     /// `(callback, args)`, taken out on cancel. One cell, so running costs one borrow.
     call: GilCell<Option<(Py<PyAny>, CallArgs)>>,
-    context: Py<PyAny>,
-    /// The context is a copy made for this handle (no `context=` given), seen by no one else.
+    /// The `Context` to run in; while `lazy`, the context variables that its copy will have
+    /// (`py::context`: the copy is made when first needed).
+    context: GilCell<Py<PyAny>>,
+    /// The context is a copy made for this handle (no `context=` given), seen by no one else
+    /// until handed out.
     own_context: bool,
+    /// `context` holds variables, not yet a `Context`.
+    lazy: AtomicBool,
     /// The context copy is off the GC's lists (`park`).
     parked: AtomicBool,
     /// The handle itself is off the GC's lists (`park`).
@@ -147,26 +161,27 @@ impl Handle {
         context: Option<Py<PyAny>>,
         debug: bool,
     ) -> PyResult<Self> {
-        let (context, own_context, source_traceback) = Self::context_and_traceback(py, context, debug)?;
-        Ok(Self::build(callback, args, loop_, context, own_context, source_traceback))
+        let (context, source_traceback) = Self::context_and_traceback(py, context, debug)?;
+        Ok(Self::build(callback, args, loop_, context, source_traceback))
     }
 
-    /// The handle's context (`context`, or a copy of the current one, then its own), and its
-    /// source traceback in debug mode.
+    /// The handle's context (`context`, or a copy of the current one, then its own: deferred
+    /// when `py::context` can), and its source traceback in debug mode.
     #[inline(always)]
-    #[allow(clippy::type_complexity)]
     fn context_and_traceback(
         py: Python<'_>,
         context: Option<Py<PyAny>>,
         debug: bool,
-    ) -> PyResult<(Py<PyAny>, bool, Option<Py<PyAny>>)> {
-        let own_context = context.is_none();
+    ) -> PyResult<(HandleContext, Option<Py<PyAny>>)> {
         let context = match context {
-            Some(c) => c,
-            None => py::copy_context(py)?,
+            Some(c) => HandleContext::Given(c),
+            None => match py::context::snapshot(py) {
+                Some(vars) => HandleContext::Deferred(vars),
+                None => HandleContext::Copy(py::copy_context(py)?),
+            },
         };
         let source_traceback = if debug { py::source_traceback(py)? } else { None };
-        Ok((context, own_context, source_traceback))
+        Ok((context, source_traceback))
     }
 
     /// The fields of a new handle, built where the object is written (`raw::create` is
@@ -176,14 +191,19 @@ impl Handle {
         callback: Py<PyAny>,
         args: CallArgs,
         loop_: Py<PyAny>,
-        context: Py<PyAny>,
-        own_context: bool,
+        context: HandleContext,
         source_traceback: Option<Py<PyAny>>,
     ) -> Self {
+        let (context, own_context, lazy) = match context {
+            HandleContext::Given(c) => (c, false, false),
+            HandleContext::Copy(c) => (c, true, false),
+            HandleContext::Deferred(v) => (v, true, true),
+        };
         Self {
             call: GilCell::new(Some((callback, args))),
-            context,
+            context: GilCell::new(context),
             own_context,
+            lazy: AtomicBool::new(lazy),
             parked: AtomicBool::new(false),
             untracked: AtomicBool::new(false),
             loop_,
@@ -209,12 +229,12 @@ impl Handle {
         let h = slf.get();
         // Plain loads and stores, not `swap` (a locked `xchg`): the GIL serialises every
         // access to these flags.
-        if h.own_context && !h.parked.load(Ordering::Relaxed) {
+        if h.own_context && !h.lazy.load(Ordering::Relaxed) && !h.parked.load(Ordering::Relaxed) {
             h.parked.store(true, Ordering::Relaxed);
             // SAFETY: a context copy made for this handle by PyContext_CopyCurrent (a new,
             // GC-tracked object) that nothing else refers to until it is handed out, which
-            // unparks it first.
-            unsafe { pyo3::ffi::PyObject_GC_UnTrack(h.context.as_ptr().cast()) }
+            // unparks it first. (A deferred handle's variables are shared: never parked.)
+            unsafe { pyo3::ffi::PyObject_GC_UnTrack(h.context_ptr().cast()) }
         }
         if !h.untracked.load(Ordering::Relaxed) {
             h.untracked.store(true, Ordering::Relaxed);
@@ -260,8 +280,47 @@ impl Handle {
             self.parked.store(false, Ordering::Relaxed);
             // SAFETY: the context was untracked by `park` and is still alive (this handle
             // owns it); tracking it again is what its allocation did.
-            unsafe { pyo3::ffi::PyObject_GC_Track(self.context.as_ptr().cast()) }
+            unsafe { pyo3::ffi::PyObject_GC_Track(self.context_ptr().cast()) }
         }
+    }
+
+    /// The `context` field's object (a `Context`, or a deferred handle's variables), borrowed.
+    #[inline(always)]
+    fn context_ptr(&self) -> *mut pyo3::ffi::PyObject {
+        // SAFETY: the GIL is held by every caller (a handle is only reached from Python or the
+        // loop); reading the pointer moves no reference, and the field is only replaced by
+        // `context`, which holds no borrow across Python code.
+        unsafe { (*self.context.as_ptr()).as_ptr() }
+    }
+
+    /// The `Context` to run in (borrowed: valid while the handle is alive), made now if it was
+    /// deferred. The caller has unparked it (`run_ready`, `_run`).
+    #[inline(always)]
+    fn run_context(&self, py: Python<'_>) -> PyResult<*mut pyo3::ffi::PyObject> {
+        if self.lazy.load(Ordering::Relaxed) {
+            self.materialize(py)
+        } else {
+            Ok(self.context_ptr())
+        }
+    }
+
+    /// Make a deferred handle's `Context` from the recorded variables, and keep it.
+    #[inline(never)]
+    fn materialize(&self, py: Python<'_>) -> PyResult<*mut pyo3::ffi::PyObject> {
+        let ctx = py::context::context_for(py, &self.context.borrow(py))?;
+        let vars = std::mem::replace(&mut *self.context.borrow_mut(py), ctx);
+        self.lazy.store(false, Ordering::Relaxed);
+        // Released with no borrow held (a plain decref, see `CallArgs::bind`).
+        drop(vars.into_bound(py));
+        Ok(self.context_ptr())
+    }
+
+    /// `get_context()`: the `Context`, handed out.
+    fn context_object(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.unpark_context();
+        let ctx = self.run_context(py)?;
+        // SAFETY: a live object the handle holds (`context`); we take our own reference.
+        Ok(unsafe { Bound::from_borrowed_ptr(py, ctx) }.unbind())
     }
 
     #[inline]
@@ -352,8 +411,24 @@ impl Handle {
     }
 }
 
+/// A handle freed by PyO3's `tp_dealloc` (a `TimerHandle`; any handle when the fast paths are
+/// off) gives its own `Context` back as `raw::release` does. The field keeps `None` in its
+/// place, released with the rest of the value.
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.own_context && !*self.lazy.get_mut() && !*self.parked.get_mut() && py::context::enabled() {
+            // SAFETY: PyO3 drops a class's value in its `tp_dealloc`, with the GIL held.
+            let py = unsafe { Python::assume_attached() };
+            let ctx = std::mem::replace(self.context.get_mut(), py.None());
+            // SAFETY: the handle's own Context (made by `py::context` for it) and its reference.
+            unsafe { py::context::give_back(py, ctx.into_ptr()) }
+        }
+    }
+}
+
 /// Run a handle's callback in its context. Errors other than `KeyboardInterrupt`/`SystemExit`
 /// go to the loop's exception handler; those two are returned for the loop to re-raise.
+/// The caller has unparked its context.
 pub(crate) fn run_handle(py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult<()> {
     let h = handle.get();
     // Cloned out, not borrowed across the call: the callback may cancel its own handle.
@@ -361,7 +436,10 @@ pub(crate) fn run_handle(py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult
         Some((c, a)) => (c.bind(py).clone(), a.bind(py)),
         None => return Ok(()),
     };
-    match py::in_context(py, &h.context, || args.call(&cb)) {
+    let ctx = h.run_context(py)?;
+    // SAFETY: `ctx` is the handle's Context, alive while the caller holds the handle; the
+    // field is never replaced once it holds a Context.
+    match unsafe { py::in_context_ptr(py, ctx, || args.call(&cb)) } {
         Ok(_) => Ok(()),
         Err(err) if py::is_fatal(py, &err) => Err(err),
         Err(err) => report_callback_error(py, handle, &cb, &args.to_tuple()?, err),
@@ -397,12 +475,12 @@ impl Handle {
         self.is_cancelled()
     }
 
-    fn get_context(&self, py: Python<'_>) -> Py<PyAny> {
-        self.unpark_context();
-        self.context.clone_ref(py)
+    fn get_context(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.context_object(py)
     }
 
     fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
+        slf.get().unpark_context();
         run_handle(slf.py(), slf)
     }
 
@@ -436,9 +514,8 @@ impl Handle {
     }
 
     #[getter]
-    fn _context(&self, py: Python<'_>) -> Py<PyAny> {
-        self.unpark_context();
-        self.context.clone_ref(py)
+    fn _context(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.context_object(py)
     }
 
     #[getter]
@@ -465,7 +542,9 @@ impl Handle {
                 visit.call(&args.obj)?;
             }
         }
-        visit.call(&self.context)?;
+        if let Some(ctx) = self.context.try_borrow_unguarded() {
+            visit.call(&*ctx)?;
+        }
         visit.call(&self.loop_)?;
         visit.call(&self.source_traceback)?;
         Ok(())
@@ -607,7 +686,7 @@ unsafe extern "C" fn handle_traverse(
             edges[2] = args.as_ptr();
         }
     }
-    edges[3] = h.context.as_ptr();
+    edges[3] = h.context_ptr();
     edges[4] = h.loop_.as_ptr();
     edges[5] = h.source_traceback.as_ref().map_or(std::ptr::null_mut(), |t| t.as_ptr());
     for e in edges {

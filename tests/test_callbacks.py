@@ -168,6 +168,110 @@ def test_call_soon_threadsafe_default_context_is_the_calling_threads(loop):
     assert var.get() == "default"
 
 
+# --- the default context, made when needed ---------------------------------------------------
+# ferroloop records the caller's context variables and makes a handle's Context copy only when
+# it runs or is asked for, reusing the Context of a handle that died unobserved
+# (src/py/context.rs). These tests hold that to asyncio's behaviour: one copy per handle, taken
+# at scheduling, that keeps what its callback set and keeps no value alive longer.
+
+
+def test_default_contexts_are_distinct_copies_before_and_after_running(loop):
+    def body():
+        var.set("scheduled")
+        seen = []
+
+        def cb(tag):
+            seen.append((tag, var.get()))
+            var.set(tag)
+
+        handles = [loop.call_soon(cb, i) for i in range(3)]
+        early = ctx_of(handles[1])  # handed out before its callback runs
+        var.set("after")
+        timer = loop.call_later(0, cb, "timer")
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert seen == [(0, "scheduled"), (1, "scheduled"), (2, "scheduled"), ("timer", "after")]
+        contexts = [ctx_of(h) for h in handles] + [ctx_of(timer)]
+        assert len({id(c) for c in contexts}) == 4
+        assert ctx_of(handles[1]) is early
+        assert [c[var] for c in contexts] == [0, 1, 2, "timer"]
+        assert var.get() == "after"
+
+    contextvars.copy_context().run(body)
+
+
+def test_callback_sees_its_handles_context_while_running(loop):
+    seen = []
+
+    def cb():
+        var.set("inside")
+        ctx = ctx_of(h)
+        seen.append(ctx[var])
+        with pytest.raises(RuntimeError):
+            ctx.run(lambda: None)  # it is the entered context
+
+    h = loop.call_soon(cb)
+    run_briefly(loop)
+    assert seen == ["inside"]
+    assert ctx_of(h)[var] == "inside"
+
+
+def test_default_context_keeps_no_value_alive_after_its_handle(loop):
+    class Value:
+        pass
+
+    def body():
+        value = Value()
+        ref = weakref.ref(value)
+        var.set(value)
+        loop.call_soon(lambda: None)
+        loop.call_later(0, lambda: None)
+        var.set(None)
+        del value
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert ref() is None  # no cycle: freed with the handles, without a collection
+
+    contextvars.copy_context().run(body)
+
+
+def test_handle_in_a_cycle_through_its_default_context_is_collected(loop):
+    # The handle's context holds a value that holds the handle: only the collector frees the
+    # pair, and the loop goes on scheduling and running callbacks afterwards.
+    class Holder:
+        handle = None
+
+    freed = []
+
+    def body():
+        for _ in range(50):
+            holder = Holder()
+            var.set(holder)
+            holder.handle = loop.call_soon(lambda: None)
+            weakref.finalize(holder, freed.append, 1)
+        # (Not run_briefly: its own stop callback would leave ferroloop a spare Context,
+        # and the case to cover is a collection that finds none.)
+        loop.run_until_complete(asyncio.sleep(0))
+
+    contextvars.copy_context().run(body)
+    gc.collect()
+    assert len(freed) == 50
+    seen = []
+    for i in range(50):
+        loop.call_soon(seen.append, i)
+        loop.call_later(0, seen.append, i)
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert sorted(seen) == sorted(list(range(50)) * 2)
+
+
+def test_deferred_contexts_are_on():
+    """ferroloop defers the default context copy when it found CPython's context fields where
+    it expects them at import (src/py/context.rs); a CPython whose layout differs turns it
+    off (plain copies, same behaviour), and this test says so."""
+    pytest.importorskip("ferroloop")
+    from ferroloop import _ferroloop
+
+    assert _ferroloop._deferred_contexts is True
+
+
 def test_handle_cancel(loop):
     seen = []
     h = loop.call_soon(seen.append, 1)

@@ -20,10 +20,12 @@ __all__ = [
     "stream_is_closing_method",
     "__version__",
     "_handle_fast_paths",
+    "_deferred_contexts",
 ]
 
 __version__: str
 _handle_fast_paths: bool
+_deferred_contexts: bool
 
 @disjoint_base
 class Handle:

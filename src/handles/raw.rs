@@ -106,8 +106,9 @@ unsafe fn release(h: &mut Handle) {
     let Handle {
         call,
         context,
-        own_context: _,
-        parked: _,
+        own_context,
+        lazy,
+        parked,
         untracked: _,
         loop_,
         cancelled: _,
@@ -123,7 +124,14 @@ unsafe fn release(h: &mut Handle) {
         decref(cb.as_ptr());
         decref(args.as_ptr());
     }
-    decref(context.as_ptr());
+    let ctx = context.get_mut().as_ptr();
+    if *own_context && !*lazy.get_mut() && !*parked.get_mut() && crate::py::context::enabled() {
+        // SAFETY: the GIL is held; the handle's own Context (made by `py::context` for it, as
+        // `own_context` and not `lazy` say) and its reference, passed on once.
+        unsafe { crate::py::context::give_back(Python::assume_attached(), ctx) }
+    } else {
+        decref(ctx);
+    }
     decref(loop_.as_ptr());
     if let Some(tb) = source_traceback {
         decref(tb.as_ptr());

@@ -9,6 +9,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyTuple;
 
+pub mod context;
+
 /// Interior mutability for frozen pyclasses, guarded by the GIL.
 ///
 /// Every access takes a `Python<'_>` token, so the caller is attached to the interpreter; on a
@@ -24,6 +26,12 @@ unsafe impl<T: Send> Sync for GilCell<T> {}
 impl<T> GilCell<T> {
     pub const fn new(v: T) -> Self {
         Self(RefCell::new(v))
+    }
+
+    /// The value's address, with no borrow taken: for reading a `Py`'s pointer under the GIL.
+    #[inline(always)]
+    pub fn as_ptr(&self) -> *mut T {
+        self.0.as_ptr()
     }
 
     /// Through exclusive access no borrow can be outstanding: no check needed.
@@ -149,13 +157,28 @@ pub fn call_method_fast<'py>(
 /// Run `f` inside `ctx` (entered and exited with the C API, like `Context.run`).
 #[inline]
 pub fn in_context<'py, R>(py: Python<'py>, ctx: &Py<PyAny>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
-    // SAFETY: `ctx` is a contextvars.Context (checked by whoever stored it).
-    if unsafe { ffi::PyContext_Enter(ctx.as_ptr()) } < 0 {
+    // SAFETY: `ctx` is a contextvars.Context (checked by whoever stored it), alive for the call
+    // (we borrow a reference to it).
+    unsafe { in_context_ptr(py, ctx.as_ptr(), f) }
+}
+
+/// `in_context` on a borrowed pointer.
+///
+/// # Safety
+/// `ctx` is a `contextvars.Context` that stays alive until this returns.
+#[inline]
+pub unsafe fn in_context_ptr<'py, R>(
+    py: Python<'py>,
+    ctx: *mut ffi::PyObject,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    // SAFETY: the caller's promise.
+    if unsafe { ffi::PyContext_Enter(ctx) } < 0 {
         return Err(PyErr::fetch(py));
     }
     let r = f();
     // SAFETY: we entered `ctx` above on this thread; exiting it restores the previous context.
-    if unsafe { ffi::PyContext_Exit(ctx.as_ptr()) } < 0 {
+    if unsafe { ffi::PyContext_Exit(ctx) } < 0 {
         let exit_err = PyErr::fetch(py);
         return Err(r.err().unwrap_or(exit_err));
     }
