@@ -20,6 +20,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     event_loop::install_fastcall(m.py())?;
     m.add_class::<event_loop::CachedCallSoon>()?;
     event_loop::install_cached_call_soon(m.py())?;
+    sys::raise_heap_thresholds();
     py::context::install(m.py())?;
     m.add("_deferred_contexts", py::context::enabled())?;
     m.add_class::<handles::Handle>()?;

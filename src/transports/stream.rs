@@ -36,12 +36,15 @@ use crate::transports::addr::{InetAddr, SockAddr};
 /// asyncio's `max_size` for one read: the shared read buffer, and the most `sock_recv` reads
 /// through it.
 pub(crate) const MAX_READ: usize = 256 * 1024;
-/// What a stream transport asks one `recv` for (libuv's and Node's read size; asyncio asks for
-/// `MAX_READ`). With 256 KiB reads, 100 KiB streams echoes made glibc trim the top of the heap
-/// and grow it again on every request: 23 page faults per request, against 1.5 with 64 KiB
-/// reads, and the server's CPU per request fell from 220-290 µs to 130-150 µs (2026-12-05).
-/// `data_received` chunk sizes are unspecified, so only the number of calls changes.
-pub(crate) const TRANSPORT_READ: usize = 64 * 1024;
+/// What a stream transport asks one `recv` for: asyncio's `max_size`, as uvloop reads (250,000
+/// bytes). With 64 KiB reads, a 100 KiB message over TCP was echoed in two writes (65,536 bytes
+/// go out as a full segment and a 53-byte one), and on Linux 6.18 a few connections a second
+/// then stalled for a delayed ACK (40-50 ms) with the rest of an echo unsent: p99 of the
+/// `Protocol` 100 KiB row 20+ ms, 100-300 delayed ACKs in 2 s (`nstat`), none with 256 KiB
+/// reads (docs/DESIGN.md, 2026-12-06). 64 KiB had been chosen because 256 KiB reads made glibc
+/// trim and regrow the heap on every 100 KiB streams echo; `sys::raise_heap_thresholds` now
+/// stops that for any read size. `data_received` chunk sizes are unspecified.
+pub(crate) const TRANSPORT_READ: usize = 256 * 1024;
 /// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 
