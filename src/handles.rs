@@ -315,6 +315,12 @@ impl Handle {
         Ok(self.context_ptr())
     }
 
+    /// Whether a dying handle's `Context` goes back to `py::context` as the spare: one made
+    /// for it there (its own, not deferred any more, on the GC's lists).
+    pub(crate) fn gives_context_back(&mut self) -> bool {
+        self.own_context && !*self.lazy.get_mut() && !*self.parked.get_mut() && py::context::enabled()
+    }
+
     /// `get_context()`: the `Context`, handed out.
     fn context_object(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         self.unpark_context();
@@ -416,7 +422,7 @@ impl Handle {
 /// place, released with the rest of the value.
 impl Drop for Handle {
     fn drop(&mut self) {
-        if self.own_context && !*self.lazy.get_mut() && !*self.parked.get_mut() && py::context::enabled() {
+        if self.gives_context_back() {
             // SAFETY: PyO3 drops a class's value in its `tp_dealloc`, with the GIL held.
             let py = unsafe { Python::assume_attached() };
             let ctx = std::mem::replace(self.context.get_mut(), py.None());

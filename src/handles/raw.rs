@@ -103,12 +103,13 @@ unsafe extern "C" fn dealloc(obj: *mut ffi::PyObject) {
 /// # Safety
 /// `h` is the value of an object in `tp_dealloc`, used for nothing else afterwards.
 unsafe fn release(h: &mut Handle) {
+    let gives_back = h.gives_context_back();
     let Handle {
         call,
         context,
-        own_context,
-        lazy,
-        parked,
+        own_context: _,
+        lazy: _,
+        parked: _,
         untracked: _,
         loop_,
         cancelled: _,
@@ -125,9 +126,9 @@ unsafe fn release(h: &mut Handle) {
         decref(args.as_ptr());
     }
     let ctx = context.get_mut().as_ptr();
-    if *own_context && !*lazy.get_mut() && !*parked.get_mut() && crate::py::context::enabled() {
+    if gives_back {
         // SAFETY: the GIL is held; the handle's own Context (made by `py::context` for it, as
-        // `own_context` and not `lazy` say) and its reference, passed on once.
+        // `gives_context_back` says) and its reference, passed on once.
         unsafe { crate::py::context::give_back(Python::assume_attached(), ctx) }
     } else {
         decref(ctx);
