@@ -1,11 +1,13 @@
 """Network workloads, driver side: echo servers, HTTP and idle connections, for ``run.py``.
 
 A *group* is what one fresh server process serves: one echo style over one transport (its rows
-are the message sizes), the floor server over one transport, uvicorn (its rows are the
-connection counts) or the idle-connections server. ``run_group`` starts the server pinned to one
-core, runs the load pinned to the other (``loadgen``, or ``wrk`` for HTTP), stops the server and
-returns one result per row. ``run.py`` calls it per (round, group, loop) in rotating loop order,
-after the loop microbenchmarks of the round.
+are the message sizes), uvicorn (its rows are the connection counts) or the idle-connections
+server. Per round, after the loop microbenchmarks, ``run.py`` runs each group in rotating loop
+order. Echo groups go through ``run_echo_interleaved``: every loop's server up at once, plus
+loadgen's floor server as one more "loop", measured in turn, so each row's floor is taken over
+the same seconds as the loops it is compared with. The other groups go through ``run_group``,
+one fresh server per loop. Servers are pinned to one core and the load (``loadgen``, or
+``wrk`` for HTTP) to the other.
 
 Measured per row:
 
@@ -48,7 +50,7 @@ SERVER = os.path.join(HERE, "_server.py")
 WRK_SCRIPT = os.path.join(HERE, "wrk_report.lua")
 
 SUBJECT, BASE = "ferroloop", "uvloop"
-FLOOR = "floor"  # loadgen's own epoll echo server: "what the kernel costs"
+FLOOR = "floor"  # loadgen's own epoll echo server: "what the kernel costs"; in every echo group
 SELECTOR = "ferroloop-selector"  # ferroloop with FERROLOOP_TRANSPORTS=selector (A/B)
 
 ECHO_CONNS = 10
@@ -86,7 +88,7 @@ def echo_bar(style: str, transport: str, size_label: str) -> float:
 @dataclass(frozen=True)
 class Row:
     name: str
-    kind: str  # "echo", "floor", "http" or "idle"
+    kind: str  # "echo", "http" or "idle"
     group: str
     style: str = ""
     transport: str = ""
@@ -133,14 +135,6 @@ def plan(idle_conns: int) -> list[Group]:
                     )
                 )
             groups.append(g)
-        g = Group(f"floor {transport}", "floor", transport=transport)
-        for size_label, size in SIZES:
-            name = f"floor {transport} {size_label}"
-            g.rows.append(
-                Row(name=name, kind="floor", group=g.name, transport=transport, size=size,
-                    size_label=size_label, conns=ECHO_CONNS, doc="loadgen's epoll echo server")
-            )  # fmt: skip
-        groups.append(g)
     g = Group("http", "http")
     for c in HTTP_CONNS:
         doc = f"uvicorn + httptools, raw ASGI app, wrk -t1 -c{c}"
@@ -167,28 +161,19 @@ def plan(idle_conns: int) -> list[Group]:
 
 
 def select_groups(groups: list[Group], pattern) -> list[Group]:
-    """Groups cut down to the rows matching ``pattern`` (a compiled regex or None); the floor
-    rows are kept where a selected echo row needs them (its `floor` column)."""
+    """Groups cut down to the rows matching ``pattern`` (a compiled regex or None)."""
     out = []
-    needed_floor = set()
     for g in groups:
-        rows = [r for r in g.rows if g.kind != "floor" and (not pattern or pattern.search(r.name))]
-        if g.kind == "echo":
-            needed_floor.update((r.transport, r.size_label) for r in rows)
+        rows = [r for r in g.rows if not pattern or pattern.search(r.name)]
         if rows:
             out.append(Group(g.name, g.kind, rows, g.style, g.transport))
-    for g in groups:
-        if g.kind == "floor":
-            rows = [r for r in g.rows if (r.transport, r.size_label) in needed_floor]
-            if rows:
-                out.append(Group(g.name, g.kind, rows, g.style, g.transport))
     return out
 
 
 def group_loops(g: Group, loops: list[str], selector: bool) -> list[str]:
-    if g.kind == "floor":
-        return [FLOOR]
-    out = list(loops)
+    """The servers a group runs: the loops, and for echo the floor (measured in turn with
+    them: the machine's speed drifts, and a floor taken minutes apart is not comparable)."""
+    out = list(loops) + ([FLOOR] if g.kind == "echo" else [])
     # FERROLOOP_TRANSPORTS changes nothing for sock_* (no transports there)
     if selector and SUBJECT in loops and g.style != "sock":
         out.append(SELECTOR)
@@ -456,7 +441,7 @@ def run_group(g: Group, loop: str, cfg: dict, tools: Tools) -> dict[str, dict]:
             return {r.name: {"ok": False, "error": tools.http_error} for r in g.rows}
     elif tools.loadgen is None:
         return {r.name: {"ok": False, "error": tools.loadgen_error} for r in g.rows}
-    run = {"echo": _echo_group, "floor": _echo_group, "http": _http_group, "idle": _idle_group}
+    run = {"http": _http_group, "idle": _idle_group}
     with tempfile.TemporaryDirectory(prefix="ferroloop-bench-") as tmp:
         try:
             return run[g.kind](g, loop, cfg, tools, tmp)
@@ -478,17 +463,6 @@ def _start_echo_server(style: str, transport: str, loop: str, tools: Tools, path
         srv.stop()
         raise
     return srv, where or ["--tcp", f"127.0.0.1:{info['port']}"]
-
-
-def _echo_group(g: Group, loop: str, cfg: dict, tools: Tools, tmp: str) -> dict[str, dict]:
-    srv, target = _start_echo_server(g.style, g.transport, loop, tools, f"{tmp}/echo.sock")
-    try:
-        return {
-            row.name: _echo_run(srv, target, row, cfg["echo_duration"], cfg["echo_warmup"], tools)
-            for row in g.rows
-        }
-    finally:
-        srv.stop()
 
 
 #: --full's echo windows are cut into slices of at most this many seconds, taken in turn
@@ -716,8 +690,8 @@ def _median(values):
 
 def summarize(rows: list[Row], runs: dict, loops: list[str], rounds: int) -> list[dict]:
     """Per row: medians over rounds per loop, medians of per-round ferroloop ÷ uvloop ratios,
-    the verdict. ``runs[row name][(loop, round)]`` is a result; floor rows feed the echo rows'
-    `floor` column."""
+    the verdict. ``runs[row name][(loop, round)]`` is a result (the floor's too, for echo
+    rows)."""
 
     def get(row_name, loop, r, key):
         res = runs.get(row_name, {}).get((loop, r))
@@ -731,10 +705,18 @@ def summarize(rows: list[Row], runs: dict, loops: list[str], rounds: int) -> lis
                 per.append(a / b)
         return _median(per), per
 
+    def above_floor(row_name):
+        """Per round, (ferroloop - floor) ÷ (uvloop - floor) of CPU per request: the loops'
+        own cost, with the kernel's (the floor, measured in the same seconds) taken out."""
+        per = []
+        for r in range(rounds):
+            a, b, f = (get(row_name, lp, r, "cpu_us_per_req") for lp in (SUBJECT, BASE, FLOOR))
+            if a is not None and b is not None and f is not None and b > f:
+                per.append((a - f) / (b - f))
+        return _median(per), per
+
     out = []
     for row in rows:
-        if row.kind == "floor":
-            continue
         keys = {"idle": ("value",)}.get(
             row.kind,
             ("cpu_us_per_req", "req_per_s", "p50_us", "p99_us", "server_busy", "client_busy"),
@@ -743,13 +725,13 @@ def summarize(rows: list[Row], runs: dict, loops: list[str], rounds: int) -> lis
         s["loops"] = {}
         columns = list(loops) + ([FLOOR] if row.kind == "echo" else [])
         for loop in columns:
-            src = f"floor {row.transport} {row.size_label}" if loop == FLOOR else row.name
-            entry = {k: _median(get(src, loop, r, k) for r in range(rounds)) for k in keys}
+            entry = {k: _median(get(row.name, loop, r, k) for r in range(rounds)) for k in keys}
             errors = sorted(
                 {
                     res.get("error") or "failed"
                     for r in range(rounds)
-                    if (res := runs.get(src, {}).get((loop, r))) is not None and not res.get("ok")
+                    if (res := runs.get(row.name, {}).get((loop, r))) is not None
+                    and not res.get("ok")
                 }
             )
             if errors:
@@ -758,6 +740,7 @@ def summarize(rows: list[Row], runs: dict, loops: list[str], rounds: int) -> lis
         if row.kind == "echo":
             s["ratio_cpu"], s["ratio_cpu_rounds"] = ratio(row.name, "cpu_us_per_req")
             s["ratio_rps"], _ = ratio(row.name, "req_per_s")
+            s["above_floor"], s["above_floor_rounds"] = above_floor(row.name)
             r = s["ratio_cpu"]
             s["result"] = "n/a" if r is None else ("PASS" if r <= row.bar else "MISS")
         elif row.kind == "http":
@@ -844,7 +827,7 @@ def report(summaries: list[dict], loops: list[str], rounds: int, cfg: dict) -> s
             [s["workload"]]
             + [_num(s["loops"].get(lp, {}).get("cpu_us_per_req"), ".2f") for lp in cols]
             + [_ratio(s["ratio_cpu"]), _range(s["ratio_cpu_rounds"]), f"≤ {s['bar']:.2f}×"]
-            + [s["result"]]
+            + [s["result"], _ratio(s["above_floor"]), _range(s["above_floor_rounds"])]
             for s in echo
         ]
         parts.append(
@@ -853,11 +836,15 @@ def report(summaries: list[dict], loops: list[str], rounds: int, cfg: dict) -> s
             f"after {cfg['echo_warmup']} s warm-up, every loop's server up at once and measured "
             f"in turn in slices of at most {ECHO_SLICE} s; server pinned to one core, loadgen to "
             "the other. "
-            "`floor`: loadgen's own epoll echo server. Bar: ferro÷uvloop ≤ bar.\n\n"
+            "`floor`: loadgen's own epoll echo server, measured in turn with the loops. "
+            "Bar: ferro÷uvloop ≤ bar. `above floor`: (ferro − floor) ÷ (uvloop − floor) per "
+            "round, median and range: the loops' own cost with the kernel's taken out "
+            "(shown, not judged).\n\n"
             + _table(
-                ["workload", *cols, "ferro÷uvloop", "(rounds)", "bar", "result"],
+                ["workload", *cols, "ferro÷uvloop", "(rounds)", "bar", "result"]
+                + ["above floor", "(rounds)"],
                 rows,
-                "l" + "r" * (len(cols) + 3) + "c",
+                "l" + "r" * (len(cols) + 3) + "c" + "rr",
             )
         )
         rows = [

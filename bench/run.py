@@ -497,7 +497,7 @@ def main(argv=None) -> int:
         for wl in micro.WORKLOADS.values():
             print(f"{wl.name:32} {wl.doc}")
         for g in netbench.plan(cfg["idle_conns"]):
-            for row in g.rows if g.kind != "floor" else []:
+            for row in g.rows:
                 print(f"{row.name:32} {row.doc}")
         return 0
     if args.rounds:
