@@ -655,7 +655,7 @@ def test_echo_protocol_messages_of_changing_sizes(loop, net):
     any read-size heuristic): every byte comes back, in order, and each chunk handed to
     data_received is non-empty bytes."""
     sizes = [1, 10_240, 10_240, 5_000, 12_800, 12_801, 70_000, 100, 65_536, 4_096, 300_000]
-    sizes += [3, 10_240]
+    sizes += [100_000, 200_000, 262_144, 262_145, 20_000, 3, 10_240]
 
     async def main():
         await net.server(Echo)
@@ -673,6 +673,22 @@ def test_echo_protocol_messages_of_changing_sizes(loop, net):
         assert chunks and all(type(c) is bytes and c for c in chunks)
 
     run(loop, main())
+
+
+def test_direct_reads_reach_asyncios_max_size():
+    """ferroloop reads messages over 16 KiB straight into their `bytes` (no copy) up to the
+    size the C library's heap serves without a fresh mmap; with glibc's thresholds raised at
+    import (sys::raise_heap_thresholds) that is the whole 256 KiB read."""
+    pytest.importorskip("ferroloop")
+    import platform
+
+    from ferroloop import _ferroloop
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the heap check reads glibc's statistics; other C libraries keep 64 KiB")
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        pytest.skip("malloc thresholds fixed in the environment: glibc keeps them")
+    assert _ferroloop._direct_read_max == 256 * 1024
 
 
 def test_echo_buffered_protocol(loop, net):

@@ -21,11 +21,13 @@ __all__ = [
     "__version__",
     "_handle_fast_paths",
     "_deferred_contexts",
+    "_direct_read_max",
 ]
 
 __version__: str
 _handle_fast_paths: bool
 _deferred_contexts: bool
+_direct_read_max: int
 
 @disjoint_base
 class Handle:

@@ -205,6 +205,34 @@ pub fn raise_heap_thresholds() {
     }
 }
 
+/// Whether the allocator serves a `size`-byte block from its heap rather than with a fresh
+/// `mmap` (whose pages fault in on first touch, every time). glibc counts its mmapped blocks
+/// (`mallinfo2().hblks`): one allocation of `size` that leaves the count as it was came from
+/// the heap. Any other C library: false (unknown).
+pub fn heap_serves(size: usize) -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics; the malloc/free pair is
+        // plain, and the one byte written is inside the block.
+        unsafe {
+            let before = libc::mallinfo2().hblks;
+            let p = libc::malloc(size).cast::<u8>();
+            if p.is_null() {
+                return false;
+            }
+            p.write_volatile(0);
+            let after = libc::mallinfo2().hblks;
+            libc::free(std::hint::black_box(p).cast());
+            after == before
+        }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let _ = size;
+        false
+    }
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock behind `time.monotonic()`.
 pub fn monotonic_ns() -> i64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -20,6 +20,7 @@
 
 use std::cell::RefCell;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::gc::PyVisit;
@@ -262,10 +263,21 @@ fn settle_waiter<'py>(
 /// this thread was that large; smaller ones use the shared buffer and copy what arrived (cheaper
 /// than allocating the whole `limit` for a few bytes).
 const BIG_READ: usize = 16 * 1024;
-/// ...but only for limits up to this: a larger fresh allocation is served by `mmap` (or fresh
-/// heap pages) and page faults cost more than the copy (measured: 3x the CPU per request for
-/// 100 KiB echoes with 256 KiB reads).
-const DIRECT_READ_MAX: usize = 64 * 1024;
+/// ...but only for limits the allocator serves from its heap: a block it serves with `mmap`
+/// faults its pages in on every read, which costs more than the copy (measured: 3x the CPU per
+/// request for 100 KiB echoes with 256 KiB reads, before `sys::raise_heap_thresholds`). Set
+/// once at import (`set_direct_read_max`): `MAX_READ` when the heap serves blocks that large
+/// (glibc does once its thresholds are raised), else 64 KiB (glibc's default mmap threshold is
+/// 128 KiB). Direct reads of 100 KiB messages save the copy: 0.87x the CPU per request of the
+/// `Protocol` echo over Unix sockets, 0.92x for streams (docs/DESIGN.md).
+static DIRECT_READ_MAX: AtomicUsize = AtomicUsize::new(64 * 1024);
+
+/// Called once at import, after `sys::raise_heap_thresholds`.
+pub(crate) fn set_direct_read_max() -> usize {
+    let max = if sys::heap_serves(MAX_READ) { MAX_READ } else { 64 * 1024 };
+    DIRECT_READ_MAX.store(max, Ordering::Relaxed);
+    max
+}
 
 thread_local! {
     static LAST_READ_BIG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -274,7 +286,7 @@ thread_local! {
 /// One `recv` of at most `limit` (capped at `MAX_READ`) bytes into a new `bytes`.
 pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Result<Bound<'_, PyBytes>> {
     let limit = limit.min(MAX_READ);
-    let direct = limit > BIG_READ && limit <= DIRECT_READ_MAX && LAST_READ_BIG.get();
+    let direct = limit > BIG_READ && limit <= DIRECT_READ_MAX.load(Ordering::Relaxed) && LAST_READ_BIG.get();
     let r = if direct {
         // SAFETY: `ptr` is writable for `cap` bytes for the duration of the call.
         py::bytes_filled_by(py, limit, |ptr, cap| unsafe { sys::recv_raw(fd, ptr, cap) })
