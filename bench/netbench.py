@@ -707,12 +707,17 @@ def summarize(rows: list[Row], runs: dict, loops: list[str], rounds: int) -> lis
 
     def above_floor(row_name):
         """Per round, (ferroloop - floor) ÷ (uvloop - floor) of CPU per request: the loops'
-        own cost, with the kernel's (the floor, measured in the same seconds) taken out."""
+        own cost, with the kernel's (the floor, measured in the same seconds) taken out. A
+        round where a loop spent less than the floor has no such figure (the floor server is
+        not saturated on the 100 KiB rows: the client's core is the limit, so it is no lower
+        bound there); with figures from fewer than half the rounds, n/a."""
         per = []
         for r in range(rounds):
             a, b, f = (get(row_name, lp, r, "cpu_us_per_req") for lp in (SUBJECT, BASE, FLOOR))
-            if a is not None and b is not None and f is not None and b > f:
+            if a is not None and b is not None and f is not None and a >= f and b > f:
                 per.append((a - f) / (b - f))
+        if 2 * len(per) < rounds:
+            return None, []
         return _median(per), per
 
     out = []
