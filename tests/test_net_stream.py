@@ -691,6 +691,27 @@ def test_direct_reads_reach_asyncios_max_size():
     assert _ferroloop._direct_read_max == 256 * 1024
 
 
+def test_direct_reads_stay_at_64k_when_glibc_keeps_a_low_mmap_threshold():
+    """A process that fixed glibc's mmap threshold (here at its default, 128 KiB) keeps it, so
+    256 KiB blocks are mmapped: the import-time check sees that and keeps direct reads at
+    64 KiB."""
+    pytest.importorskip("ferroloop")
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the heap check reads glibc's statistics; other C libraries keep 64 KiB")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    code = "from ferroloop import _ferroloop; print(_ferroloop._direct_read_max)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(64 * 1024)
+
+
 def test_echo_buffered_protocol(loop, net):
     data = payload(1 << 20)
 

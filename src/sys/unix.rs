@@ -208,20 +208,29 @@ pub fn raise_heap_thresholds() {
 /// Whether the allocator serves a `size`-byte block from its heap rather than with a fresh
 /// `mmap` (whose pages fault in on first touch, every time). glibc counts its mmapped blocks
 /// (`mallinfo2().hblks`): one allocation of `size` that leaves the count as it was came from
-/// the heap. Any other C library: false (unknown).
+/// the heap. `mallinfo2` (glibc 2.33+) is looked up at run time, so the extension does not
+/// need it to load. Without it, or with another C library: false (unknown).
 pub fn heap_serves(size: usize) -> bool {
     #[cfg(target_env = "gnu")]
     {
-        // SAFETY: mallinfo2 only reads the allocator's statistics; the malloc/free pair is
-        // plain, and the one byte written is inside the block.
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks a symbol up.
+        let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"mallinfo2".as_ptr()) };
+        if sym.is_null() {
+            return false;
+        }
+        // SAFETY: glibc's `mallinfo2` has exactly this signature (`struct mallinfo2
+        // mallinfo2(void)`, which the libc crate mirrors); it only reads the allocator's
+        // statistics. The malloc/free pair is plain, and the one byte written is inside the
+        // block.
         unsafe {
-            let before = libc::mallinfo2().hblks;
+            let mallinfo2: extern "C" fn() -> libc::mallinfo2 = std::mem::transmute(sym);
+            let before = mallinfo2().hblks;
             let p = libc::malloc(size).cast::<u8>();
             if p.is_null() {
                 return false;
             }
             p.write_volatile(0);
-            let after = libc::mallinfo2().hblks;
+            let after = mallinfo2().hblks;
             libc::free(std::hint::black_box(p).cast());
             after == before
         }

@@ -270,11 +270,12 @@ const BIG_READ: usize = 16 * 1024;
 /// (glibc does once its thresholds are raised), else 64 KiB (glibc's default mmap threshold is
 /// 128 KiB). Direct reads of 100 KiB messages save the copy: 0.87x the CPU per request of the
 /// `Protocol` echo over Unix sockets, 0.92x for streams (docs/DESIGN.md).
-static DIRECT_READ_MAX: AtomicUsize = AtomicUsize::new(64 * 1024);
+static DIRECT_READ_MAX: AtomicUsize = AtomicUsize::new(DIRECT_READ_FALLBACK);
+const DIRECT_READ_FALLBACK: usize = 64 * 1024;
 
 /// Called once at import, after `sys::raise_heap_thresholds`.
 pub(crate) fn set_direct_read_max() -> usize {
-    let max = if sys::heap_serves(MAX_READ) { MAX_READ } else { 64 * 1024 };
+    let max = if sys::heap_serves(MAX_READ) { MAX_READ } else { DIRECT_READ_FALLBACK };
     DIRECT_READ_MAX.store(max, Ordering::Relaxed);
     max
 }
