@@ -675,17 +675,21 @@ def test_echo_protocol_messages_of_changing_sizes(loop, net):
     run(loop, main())
 
 
+def _require_ferroloop_on_glibc():
+    pytest.importorskip("ferroloop")
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the heap check reads glibc's statistics; other C libraries keep 64 KiB")
+
+
 def test_direct_reads_reach_asyncios_max_size():
     """ferroloop reads messages over 16 KiB straight into their `bytes` (no copy) up to the
     size the C library's heap serves without a fresh mmap; with glibc's thresholds raised at
     import (sys::raise_heap_thresholds) that is the whole 256 KiB read."""
-    pytest.importorskip("ferroloop")
-    import platform
-
+    _require_ferroloop_on_glibc()
     from ferroloop import _ferroloop
 
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("the heap check reads glibc's statistics; other C libraries keep 64 KiB")
     if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         pytest.skip("malloc thresholds fixed in the environment: glibc keeps them")
     assert _ferroloop._direct_read_max == 256 * 1024
@@ -695,13 +699,10 @@ def test_direct_reads_stay_at_64k_when_glibc_keeps_a_low_mmap_threshold():
     """A process that fixed glibc's mmap threshold (here at its default, 128 KiB) keeps it, so
     256 KiB blocks are mmapped: the import-time check sees that and keeps direct reads at
     64 KiB."""
-    pytest.importorskip("ferroloop")
-    import platform
+    _require_ferroloop_on_glibc()
     import subprocess
     import sys
 
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("the heap check reads glibc's statistics; other C libraries keep 64 KiB")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     code = "from ferroloop import _ferroloop; print(_ferroloop._direct_read_max)"

@@ -185,6 +185,23 @@ pub fn drain_wakeup(fd: RawFd, signals: &mut Vec<u8>) {
     }
 }
 
+/// malloc a `size`-byte block, touch it, run `while_held`, free it. False (and `while_held` not
+/// run) when the allocation fails.
+fn with_malloc_block(size: usize, while_held: impl FnOnce()) -> bool {
+    // SAFETY: a plain malloc/free pair; the one byte written is inside the block. The write
+    // (and `black_box`) keep the pair from being optimised away.
+    unsafe {
+        let p = libc::malloc(size).cast::<u8>();
+        if p.is_null() {
+            return false;
+        }
+        p.write_volatile(0);
+        while_held();
+        libc::free(std::hint::black_box(p).cast());
+    }
+    true
+}
+
 /// Raise glibc's heap thresholds the way glibc itself does: when a block it served with
 /// `mmap` is freed, it moves its mmap threshold up to that block's size and its trim threshold
 /// to twice that (unless the program fixed them, with `mallopt` or `MALLOC_*_` variables).
@@ -193,16 +210,7 @@ pub fn drain_wakeup(fd: RawFd, signals: &mut Vec<u8>) {
 /// what a server echoing 100 KiB messages otherwise does on every request. Other allocators
 /// just see one allocation and its free.
 pub fn raise_heap_thresholds() {
-    const BLOCK: usize = 1 << 20;
-    // SAFETY: a plain malloc/free pair; the one byte written is inside the block. The write
-    // (and `black_box`) keep the pair from being optimised away.
-    unsafe {
-        let p = libc::malloc(BLOCK).cast::<u8>();
-        if !p.is_null() {
-            p.write_volatile(0);
-            libc::free(std::hint::black_box(p).cast());
-        }
-    }
+    with_malloc_block(1 << 20, || {});
 }
 
 /// Whether the allocator serves a `size`-byte block from its heap rather than with a fresh
@@ -219,21 +227,12 @@ pub fn heap_serves(size: usize) -> bool {
             return false;
         }
         // SAFETY: glibc's `mallinfo2` has exactly this signature (`struct mallinfo2
-        // mallinfo2(void)`, which the libc crate mirrors); it only reads the allocator's
-        // statistics. The malloc/free pair is plain, and the one byte written is inside the
-        // block.
-        unsafe {
-            let mallinfo2: extern "C" fn() -> libc::mallinfo2 = std::mem::transmute(sym);
-            let before = mallinfo2().hblks;
-            let p = libc::malloc(size).cast::<u8>();
-            if p.is_null() {
-                return false;
-            }
-            p.write_volatile(0);
-            let after = mallinfo2().hblks;
-            libc::free(std::hint::black_box(p).cast());
-            after == before
-        }
+        // mallinfo2(void)`, which the libc crate mirrors) and only reads the allocator's
+        // statistics.
+        let mallinfo2: extern "C" fn() -> libc::mallinfo2 = unsafe { std::mem::transmute(sym) };
+        let before = mallinfo2().hblks;
+        let mut after = before;
+        with_malloc_block(size, || after = mallinfo2().hblks) && after == before
     }
     #[cfg(not(target_env = "gnu"))]
     {

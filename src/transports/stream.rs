@@ -45,7 +45,7 @@ pub(crate) const MAX_READ: usize = 256 * 1024;
 /// reads (docs/DESIGN.md, 2026-12-06). 64 KiB had been chosen because 256 KiB reads made glibc
 /// trim and regrow the heap on every 100 KiB streams echo; `sys::raise_heap_thresholds` now
 /// stops that for any read size. `data_received` chunk sizes are unspecified.
-pub(crate) const TRANSPORT_READ: usize = 256 * 1024;
+pub(crate) const TRANSPORT_READ: usize = MAX_READ;
 /// asyncio's `constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES`.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 
