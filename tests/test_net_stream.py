@@ -1499,6 +1499,192 @@ def test_abort_after_close_loses_pending_data_once(loop, tcp_net):
     run(loop, main())
 
 
+# --- the writes of one callback ----------------------------------------------------------------
+# ferroloop holds a callback's writes until it returns and sends them with one system call
+# (docs/DESIGN.md, "Corked writes"); asyncio sends each in write(). Nothing a program can see
+# through the transport may differ.
+
+
+def test_writes_of_one_callback_arrive_in_order(loop, net):
+    """Many writes of every kind in one callback, to two transports: each peer gets its bytes
+    in order, and a bytearray changed after write() arrives as it was when written."""
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        (tr1, pr1), (tr2, pr2) = [await net.connect(Recorder) for _ in range(2)]
+        srv1, srv2 = [await net.server_side(servers, i) for i in range(2)]
+        want1, want2 = bytearray(), bytearray()
+        for i in range(40):  # more than are held at once
+            chunk = bytes([65 + i % 26]) * (10 + i)
+            tr1.write(chunk)
+            want1 += chunk
+            tr2.write(chunk[::-1] + b"|")
+            want2 += chunk[::-1] + b"|"
+        mutable = bytearray(b"before")
+        tr1.write(mutable)
+        want1 += b"before"
+        mutable[:] = b"AFTER!"
+        tr1.write(memoryview(b"view"))
+        want1 += b"view"
+        big = payload(100_000, seed=9)  # over the high-water mark: sent at once
+        tr1.write(big)
+        want1 += big
+        tr1.write(_Bytes(b"subclass"))
+        want1 += b"subclass"
+        tr1.write(b"tail")
+        want1 += b"tail"
+        assert await srv1.wait_bytes(len(want1)) == want1
+        assert await srv2.wait_bytes(len(want2)) == want2
+        for tr, pr in ((tr1, pr1), (tr2, pr2)):
+            tr.close()
+            assert await pr.lost is None
+
+    run(loop, main())
+
+
+def test_write_is_sent_as_far_as_the_transport_can_tell(loop, net):
+    """After write() returns, what the socket took is not in the write buffer, within the
+    same callback."""
+
+    async def main():
+        tr, pr, srv = await net.connected()
+        tr.write(b"hello")
+        assert tr.get_write_buffer_size() == 0
+        tr.write(b", ")
+        tr.write(b"world")
+        assert tr.get_write_buffer_size() == 0
+        assert not tr.is_closing()
+        assert await srv.wait_bytes(12) == b"hello, world"
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("how", ["close", "abort", "write_eof"])
+def test_writes_then_close_abort_or_write_eof_in_one_callback(loop, net, how):
+    """What was written in the callback reaches the peer before its end of stream, abort()
+    included: asyncio has sent it by the time abort() is called."""
+
+    async def main():
+        tr, pr, srv = await net.connected()
+        tr.write(b"one ")
+        tr.write(b"two")
+        getattr(tr, how)()
+        await srv.eof
+        assert bytes(srv.data) == b"one two"
+        if how == "write_eof":
+            assert not tr.is_closing()
+            with pytest.raises(RuntimeError, match="after write_eof"):
+                tr.write(b"more")
+            tr.close()
+        assert await pr.lost is None
+        await asyncio.sleep(0.01)
+        assert pr.lost_calls == 1
+
+    run(loop, main())
+
+
+def test_write_error_closes_the_transport_before_the_callback_goes_on(loop):
+    """A write to a peer that has gone fails in write() in asyncio: is_closing() is true at
+    once, and connection_lost() gets the error."""
+
+    async def main():
+        a, b = socket.socketpair()
+        with b:
+            tr, pr = await loop.connect_accepted_socket(recorder(pause_on_made=True), a)
+            _TRACKED.append(tr)
+        tr.write(b"first")
+        assert tr.is_closing()
+        assert isinstance(await pr.lost, BrokenPipeError)
+        await asyncio.sleep(0.01)
+        assert pr.lost_calls == 1
+
+    run(loop, main())
+
+
+def test_stream_drain_raises_for_a_write_to_a_gone_peer(loop):
+    async def main():
+        a, b = socket.socketpair()
+        b.close()
+        reader, writer = await asyncio.open_connection(sock=a)
+        writer.write(b"lost")
+        with pytest.raises(ConnectionResetError):
+            await writer.drain()
+        writer.close()
+
+    run(loop, main())
+
+
+def test_writes_of_one_callback_pause_the_protocol_from_write(loop, tcp_net):
+    """Writing in a loop, in one callback, to a peer that does not read: pause_writing() is
+    called from write() once the buffer passes the high-water mark, so the loop ends."""
+
+    async def main():
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
+        )
+        chunk = b"z" * 1024
+        n = 0
+        while pr.pauses == 0 and n < 100_000:
+            tr.write(chunk)
+            n += 1
+        assert pr.pauses == 1
+        assert tr.get_write_buffer_size() > tr.get_write_buffer_limits()[1]
+        srv.transport.resume_reading()
+        assert await srv.wait_bytes(n * 1024) == chunk * n
+        while not pr.resumes:
+            await asyncio.sleep(0.001)
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("exc_type", [ValueError, KeyboardInterrupt])
+def test_writes_of_a_callback_that_raises_are_sent(loop, handler_calls, exc_type):
+    """Sent by the time the loop returns, even when the callback's exception stops the loop:
+    the peer (a plain socket) reads them without the loop running again."""
+    a, peer = socket.socketpair()
+    peer.settimeout(TIMEOUT)
+
+    async def setup():
+        tr, pr = await loop.connect_accepted_socket(Recorder, a)
+        _TRACKED.append(tr)
+        return tr, pr
+
+    tr, pr = run(loop, setup())
+
+    def callback():
+        tr.write(b"sent ")
+        tr.write(b"anyway")
+        raise exc_type("from the callback")
+
+    async def main():
+        loop.call_soon(callback)
+        await asyncio.sleep(0.01)
+
+    with peer:
+        if exc_type is KeyboardInterrupt:
+            with pytest.raises(KeyboardInterrupt):
+                run(loop, main())
+        else:
+            run(loop, main())
+            assert [type(c.get("exception")) for c in handler_calls] == [ValueError]
+        got = b""
+        while len(got) < 11:
+            got += peer.recv(100)
+        assert got == b"sent anyway"
+
+    async def finish():
+        tr.close()
+        await pr.lost
+
+    run(loop, finish())
+
+
 # --- reading control -------------------------------------------------------------------------
 
 

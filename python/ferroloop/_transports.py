@@ -7,6 +7,11 @@ methods of the class that run on the core, so neither runs a Python frame. This 
 the rare paths, with asyncio's names, messages and order: connection set-up, EOF,
 close/abort, fatal errors, flow-control callbacks, ``write_eof``, ``set_protocol``, sendfile's
 empty waiter.
+
+Writes made by a callback on the loop's thread are held by the core until the callback returns
+("corking": the callback's writes then cost one system call). Every method here that could tell
+they were not sent yet (buffer size, close, abort, ``write_eof``, limits, sendfile's waiter;
+``is_closing`` in the core) sends them first, with ``flush_corked()``.
 """
 
 from __future__ import annotations
@@ -220,6 +225,7 @@ class StreamTransport(transports._FlowControlMixin):
         return getattr(self, "_empty_waiter", None) is not None
 
     def write_eof(self):
+        self._core.flush_corked()
         if self._core.closing or self._core.eof:
             return
         self._core.eof = True
@@ -234,6 +240,7 @@ class StreamTransport(transports._FlowControlMixin):
         return True
 
     def get_write_buffer_size(self):
+        self._core.flush_corked()
         return self._core.buffer_size
 
     def get_write_buffer_limits(self):
@@ -246,6 +253,7 @@ class StreamTransport(transports._FlowControlMixin):
             low = high // 4
         if not high >= low >= 0:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._core.flush_corked()
         self._core.set_write_buffer_limits(high, low)
         self._maybe_pause_protocol()
 
@@ -302,6 +310,7 @@ class StreamTransport(transports._FlowControlMixin):
     def _make_empty_waiter(self):
         if self._empty_waiter_set():
             raise RuntimeError("Empty waiter is already set")
+        self._core.flush_corked()
         self._empty_waiter = self._loop.create_future()
         # The core refuses writes while a waiter is set, and resolves it once drained.
         self._core.set_empty_waiter(self._empty_waiter)
@@ -316,6 +325,7 @@ class StreamTransport(transports._FlowControlMixin):
     # --- closing -----------------------------------------------------------------------
 
     def close(self):
+        self._core.flush_corked()
         if self._core.closing:
             return
         self._core.closing = True
@@ -344,6 +354,7 @@ class StreamTransport(transports._FlowControlMixin):
         self._force_close(exc)
 
     def _force_close(self, exc):
+        self._core.flush_corked()
         if self._core.conn_lost:
             return
         if self._core.buffer_size:

@@ -87,6 +87,13 @@ pub(crate) struct State {
     loop_kwargs: Option<Py<PyDict>>,
     /// `loop.call_soon` as one bound method, made on first use (`CachedCallSoon`, 3.10/3.11).
     call_soon_bound: Option<Py<PyAny>>,
+    /// True while `run::run_ready` runs callbacks: a stream transport's write from the loop
+    /// thread may then be held until the callback returns (`StreamCore::write`, "corking").
+    corking: bool,
+    /// Counts the callbacks run (a transport tells a callback's second write by it).
+    callback_seq: u64,
+    /// Transports holding corked writes, sent after the running callback returns.
+    corked: Vec<Py<StreamCore>>,
 }
 
 #[pyclass(frozen, subclass, module = "ferroloop._ferroloop")]
@@ -144,6 +151,34 @@ impl LoopCore {
         d.set_item(intern!(py, "loop"), slf)?;
         slf.get().state.borrow_mut(py).loop_kwargs = Some(d.clone().unbind());
         Ok(d)
+    }
+
+    /// Whether a transport write made now may be held until the running callback returns (the
+    /// loop is running callbacks, and this is its thread): then the running callback's number.
+    pub(crate) fn cork_seq(&self, py: Python<'_>) -> Option<u64> {
+        let st = self.state.borrow(py);
+        (st.corking && st.thread_id == Some(sys::thread_ident())).then_some(st.callback_seq)
+    }
+
+    /// `core` holds corked writes (called once per callback by each such transport).
+    pub(crate) fn add_corked(&self, py: Python<'_>, core: Py<StreamCore>) {
+        self.state.borrow_mut(py).corked.push(core);
+    }
+
+    /// `core` sent its corked writes early: forget it if it is the last transport listed (the
+    /// usual case; otherwise the end-of-callback send finds nothing to do for it).
+    pub(crate) fn forget_corked(&self, py: Python<'_>, core: &Bound<'_, StreamCore>) {
+        let last = {
+            let mut st = self.state.borrow_mut(py);
+            if st.corked.last().is_some_and(|c| c.as_ptr() == core.as_ptr()) {
+                st.corked.pop()
+            } else {
+                None
+            }
+        };
+        if let Some(c) = last {
+            drop(c.into_bound(py));
+        }
     }
 
     pub(crate) fn debug(&self, py: Python<'_>) -> bool {
@@ -586,6 +621,9 @@ impl LoopCore {
                 task_factory: None,
                 loop_kwargs: None,
                 call_soon_bound: None,
+                corking: false,
+                callback_seq: 0,
+                corked: Vec::new(),
             }),
         })
     }
@@ -958,6 +996,9 @@ impl LoopCore {
         visit.call(&st.task_factory)?;
         visit.call(&st.loop_kwargs)?;
         visit.call(&st.call_soon_bound)?;
+        for c in &st.corked {
+            visit.call(c)?;
+        }
         if let Some(r) = &st.reactor {
             for e in r.registry.values() {
                 visit.call(&e.fileobj)?;

@@ -209,15 +209,39 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
                 st.ready.push(Work::Handle(t.into_bound(py).into_super().unbind()));
             }
         }
+        st.corking = true;
         st.ready.begin_iteration()
     };
 
-    // 5: run what was ready when this iteration began.
+    // 5: run what was ready when this iteration began. Stream transport writes made by a
+    // callback are held ("corked") and sent when it returns: the writes of one callback go out
+    // in one system call (`StreamCore::write`).
+    let res = run_callbacks(slf, ntodo);
+    let corked = {
+        let mut st = core.state.borrow_mut(py);
+        st.corking = false;
+        !st.corked.is_empty()
+    };
+    if corked {
+        let flushed = send_corked(slf);
+        return res.and(flushed);
+    }
+    res
+}
+
+/// Run `ntodo` queued items, sending each callback's corked writes before the next one runs.
+fn run_callbacks(slf: &Bound<'_, LoopCore>, ntodo: usize) -> PyResult<()> {
+    let py = slf.py();
+    let core = slf.get();
     for _ in 0..ntodo {
-        let (handle, debug) = {
+        let (handle, debug, corked) = {
             let mut st = core.state.borrow_mut(py);
-            (st.ready.pop(), st.debug)
+            st.callback_seq = st.callback_seq.wrapping_add(1);
+            (st.ready.pop(), st.debug, !st.corked.is_empty())
         };
+        if corked {
+            send_corked(slf)?;
+        }
         // Each item becomes a `Bound` at once: dropping a `Py` asks PyO3's thread-local
         // attachment count first (a `__tls_get_addr` call per item), a `Bound` just decrefs.
         let handle = match handle {
@@ -241,6 +265,34 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
         r?;
     }
     Ok(())
+}
+
+/// Send the corked writes of the transports that hold some, in the order they first wrote.
+/// Every one is sent to even if one of them raises (only `KeyboardInterrupt`/`SystemExit` can:
+/// write errors go to the transport's `_fatal_error`); the first error is returned.
+#[inline(never)]
+fn send_corked(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    let py = slf.py();
+    let core = slf.get();
+    let mut first_err: Option<PyErr> = None;
+    loop {
+        let c = {
+            let mut st = core.state.borrow_mut(py);
+            match st.corked.len() {
+                0 => break,
+                1 => st.corked.pop(),
+                _ => Some(st.corked.remove(0)),
+            }
+        };
+        let Some(c) = c else { break };
+        if let Err(e) = StreamCore::uncork(&c.into_bound(py)) {
+            first_err.get_or_insert(e);
+        }
+    }
+    match first_err {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }
 
 /// An fd's work item. Out of line, so none of the I/O paths' code (some of which consults

@@ -19,6 +19,7 @@
 //! - No GilCell borrow is held across a call into Python.
 
 use std::cell::RefCell;
+use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -71,6 +72,17 @@ struct State {
     high_water: usize,
     low_water: usize,
     empty_waiter: Option<Py<PyAny>>,
+    /// `bytes` written during the running callback and not sent yet ("corked"), in order;
+    /// only while `buf` is empty. Sent when the callback returns (`uncork`), or sooner by
+    /// anything that could tell the difference.
+    corked: Vec<Py<PyBytes>>,
+    /// Their total length.
+    corked_len: usize,
+    /// The loop's `callback_seq` at the last write made in a callback.
+    last_write_seq: u64,
+    /// Whether writes are corked: `CORK_SCORE` after a callback wrote twice, less one for
+    /// every corked send of a single write; corking stops at 0.
+    cork_score: u8,
 }
 
 impl State {
@@ -87,6 +99,88 @@ impl State {
             self.buf.drain(..self.head);
             self.head = 0;
         }
+    }
+
+    /// After data went to `buf`: whether to start watching for writability, and whether the
+    /// buffer just went over the high-water mark (the protocol is then marked paused).
+    #[inline]
+    fn buffered(&mut self) -> Sent {
+        let start_writing = !self.writing && !self.pending().is_empty();
+        if start_writing {
+            self.writing = true;
+        }
+        let over_high = !self.protocol_paused && self.pending().len() > self.high_water;
+        if over_high {
+            self.protocol_paused = true;
+        }
+        Sent::Buffered { start_writing, over_high }
+    }
+}
+
+/// What a write did with its data.
+enum Sent {
+    /// Sent whole.
+    Done,
+    /// Held until the running callback returns (`first`: the transport's first such write).
+    Corked { first: bool },
+    /// Sent, and whatever the socket did not take is in `buf` (see `State::buffered`).
+    Buffered { start_writing: bool, over_high: bool },
+}
+
+/// At most this many writes are corked at once (one `sendmsg` sends them all).
+const MAX_CORKED: usize = 16;
+
+/// A transport corks its writes until this many callbacks in a row sent a single corked
+/// write (holding it gained nothing), and again from the next callback that writes twice.
+const CORK_SCORE: u8 = 16;
+
+/// Send the corked writes, then `tail`, with one system call, from an empty buffer; what the
+/// socket does not take goes to `buf`. The corked `bytes` are released (`corked` is left empty,
+/// with its capacity). `Err` is a send error other than "would block".
+fn send_now(py: Python<'_>, fd: RawFd, st: &mut State, tail: &[u8]) -> std::io::Result<()> {
+    debug_assert!(st.pending().is_empty());
+    let State { corked, buf, corked_len, .. } = st;
+    let total = std::mem::take(corked_len) + tail.len();
+    let r = match (corked.len(), tail.is_empty()) {
+        (0, _) => sys::send(fd, tail),
+        (1, true) => sys::send(fd, corked[0].as_bytes(py)),
+        (n, _) => {
+            let mut iov = [IoSlice::new(&[]); MAX_CORKED + 1];
+            for (slot, b) in iov.iter_mut().zip(corked.iter()) {
+                *slot = IoSlice::new(b.as_bytes(py));
+            }
+            iov[n] = IoSlice::new(tail);
+            sys::send_vectored(fd, &iov[..n + 1])
+        }
+    };
+    let sent = match r {
+        Ok(n) => n,
+        Err(e) if sys::would_block(&e) => 0,
+        Err(e) => {
+            release(py, corked);
+            return Err(e);
+        }
+    };
+    if sent < total {
+        let mut skip = sent;
+        for part in corked.iter().map(|b| b.as_bytes(py)).chain(std::iter::once(tail)) {
+            if skip >= part.len() {
+                skip -= part.len();
+            } else {
+                buf.extend_from_slice(&part[skip..]);
+                skip = 0;
+            }
+        }
+    }
+    release(py, corked);
+    Ok(())
+}
+
+/// Empty `objs` (keeping its capacity), each `bytes` dropped as a plain decref (a `Py` drop asks
+/// PyO3's thread-local first). A `bytes` runs no Python code when freed.
+fn release(py: Python<'_>, objs: &mut Vec<Py<PyBytes>>) {
+    while let Some(b) = objs.pop() {
+        drop(b.into_bound(py));
     }
 }
 
@@ -233,6 +327,59 @@ impl StreamCore {
             } else if eof {
                 me.call_transport(py, intern!(py, "_shutdown_write"), ())?;
             }
+        }
+        Ok(())
+    }
+
+    /// Whether writes are corked (`is_closing()` sends them first).
+    pub(crate) fn has_corked(&self, py: Python<'_>) -> bool {
+        !self.st.borrow(py).corked.is_empty()
+    }
+
+    /// Before sending corked writes early: take this transport off the loop's list when it is
+    /// the last one there.
+    pub(crate) fn forget_corked(&self, py: Python<'_>, slf: &Bound<'_, Self>) {
+        self.loop_core().forget_corked(py, slf);
+    }
+
+    /// Send the corked writes: one `send` (`sendmsg` for several), the rest buffered as a
+    /// write's rest is; a send error is the fatal write error asyncio's `write()` would have
+    /// raised at once.
+    pub(crate) fn uncork(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        let outcome = {
+            let mut st = me.st.borrow_mut(py);
+            if st.corked.is_empty() {
+                return Ok(());
+            }
+            if st.conn_lost > 0 {
+                // (Cannot happen: whatever loses the connection sends first. Were it so, the
+                // data is dropped, as a write after the loss is.)
+                st.corked_len = 0;
+                release(py, &mut st.corked);
+                return Ok(());
+            }
+            st.cork_score = if st.corked.len() > 1 { CORK_SCORE } else { st.cork_score.saturating_sub(1) };
+            send_now(py, me.fd, &mut st, &[]).map(|()| st.buffered())
+        };
+        match outcome {
+            Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
+            Ok(Sent::Corked { .. } | Sent::Done) => Ok(()),
+            Err(e) => me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport"),
+        }
+    }
+
+    /// Data went to the buffer: watch for writability, pause the protocol over the high-water
+    /// mark (`State::buffered` decided both).
+    #[inline]
+    fn after_buffered(slf: &Bound<'_, Self>, start_writing: bool, over_high: bool) -> PyResult<()> {
+        if start_writing {
+            Self::set_watch(slf, Which::Writer, true)?;
+        }
+        if over_high {
+            let me = slf.get();
+            me.call_transport(slf.py(), intern!(slf.py(), "_pause_protocol"), ())?;
         }
         Ok(())
     }
@@ -463,6 +610,10 @@ impl StreamCore {
                 high_water: 64 * 1024,
                 low_water: 16 * 1024,
                 empty_waiter: None,
+                corked: Vec::new(),
+                corked_len: 0,
+                last_write_seq: 0,
+                cork_score: CORK_SCORE,
             }),
         })
     }
@@ -518,41 +669,72 @@ impl StreamCore {
             me.st.borrow_mut(py).conn_lost += 1;
             return Ok(());
         }
-        let (start_writing, over_high) = {
+        let seq = me.loop_core().cork_seq(py);
+        let outcome = {
             let mut st = me.st.borrow_mut(py);
-            let mut rest = bytes;
-            let mut start_writing = false;
-            if st.pending().is_empty() {
-                match sys::send(me.fd, bytes) {
-                    Ok(n) => rest = &bytes[n..],
-                    Err(e) if sys::would_block(&e) => {}
-                    Err(e) => {
-                        drop(st);
-                        drop(view);
-                        return me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport");
+            // Only `bytes` are corked: they cannot change, so holding them is as good as a copy.
+            let corkable = match seq {
+                Some(seq) => {
+                    if st.last_write_seq == seq {
+                        st.cork_score = CORK_SCORE;
+                    }
+                    st.last_write_seq = seq;
+                    if st.cork_score > 0 {
+                        data.cast_exact::<PyBytes>().ok()
+                    } else {
+                        None
                     }
                 }
-                if rest.is_empty() {
-                    return Ok(());
+                None => None,
+            };
+            if st.pending().is_empty() {
+                let total = st.corked_len + bytes.len();
+                match corkable {
+                    // Never more than the high-water mark: what asyncio would have sent by now
+                    // could not have paused the protocol either.
+                    Some(b) if total <= st.high_water && st.corked.len() < MAX_CORKED => {
+                        st.corked.push(b.clone().unbind());
+                        st.corked_len = total;
+                        Ok(Sent::Corked { first: st.corked.len() == 1 })
+                    }
+                    // Nothing corked: send at once (asyncio's path).
+                    _ if st.corked.is_empty() => match sys::send(me.fd, bytes) {
+                        Ok(n) if n == bytes.len() => Ok(Sent::Done),
+                        Ok(n) => {
+                            st.buf.extend_from_slice(&bytes[n..]);
+                            Ok(st.buffered())
+                        }
+                        Err(e) if sys::would_block(&e) => {
+                            st.buf.extend_from_slice(bytes);
+                            Ok(st.buffered())
+                        }
+                        Err(e) => Err(e),
+                    },
+                    _ => send_now(py, me.fd, &mut st, bytes).map(|()| st.buffered()),
                 }
-                start_writing = !st.writing;
-                st.writing = true;
+            } else {
+                st.buf.extend_from_slice(bytes);
+                Ok(st.buffered())
             }
-            st.buf.extend_from_slice(rest);
-            let over = !st.protocol_paused && st.pending().len() > st.high_water;
-            if over {
-                st.protocol_paused = true;
-            }
-            (start_writing, over)
         };
         drop(view);
-        if start_writing {
-            Self::set_watch(slf, Which::Writer, true)?;
+        match outcome {
+            Ok(Sent::Done) => Ok(()),
+            Ok(Sent::Corked { first }) => {
+                if first {
+                    me.loop_core().add_corked(py, slf.clone().unbind());
+                }
+                Ok(())
+            }
+            Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
+            Err(e) => me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport"),
         }
-        if over_high {
-            me.call_transport(py, intern!(py, "_pause_protocol"), ())?;
-        }
-        Ok(())
+    }
+
+    /// Send what is corked now (`run_ready` does when the callback that wrote it returns; the
+    /// Python transport does first in every method that could tell it was not sent yet).
+    fn flush_corked(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::uncork(slf)
     }
 
     /// Start (or resume) reading: register the fd and capture the callbacks' context.
@@ -589,6 +771,8 @@ impl StreamCore {
         let mut st = self.st.borrow_mut(py);
         st.buf = Vec::new();
         st.head = 0;
+        st.corked_len = 0;
+        release(py, &mut st.corked);
     }
 
     fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>, buffered: bool) {
@@ -604,7 +788,9 @@ impl StreamCore {
     fn detach(&self, py: Python<'_>) {
         let old = {
             let mut st = self.st.borrow_mut(py);
-            (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take())
+            st.corked_len = 0;
+            let corked = std::mem::take(&mut st.corked);
+            (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take(), corked)
         };
         drop(old);
     }

@@ -110,11 +110,18 @@ unsafe fn core_of<'py>(py: Python<'py>, slf: *mut ffi::PyObject) -> PyResult<Bou
     Ok(unsafe { Bound::from_borrowed_ptr(py, core) })
 }
 
-/// `is_closing()`: the core's `closing` flag.
+/// `is_closing()`: the core's `closing` flag, once corked writes are sent.
 unsafe fn transport_is_closing(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: the descriptor was made by `stream_is_closing_method` for `slf`'s class.
     let core = unsafe { core_of(py, slf)? };
-    let closing = core.cast::<StreamCore>()?.get().closing(py);
+    let core = core.cast::<StreamCore>()?;
+    if core.get().has_corked(py) {
+        // A write this callback made may fail when sent, which closes the transport: asyncio
+        // would have sent it in write() already (`StreamCore::write`, corking).
+        core.get().forget_corked(py, core);
+        StreamCore::uncork(core)?;
+    }
+    let closing = core.get().closing(py);
     Ok(pyo3::types::PyBool::new(py, closing).to_owned().into_ptr())
 }
 
