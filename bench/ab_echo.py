@@ -1,6 +1,6 @@
 """Interleaved A/B pairs of echo servers: server CPU per request, two servers up at once.
 
-    python bench/ab_echo.py STYLE SIZE {tcp,unix} PAIRS SECONDS A B
+    python bench/ab_echo.py STYLE SIZE {tcp,unix} PAIRS SECONDS A B [--fresh K]
 
 A and B are loop names (``loops.py``), or ``LOOP@PYTHON`` to run that loop under another
 interpreter (a venv holding another build of ferroloop, for an A/B of two builds). Both
@@ -12,6 +12,13 @@ noisy machine, two builds at a time (``run.py`` interleaves loops the same way, 
 docs/DESIGN.md, "Benchmarks"). Even so, 1-2% is below what 10 pairs resolve. Check req/s too: a
 change can lower CPU per request while a stall lowers throughput. Servers and the load client
 are started and run by ``netbench.py``'s own helpers.
+
+``--fresh K`` starts a new pair of server processes every K pairs (default: one pair for the
+whole run), so a bias one server process may carry (its memory placement, say) is averaged
+too. On the AMD EPYC VM (2026-12-06), A/A runs of one build against itself (streams, TCP,
+1 KiB, 12 pairs of 1 s) read 1.003, 1.010 and 1.024 with one pair of processes, and 1.009,
+1.001 and 0.987 with ``--fresh 2``: there, differences under about 2% are not resolved
+either way.
 """
 
 from __future__ import annotations
@@ -51,22 +58,36 @@ def measure(srv, target, size: int, seconds: float, warmup: float) -> dict:
 
 
 def main() -> int:
-    if len(sys.argv) != 8:
+    argv = sys.argv[1:]
+    fresh = 0
+    if "--fresh" in argv:
+        i = argv.index("--fresh")
+        fresh = int(argv[i + 1])
+        del argv[i : i + 2]
+    if len(argv) != 7:
         print(__doc__)
         return 2
-    style, size, transport = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    pairs, seconds, specs = int(sys.argv[4]), float(sys.argv[5]), sys.argv[6:8]
+    style, size, transport = argv[0], int(argv[1]), argv[2]
+    pairs, seconds, specs = int(argv[3]), float(argv[4]), argv[5:7]
     if not os.path.exists(netbench.LOADGEN):
         raise SystemExit("build bench/loadgen first (run.py does: cargo build --release)")
     with tempfile.TemporaryDirectory(prefix="ferroloop-ab-") as tmp:
         servers = []
-        try:
+
+        def start_pair(n):
+            for srv, _ in servers:
+                srv.stop()
+            servers.clear()
             for i, spec in enumerate(specs):
-                servers.append(start(spec, style, transport, f"{tmp}/{i}.sock"))
+                servers.append(start(spec, style, transport, f"{tmp}/{n}-{i}.sock"))
             for srv, target in servers:
                 measure(srv, target, size, 0.5, 0.2)
+
+        try:
             ratios = []
             for p in range(pairs):
+                if p == 0 or (fresh and p % fresh == 0):
+                    start_pair(p)
                 order = [0, 1] if p % 2 == 0 else [1, 0]
                 res = {i: measure(*servers[i], size, seconds, 0.1) for i in order}
                 cpu = [res[i]["server_cpu_us_per_req"] for i in (0, 1)]
