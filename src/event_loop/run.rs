@@ -229,19 +229,22 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
     res
 }
 
-/// Run `ntodo` queued items, sending each callback's corked writes before the next one runs.
+/// Run `ntodo` queued items, sending each callback's corked writes before the next item is
+/// taken (an error from sending then leaves that item queued; `run_ready` sends the last
+/// callback's, also when it raised).
 fn run_callbacks(slf: &Bound<'_, LoopCore>, ntodo: usize) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
     for _ in 0..ntodo {
-        let (handle, debug, corked) = {
+        let (handle, debug) = loop {
             let mut st = core.state.borrow_mut(py);
-            st.callback_seq = st.callback_seq.wrapping_add(1);
-            (st.ready.pop(), st.debug, !st.corked.is_empty())
-        };
-        if corked {
+            if st.corked.is_empty() {
+                st.callback_seq = st.callback_seq.wrapping_add(1);
+                break (st.ready.pop(), st.debug);
+            }
+            drop(st);
             send_corked(slf)?;
-        }
+        };
         // Each item becomes a `Bound` at once: dropping a `Py` asks PyO3's thread-local
         // attachment count first (a `__tls_get_addr` call per item), a `Bound` just decrefs.
         let handle = match handle {
