@@ -165,8 +165,9 @@ impl LoopCore {
         self.state.borrow_mut(py).corked.push(core);
     }
 
-    /// `core` sent its corked writes early: forget it if it is the last transport listed (the
-    /// usual case; otherwise the end-of-callback send finds nothing to do for it).
+    /// `core` sends its corked writes early (`StreamCore::flush_corked`): forget it if it is the
+    /// last transport listed (the usual case; otherwise the end-of-callback send finds nothing
+    /// to do for it).
     pub(crate) fn forget_corked(&self, py: Python<'_>, core: &Bound<'_, StreamCore>) {
         let last = {
             let mut st = self.state.borrow_mut(py);

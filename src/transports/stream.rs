@@ -74,7 +74,7 @@ struct State {
     empty_waiter: Option<Py<PyAny>>,
     /// `bytes` written during the running callback and not sent yet ("corked"), in order;
     /// only while `buf` is empty. Sent when the callback returns (`uncork`), or sooner by
-    /// anything that could tell the difference.
+    /// anything that could tell the difference (`flush_corked`).
     corked: Vec<Py<PyBytes>>,
     /// Their total length.
     corked_len: usize,
@@ -99,6 +99,12 @@ impl State {
             self.buf.drain(..self.head);
             self.head = 0;
         }
+    }
+
+    /// Drop what is corked, unsent (abort, a lost connection, detach).
+    fn discard_corked(&mut self, py: Python<'_>) {
+        self.corked_len = 0;
+        release(py, &mut self.corked);
     }
 
     /// After data went to `buf`: whether to start watching for writability, and whether the
@@ -136,8 +142,10 @@ const CORK_SCORE: u8 = 16;
 
 /// Send the corked writes, then `tail`, with one system call, from an empty buffer; what the
 /// socket does not take goes to `buf`. The corked `bytes` are released (`corked` is left empty,
-/// with its capacity). `Err` is a send error other than "would block".
-fn send_now(py: Python<'_>, fd: RawFd, st: &mut State, tail: &[u8]) -> std::io::Result<()> {
+/// with its capacity). `Ok(true)`: all of it went; `Err`: a send error other than "would
+/// block".
+#[inline(always)]
+fn send_now(py: Python<'_>, fd: RawFd, st: &mut State, tail: &[u8]) -> std::io::Result<bool> {
     debug_assert!(st.pending().is_empty());
     let State { corked, buf, corked_len, .. } = st;
     let total = std::mem::take(corked_len) + tail.len();
@@ -161,7 +169,8 @@ fn send_now(py: Python<'_>, fd: RawFd, st: &mut State, tail: &[u8]) -> std::io::
             return Err(e);
         }
     };
-    if sent < total {
+    let all = sent == total;
+    if !all {
         let mut skip = sent;
         for part in corked.iter().map(|b| b.as_bytes(py)).chain(std::iter::once(tail)) {
             if skip >= part.len() {
@@ -173,11 +182,12 @@ fn send_now(py: Python<'_>, fd: RawFd, st: &mut State, tail: &[u8]) -> std::io::
         }
     }
     release(py, corked);
-    Ok(())
+    Ok(all)
 }
 
 /// Empty `objs` (keeping its capacity), each `bytes` dropped as a plain decref (a `Py` drop asks
 /// PyO3's thread-local first). A `bytes` runs no Python code when freed.
+#[inline]
 fn release(py: Python<'_>, objs: &mut Vec<Py<PyBytes>>) {
     while let Some(b) = objs.pop() {
         drop(b.into_bound(py));
@@ -331,17 +341,6 @@ impl StreamCore {
         Ok(())
     }
 
-    /// Whether writes are corked (`is_closing()` sends them first).
-    pub(crate) fn has_corked(&self, py: Python<'_>) -> bool {
-        !self.st.borrow(py).corked.is_empty()
-    }
-
-    /// Before sending corked writes early: take this transport off the loop's list when it is
-    /// the last one there.
-    pub(crate) fn forget_corked(&self, py: Python<'_>, slf: &Bound<'_, Self>) {
-        self.loop_core().forget_corked(py, slf);
-    }
-
     /// Send the corked writes: one `send` (`sendmsg` for several), the rest buffered as a
     /// write's rest is; a send error is the fatal write error asyncio's `write()` would have
     /// raised at once.
@@ -356,12 +355,11 @@ impl StreamCore {
             if st.conn_lost > 0 {
                 // (Cannot happen: whatever loses the connection sends first. Were it so, the
                 // data is dropped, as a write after the loss is.)
-                st.corked_len = 0;
-                release(py, &mut st.corked);
+                st.discard_corked(py);
                 return Ok(());
             }
             st.cork_score = if st.corked.len() > 1 { CORK_SCORE } else { st.cork_score.saturating_sub(1) };
-            send_now(py, me.fd, &mut st, &[]).map(|()| st.buffered())
+            send_now(py, me.fd, &mut st, &[]).map(|all| if all { Sent::Done } else { st.buffered() })
         };
         match outcome {
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
@@ -697,20 +695,8 @@ impl StreamCore {
                         st.corked_len = total;
                         Ok(Sent::Corked { first: st.corked.len() == 1 })
                     }
-                    // Nothing corked: send at once (asyncio's path).
-                    _ if st.corked.is_empty() => match sys::send(me.fd, bytes) {
-                        Ok(n) if n == bytes.len() => Ok(Sent::Done),
-                        Ok(n) => {
-                            st.buf.extend_from_slice(&bytes[n..]);
-                            Ok(st.buffered())
-                        }
-                        Err(e) if sys::would_block(&e) => {
-                            st.buf.extend_from_slice(bytes);
-                            Ok(st.buffered())
-                        }
-                        Err(e) => Err(e),
-                    },
-                    _ => send_now(py, me.fd, &mut st, bytes).map(|()| st.buffered()),
+                    // Send at once (asyncio's path), after what is corked.
+                    _ => send_now(py, me.fd, &mut st, bytes).map(|all| if all { Sent::Done } else { st.buffered() }),
                 }
             } else {
                 st.buf.extend_from_slice(bytes);
@@ -731,9 +717,17 @@ impl StreamCore {
         }
     }
 
-    /// Send what is corked now (`run_ready` does when the callback that wrote it returns; the
-    /// Python transport does first in every method that could tell it was not sent yet).
-    fn flush_corked(slf: &Bound<'_, Self>) -> PyResult<()> {
+    /// Send what is corked now, before the callback that wrote it returns (`run_ready` sends
+    /// it then): `is_closing()` and every method of the Python transport that could tell it
+    /// was not sent yet call this first. The transport leaves the loop's list too, when it is
+    /// the last one there (the usual case; otherwise the loop finds nothing left to send).
+    pub(crate) fn flush_corked(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        if me.st.borrow(py).corked.is_empty() {
+            return Ok(());
+        }
+        me.loop_core().forget_corked(py, slf);
         Self::uncork(slf)
     }
 
@@ -771,8 +765,7 @@ impl StreamCore {
         let mut st = self.st.borrow_mut(py);
         st.buf = Vec::new();
         st.head = 0;
-        st.corked_len = 0;
-        release(py, &mut st.corked);
+        st.discard_corked(py);
     }
 
     fn set_protocol(&self, py: Python<'_>, protocol: Py<PyAny>, buffered: bool) {
@@ -788,9 +781,8 @@ impl StreamCore {
     fn detach(&self, py: Python<'_>) {
         let old = {
             let mut st = self.st.borrow_mut(py);
-            st.corked_len = 0;
-            let corked = std::mem::take(&mut st.corked);
-            (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take(), corked)
+            st.discard_corked(py);
+            (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take())
         };
         drop(old);
     }

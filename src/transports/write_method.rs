@@ -115,12 +115,9 @@ unsafe fn transport_is_closing(py: Python<'_>, slf: *mut ffi::PyObject) -> PyRes
     // SAFETY: the descriptor was made by `stream_is_closing_method` for `slf`'s class.
     let core = unsafe { core_of(py, slf)? };
     let core = core.cast::<StreamCore>()?;
-    if core.get().has_corked(py) {
-        // A write this callback made may fail when sent, which closes the transport: asyncio
-        // would have sent it in write() already (`StreamCore::write`, corking).
-        core.get().forget_corked(py, core);
-        StreamCore::uncork(core)?;
-    }
+    // A write this callback made may fail when sent, which closes the transport: asyncio would
+    // have sent it in write() already (`StreamCore::write`, corking).
+    StreamCore::flush_corked(core)?;
     let closing = core.get().closing(py);
     Ok(pyo3::types::PyBool::new(py, closing).to_owned().into_ptr())
 }
