@@ -101,6 +101,7 @@ impl<'py> BoundArgs<'py> {
     }
 }
 
+pub(crate) use freelist::trim_handles as trim_handle_freelist;
 pub(crate) use raw::enabled as fast_paths;
 
 /// A new `Handle` object for `callback(*args)` on `loop_`: in `context`, or in a copy of the

@@ -94,6 +94,42 @@ pub(crate) struct State {
     callback_seq: u64,
     /// Transports holding corked writes, sent after the running callback returns.
     corked: Vec<Py<StreamCore>>,
+    /// The most items an iteration began with, and the most timers scheduled, since
+    /// `room_checked_ns`: what `State::give_back_room` sizes the queues by.
+    ready_peak: usize,
+    timer_peak: usize,
+    /// When `give_back_room` last looked (monotonic clock).
+    room_checked_ns: i64,
+}
+
+/// How often, at most, the loop looks for room to give back (`State::give_back_room`).
+const ROOM_CHECK_NS: i64 = 250_000_000;
+
+impl State {
+    /// The loop is about to wait (nothing is ready): give back the room of a burst that has
+    /// passed, in the ready queue, the timer heap and the handle freelist
+    /// (`ready::idle_capacity`), sized by the peaks since the last look, at most every
+    /// `ROOM_CHECK_NS`. So room a load needs again within that time (another thread's
+    /// `call_soon_threadsafe` burst every GIL turn) is kept, and a spike's room is given back
+    /// at the first wait a quarter of a second to half a second after it. One clock read
+    /// per wait otherwise.
+    fn give_back_room(&mut self, py: Python<'_>) {
+        let now = sys::monotonic_ns();
+        if now.saturating_sub(self.room_checked_ns) < ROOM_CHECK_NS {
+            return;
+        }
+        self.room_checked_ns = now;
+        if let Some(cap) = ready::idle_capacity(self.ready.capacity(), self.ready_peak) {
+            self.ready.shrink_to(cap);
+            crate::handles::trim_handle_freelist(py, cap);
+        }
+        let timer_peak = self.timer_peak.max(self.timers.len());
+        if let Some(cap) = ready::idle_capacity(self.timers.capacity(), timer_peak) {
+            self.timers.shrink_to(cap);
+        }
+        self.ready_peak = 0;
+        self.timer_peak = self.timers.len();
+    }
 }
 
 #[pyclass(frozen, subclass, module = "ferroloop._ferroloop")]
@@ -625,6 +661,9 @@ impl LoopCore {
                 corking: false,
                 callback_seq: 0,
                 corked: Vec::new(),
+                ready_peak: 0,
+                timer_peak: 0,
+                room_checked_ns: 0,
             }),
         })
     }

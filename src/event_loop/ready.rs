@@ -5,6 +5,19 @@
 
 use std::collections::VecDeque;
 
+/// What a queue keeps at an idle point, at least (entries).
+pub const IDLE_KEEP: usize = 1024;
+
+/// The capacity to shrink a queue (the ready queue, the timer heap) to when the loop goes
+/// idle, if its room is more than four times the most it held since the last idle point
+/// (`peak`) and more than `IDLE_KEEP`: twice that peak, at least `IDLE_KEEP`. A burst's
+/// room is given back at the first idle point after the one that ends it (the burst is that
+/// one's peak); a load that comes back every time (a thread's `call_soon_threadsafe` burst
+/// per GIL turn) keeps its room and does not reallocate.
+pub fn idle_capacity(capacity: usize, peak: usize) -> Option<usize> {
+    (capacity > IDLE_KEEP && capacity / 4 > peak).then(|| peak.saturating_mul(2).max(IDLE_KEEP))
+}
+
 pub struct ReadyQueue<T> {
     q: VecDeque<T>,
 }
@@ -34,6 +47,15 @@ impl<T> ReadyQueue<T> {
         self.q.is_empty()
     }
 
+    pub fn capacity(&self) -> usize {
+        self.q.capacity()
+    }
+
+    /// Give back room beyond `capacity` items (never below the length).
+    pub fn shrink_to(&mut self, capacity: usize) {
+        self.q.shrink_to(capacity);
+    }
+
     /// How many items this iteration owns.
     pub fn begin_iteration(&self) -> usize {
         self.q.len()
@@ -51,6 +73,35 @@ impl<T> ReadyQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_capacity_gives_back_only_sparse_room() {
+        // Small queues are left alone.
+        assert_eq!(idle_capacity(IDLE_KEEP, 0), None);
+        assert_eq!(idle_capacity(64, 0), None);
+        // Room used at the last peak, or a quarter of it, is kept.
+        assert_eq!(idle_capacity(1 << 20, 1 << 20), None);
+        assert_eq!(idle_capacity(1 << 20, 1 << 18), None);
+        // Sparse room goes back to twice the peak, at least IDLE_KEEP.
+        assert_eq!(idle_capacity(1 << 20, (1 << 18) - 1), Some((1 << 19) - 2));
+        assert_eq!(idle_capacity(1 << 20, 0), Some(IDLE_KEEP));
+        assert_eq!(idle_capacity(1 << 20, 10), Some(IDLE_KEEP));
+    }
+
+    #[test]
+    fn shrink_keeps_items_and_order() {
+        let mut q = ReadyQueue::default();
+        for i in 0..100_000 {
+            q.push(i);
+        }
+        for _ in 0..99_990 {
+            q.pop();
+        }
+        let cap = idle_capacity(q.capacity(), q.len()).unwrap();
+        q.shrink_to(cap);
+        assert!(q.capacity() < 4 * IDLE_KEEP);
+        assert_eq!(q.drain().collect::<Vec<_>>(), (99_990..100_000).collect::<Vec<_>>());
+    }
 
     #[test]
     fn fifo_and_iteration_boundary() {

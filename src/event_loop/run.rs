@@ -42,6 +42,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     let (timeout_ms, poller, (mut buf, mut events)) = {
         let mut st = core.state.borrow_mut(py);
         if has_timers {
+            st.timer_peak = st.timer_peak.max(st.timers.len());
             if timers::should_compact(st.timers.len(), st.timer_cancelled_count) {
                 st.timers.compact(|t| timer_cancelled(py, t), &mut garbage);
                 st.timer_cancelled_count = 0;
@@ -87,6 +88,9 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         }
         let poller = reactor.poller();
         let buf = reactor.take_buf();
+        if timeout_ms != 0 {
+            st.give_back_room(py);
+        }
         st.polling = timeout_ms != 0;
         st.polls_to_skip = super::POLL_SKIP;
         (timeout_ms, poller, buf)
@@ -210,7 +214,9 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
             }
         }
         st.corking = true;
-        st.ready.begin_iteration()
+        let ntodo = st.ready.begin_iteration();
+        st.ready_peak = st.ready_peak.max(ntodo);
+        ntodo
     };
 
     // 5: run what was ready when this iteration began. Stream transport writes made by a

@@ -88,6 +88,15 @@ impl<T> TimerHeap<T> {
         self.heap.is_empty()
     }
 
+    pub fn capacity(&self) -> usize {
+        self.heap.capacity()
+    }
+
+    /// Give back room beyond `capacity` entries (never below the length).
+    pub fn shrink_to(&mut self, capacity: usize) {
+        self.heap.shrink_to(capacity);
+    }
+
     pub fn push(&mut self, when_ns: i64, item: T) {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -120,7 +129,10 @@ impl<T> TimerHeap<T> {
         }
     }
 
-    /// Rebuild the heap without cancelled entries, moving those into `out`.
+    /// Rebuild the heap without cancelled entries, moving those into `out`. The new heap
+    /// reserves the old length (the same churn then refills it without growing), but gives
+    /// back what a large purge leaves sparse (`ready::idle_capacity`), or a burst of
+    /// cancelled timers would keep its whole size allocated.
     pub fn compact(&mut self, is_cancelled: impl Fn(&T) -> bool, out: &mut Vec<T>) {
         let mut live = Vec::with_capacity(self.heap.len());
         for e in std::mem::take(&mut self.heap).into_vec() {
@@ -129,6 +141,9 @@ impl<T> TimerHeap<T> {
             } else {
                 live.push(e);
             }
+        }
+        if let Some(cap) = super::ready::idle_capacity(live.capacity(), live.len()) {
+            live.shrink_to(cap);
         }
         self.heap = BinaryHeap::from(live);
     }
@@ -187,6 +202,30 @@ mod tests {
         assert_eq!(gone, vec![0, 1, 2]);
         assert_eq!(h.peek_when(), Some(3));
         assert_eq!(h.len(), 7);
+    }
+
+    #[test]
+    fn compaction_and_shrink_give_back_room() {
+        let mut h = TimerHeap::default();
+        for i in 0..100_000 {
+            h.push(i, i);
+        }
+        let mut gone = vec![];
+        h.compact(|&v| v >= 10, &mut gone);
+        assert_eq!(gone.len(), 99_990);
+        // The rebuilt heap is sized by what stayed, not by the old length.
+        assert!(h.capacity() <= crate::event_loop::ready::IDLE_KEEP, "{}", h.capacity());
+        for i in 0..100_000 {
+            h.push(1_000_000 + i, 0);
+        }
+        while h.len() > 10 {
+            h.pop_due(i64::MAX);
+        }
+        let cap = crate::event_loop::ready::idle_capacity(h.capacity(), h.len()).unwrap();
+        h.shrink_to(cap);
+        assert!(h.capacity() < 4096, "{}", h.capacity());
+        let rest: Vec<i64> = std::iter::from_fn(|| h.pop_due(i64::MAX)).collect();
+        assert_eq!(rest.len(), 10);
     }
 
     #[test]

@@ -97,6 +97,28 @@ unsafe extern "C" fn free(obj: *mut c_void) {
     }
 }
 
+/// Give back the plain-handle blocks beyond `keep` (at least `INITIAL` are kept), and the
+/// list's room for them. The loop calls this when it goes idle after a burst
+/// (`run::run_once`): the list is full after any burst of `HANDLE_CAPACITY` live handles,
+/// and would otherwise keep its 4 MiB for the life of the process.
+pub(crate) fn trim_handles(py: Python<'_>, keep: usize) {
+    let keep = keep.max(INITIAL);
+    // SAFETY: the GIL is held (`py`); the borrow of `LISTS` ends in this function, and
+    // PyObject_GC_Del runs no Python code, so nothing re-enters `alloc`/`free` meanwhile.
+    unsafe {
+        let Some(list) = list_for(Handle::type_object_raw(py)) else { return };
+        if list.free.len() <= keep && list.free.capacity() <= keep {
+            return;
+        }
+        for obj in list.free.drain(keep.min(list.free.len())..) {
+            // SAFETY: a block `free` kept: untracked, contents dropped, from this type's
+            // allocator (PyType_GenericAlloc, GC variant), which PyObject_GC_Del frees.
+            ffi::PyObject_GC_Del(obj.cast());
+        }
+        list.free.shrink_to(keep);
+    }
+}
+
 /// Make the two types allocate through the lists (once, at module initialisation, before any
 /// handle exists).
 pub(crate) fn install(py: Python<'_>) {
