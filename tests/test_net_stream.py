@@ -1103,6 +1103,59 @@ def test_writes_from_resume_writing_are_all_sent(loop, net):
     run(loop, main())
 
 
+_DRAINED_BUFFER_CODE = """
+import asyncio, gc, os, socket
+import ferroloop
+
+N = 48 * 2**20
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def main():
+    loop = asyncio.get_running_loop()
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=a)
+    gc.collect()
+    before = rss()
+    data = b"x" * N
+    writer.write(data)
+    del data
+    got = 0
+    while got < N:
+        got += len(await loop.sock_recv(b, 1 << 20))
+    await writer.drain()
+    assert writer.transport.get_write_buffer_size() == 0
+    gc.collect()
+    print((rss() - before) / 2**20)
+    writer.close()
+    await writer.wait_closed()
+    b.close()
+
+
+loop = {factory}()
+loop.run_until_complete(main())
+loop.close()
+"""
+
+
+def test_drained_write_buffer_gives_its_memory_back(loop_kind):
+    """A 48 MiB write to a peer that reads it all: once the buffer has drained, the memory it
+    took goes back (asyncio: most of it, 3.11's bytearray shrinking as it drains; ferroloop's
+    buffer once kept its largest size for the rest of the connection: 48 MiB). In a fresh
+    interpreter, so other tests' memory does not hide the growth."""
+    from conftest import FACTORY_SOURCE, run_python
+
+    res = run_python(_DRAINED_BUFFER_CODE.format(factory=FACTORY_SOURCE[loop_kind]), timeout=60)
+    assert res.returncode == 0, res.stderr
+    retained_mib = float(res.stdout.strip().splitlines()[-1])
+    assert retained_mib < 12, retained_mib
+
+
 # --- write / writelines ----------------------------------------------------------------------
 
 

@@ -38,6 +38,11 @@ use crate::transports::addr::{InetAddr, SockAddr};
 /// asyncio's `max_size` for one read: the shared read buffer, and the most `sock_recv` reads
 /// through it.
 pub(crate) const MAX_READ: usize = 256 * 1024;
+
+/// The most room a drained write buffer keeps (`State::consume`); past it, the buffer is
+/// freed once empty, or shrunk while it drains.
+const WRITE_BUF_KEEP: usize = 256 * 1024;
+
 /// What a stream transport asks one `recv` for: asyncio's `max_size`, as uvloop reads (250,000
 /// bytes). With 64 KiB reads, a 100 KiB message over TCP was echoed in two writes (65,536 bytes
 /// go out as a full segment and a 53-byte one), and on Linux 6.18 a few connections a second
@@ -90,14 +95,25 @@ impl State {
         &self.buf[self.head..]
     }
 
+    /// `n` bytes of the buffer were sent. The room a backlog took is given back as it
+    /// drains, as asyncio's `bytearray` (3.10/3.11) and `deque` (3.12+) buffers do: a
+    /// transport that once held a large write does not keep that much memory for the rest of
+    /// its connection (`WRITE_BUF_KEEP`).
     fn consume(&mut self, n: usize) {
         self.head += n;
         if self.head == self.buf.len() {
-            self.buf.clear();
+            if self.buf.capacity() > WRITE_BUF_KEEP {
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
             self.head = 0;
         } else if self.head > 64 * 1024 && self.head * 2 > self.buf.len() {
             self.buf.drain(..self.head);
             self.head = 0;
+            if self.buf.capacity() > WRITE_BUF_KEEP && self.buf.capacity() / 4 > self.buf.len() {
+                self.buf.shrink_to((self.buf.len() * 2).max(WRITE_BUF_KEEP));
+            }
         }
     }
 
@@ -550,7 +566,7 @@ pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             StreamCore::stop_writing_inner(slf)?;
             let waiter = {
                 let mut st = me.st.borrow_mut(py);
-                st.buf.clear();
+                st.buf = Vec::new();
                 st.head = 0;
                 st.empty_waiter.as_ref().map(|w| w.clone_ref(py))
             };
