@@ -25,6 +25,7 @@ import tempfile
 import weakref
 
 import pytest
+from conftest import FACTORY_SOURCE, run_python
 
 PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)
@@ -1148,8 +1149,6 @@ def test_drained_write_buffer_gives_its_memory_back(loop_kind):
     took goes back (asyncio: most of it, 3.11's bytearray shrinking as it drains; ferroloop's
     buffer once kept its largest size for the rest of the connection: 48 MiB). In a fresh
     interpreter, so other tests' memory does not hide the growth."""
-    from conftest import FACTORY_SOURCE, run_python
-
     res = run_python(_DRAINED_BUFFER_CODE.format(factory=FACTORY_SOURCE[loop_kind]), timeout=60)
     assert res.returncode == 0, res.stderr
     retained_mib = float(res.stdout.strip().splitlines()[-1])
