@@ -14,6 +14,7 @@ ferroloop bug.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 import subprocess
@@ -43,6 +44,16 @@ FACTORIES = {"asyncio": new_asyncio_loop, "ferroloop": ferroloop.new_event_loop}
 
 # Source snippets for subprocesses: a zero-argument factory expression per kind.
 FACTORY_SOURCE = {"asyncio": "asyncio.new_event_loop", "ferroloop": "ferroloop.new_event_loop"}
+
+
+def rss() -> int:
+    """This process's resident set size, in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# The same function as source, for the fresh interpreters of ``run_python`` (needs ``os``).
+RSS_SOURCE = inspect.getsource(rss)
 
 
 class HandlerRecorder:

@@ -10,7 +10,7 @@ import os
 import weakref
 
 import pytest
-from conftest import FACTORY_SOURCE, run_briefly, run_python
+from conftest import FACTORY_SOURCE, RSS_SOURCE, run_briefly, run_python
 
 
 class Payload:
@@ -252,10 +252,7 @@ kind = {kind!r}
 loop = {factory}()
 
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
+{rss_source}
 
 async def main():
     await asyncio.sleep(0)
@@ -296,7 +293,7 @@ def test_memory_of_a_burst_is_given_back(loop_kind, burst):
     the process keeps a small part of the burst's peak. (ferroloop's queues once kept their
     largest size for good: 15-22 MB after 500,000.) Run in a fresh interpreter, so other
     tests' memory does not hide the growth."""
-    code = _BURST_CODE.format(factory=FACTORY_SOURCE[loop_kind], kind=burst)
+    code = _BURST_CODE.format(factory=FACTORY_SOURCE[loop_kind], kind=burst, rss_source=RSS_SOURCE)
     res = run_python(code, timeout=60)
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])

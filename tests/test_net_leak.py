@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import pytest
+from conftest import rss
 
 CYCLES = int(os.environ.get("FERROLOOP_LEAK_CYCLES", "5000"))
 WARMUP = max(200, CYCLES // 10)
@@ -35,11 +36,6 @@ OBJECT_SLACK = 200
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class EchoServer(asyncio.Protocol):

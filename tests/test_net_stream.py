@@ -25,7 +25,7 @@ import tempfile
 import weakref
 
 import pytest
-from conftest import FACTORY_SOURCE, run_python
+from conftest import FACTORY_SOURCE, RSS_SOURCE, run_python
 
 PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)
@@ -1111,10 +1111,7 @@ import ferroloop
 N = 48 * 2**20
 
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
+{rss_source}
 
 async def main():
     loop = asyncio.get_running_loop()
@@ -1149,7 +1146,10 @@ def test_drained_write_buffer_gives_its_memory_back(loop_kind):
     took goes back (asyncio: most of it, 3.11's bytearray shrinking as it drains; ferroloop's
     buffer once kept its largest size for the rest of the connection: 48 MiB). In a fresh
     interpreter, so other tests' memory does not hide the growth."""
-    res = run_python(_DRAINED_BUFFER_CODE.format(factory=FACTORY_SOURCE[loop_kind]), timeout=60)
+    res = run_python(
+        _DRAINED_BUFFER_CODE.format(factory=FACTORY_SOURCE[loop_kind], rss_source=RSS_SOURCE),
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     retained_mib = float(res.stdout.strip().splitlines()[-1])
     assert retained_mib < 12, retained_mib
