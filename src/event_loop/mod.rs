@@ -13,7 +13,7 @@
 
 mod bound_cache;
 mod fastcall;
-mod ready;
+pub(crate) mod ready;
 mod run;
 pub mod timers;
 

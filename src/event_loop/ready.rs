@@ -15,7 +15,13 @@ pub const IDLE_KEEP: usize = 1024;
 /// one's peak); a load that comes back every time (a thread's `call_soon_threadsafe` burst
 /// per GIL turn) keeps its room and does not reallocate.
 pub fn idle_capacity(capacity: usize, peak: usize) -> Option<usize> {
-    (capacity > IDLE_KEEP && capacity / 4 > peak).then(|| peak.saturating_mul(2).max(IDLE_KEEP))
+    sparse_capacity(capacity, peak, IDLE_KEEP)
+}
+
+/// The shrink rule shared by the loop's queues and a transport's write buffer: room for more
+/// than four times what is `used`, and over `keep`, goes down to twice `used`, at least `keep`.
+pub fn sparse_capacity(capacity: usize, used: usize, keep: usize) -> Option<usize> {
+    (capacity > keep && capacity / 4 > used).then(|| used.saturating_mul(2).max(keep))
 }
 
 pub struct ReadyQueue<T> {
@@ -82,6 +88,9 @@ mod tests {
         // Room used at the last peak, or a quarter of it, is kept.
         assert_eq!(idle_capacity(1 << 20, 1 << 20), None);
         assert_eq!(idle_capacity(1 << 20, 1 << 18), None);
+        // A write buffer's floor (`keep`) is its own.
+        assert_eq!(sparse_capacity(1 << 20, 1000, 1 << 18), Some(1 << 18));
+        assert_eq!(sparse_capacity(1 << 18, 0, 1 << 18), None);
         // Sparse room goes back to twice the peak, at least IDLE_KEEP.
         assert_eq!(idle_capacity(1 << 20, (1 << 18) - 1), Some((1 << 19) - 2));
         assert_eq!(idle_capacity(1 << 20, 0), Some(IDLE_KEEP));

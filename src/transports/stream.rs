@@ -29,6 +29,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyTuple};
 use pyo3::{intern, PyTraverseError};
 
+use crate::event_loop::ready::sparse_capacity;
 use crate::event_loop::LoopCore;
 use crate::py::{self, ByteView, GilCell};
 use crate::reactor::Which;
@@ -111,8 +112,8 @@ impl State {
         } else if self.head > 64 * 1024 && self.head * 2 > self.buf.len() {
             self.buf.drain(..self.head);
             self.head = 0;
-            if self.buf.capacity() > WRITE_BUF_KEEP && self.buf.capacity() / 4 > self.buf.len() {
-                self.buf.shrink_to((self.buf.len() * 2).max(WRITE_BUF_KEEP));
+            if let Some(cap) = sparse_capacity(self.buf.capacity(), self.buf.len(), WRITE_BUF_KEEP) {
+                self.buf.shrink_to(cap);
             }
         }
     }
