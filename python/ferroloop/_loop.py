@@ -100,6 +100,7 @@ _BORROWED_NETWORKING = (
     "connect_write_pipe",
     "subprocess_shell",
     "subprocess_exec",
+    "_log_subprocess",
     # BaseSelectorEventLoop
     "_make_ssl_transport",
     "_make_datagram_transport",
