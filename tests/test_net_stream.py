@@ -2303,6 +2303,29 @@ def test_transport_open_when_loop_closes_warns(loop):
         b.close()
 
 
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_collected_server_connection_detaches_from_its_server_once(loop):
+    """A connection whose streams both ends drop unclosed: one collection finalises the
+    server side's transport (its ``__del__``) and StreamWriter (whose ``__del__`` closes the
+    transport, which schedules ``connection_lost``). The connection leaves its Server once:
+    before 3.13 the Server counts connections and asserts on a second detach, and only 3.13's
+    transport ``__del__`` detaches. (ferroloop's detached on every version: an AssertionError
+    in ``_call_connection_lost``, reported to the exception handler.)"""
+
+    async def leak():
+        srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        await asyncio.open_connection("127.0.0.1", port)
+        srv.close()
+        await asyncio.sleep(0.05)
+
+    run(loop, leak())
+    gc.collect()  # (the unclosed streams and transports warn: ignored here)
+    run(loop, asyncio.sleep(0.05))  # runs the connection_lost the collection scheduled
+    gc.collect()
+
+
 # --- sendfile ----------------------------------------------------------------------------------
 
 

@@ -152,7 +152,10 @@ class StreamTransport(transports._FlowControlMixin):
         if getattr(self, "_sock", None) is not None:
             _warn(f"unclosed transport {self!r}", ResourceWarning, source=self)
             self._sock.close()
-            if self._server is not None:
+            # As each version's asyncio: 3.13's transport leaves its Server here (there,
+            # detaching twice is harmless); before, connection_lost alone detaches, since a
+            # Server that counts connections asserts on a second detach.
+            if _SERVER_TRACKS_TRANSPORTS and self._server is not None:
                 self._detach_from_server()
 
     # --- protocol ----------------------------------------------------------------------
