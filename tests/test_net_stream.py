@@ -2264,6 +2264,51 @@ def test_fd_of_a_transport_is_not_available_to_add_reader(loop, tcp_net):
     run(loop, main())
 
 
+def test_write_from_resume_writing_after_close_is_sent(loop):
+    """close() while a backlog drains, then resume_writing() writes more (SSLProtocol sends its
+    close_notify this way when the transport resumes it): asyncio sends that too, then
+    closes. ferroloop held it until the callback returned, after it had found the buffer empty
+    and closed: the peer got EOF without it (and a TLS peer waited for close_notify)."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    big = payload(4 << 20, seed=3)
+
+    class Tail(asyncio.Protocol):
+        resumed = 0
+
+        def connection_made(self, transport):
+            self.transport = transport
+            self.lost = loop.create_future()
+
+        def resume_writing(self):
+            Tail.resumed += 1
+            self.transport.write(b"tail")
+
+        def connection_lost(self, exc):
+            self.lost.set_result(exc)
+
+    async def main():
+        tr, pr = await loop.connect_accepted_socket(Tail, a)
+        tr.set_write_buffer_limits(high=64 * 1024)
+        tr.write(big)
+        assert tr.get_write_buffer_size() > 64 * 1024  # paused, with a backlog
+        tr.close()
+        got = bytearray()
+        while chunk := await loop.sock_recv(b, 1 << 20):
+            got += chunk
+        assert await pr.lost is None
+        return bytes(got)
+
+    try:
+        got = run(loop, main())
+        assert Tail.resumed == 1
+        assert len(got) == len(big) + 4
+        assert got[-4:] == b"tail" and got[:-4] == big
+    finally:
+        a.close()
+        b.close()
+
+
 # --- ResourceWarning ---------------------------------------------------------------------------
 
 

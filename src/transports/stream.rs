@@ -335,8 +335,15 @@ impl StreamCore {
             resume
         };
         if resume {
-            // resume_writing() may write again; emptiness is decided after it returns.
+            // resume_writing() may write again; emptiness is decided after it returns, with
+            // what it wrote sent or buffered, not held until this callback returns: a close()
+            // that waits for the buffer to drain would otherwise go ahead without it (asyncio
+            // sends it first; SSLProtocol writes its close_notify there).
             me.call_transport(py, intern!(py, "_resume_protocol"), ())?;
+            Self::flush_corked(slf)?;
+            if me.st.borrow(py).conn_lost > 0 {
+                return Ok(()); // sending it failed: the fatal error closes the transport
+            }
         }
         let (empty, closing, eof, waiter) = {
             let st = me.st.borrow(py);
