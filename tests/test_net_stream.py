@@ -2721,3 +2721,64 @@ def test_start_tls_upgrade(loop, net, tls_files, kind):
             await asyncio.sleep(0.001)
 
     run(loop, main())
+
+
+def test_tls_connection_runs_over_the_loops_stream_transport(loop, net, tls_files):
+    """create_server(ssl=) / open_connection(ssl=): a 3 MiB TLS echo with small write buffers
+    (flow control on both layers), then close, which sends close_notify. The TLS layer
+    (``SSLProtocol``) sits on the loop's own stream transport, the one a plain connection
+    gets: ``_SelectorSocketTransport`` on asyncio's loop, ``StreamTransport`` on ferroloop's
+    (whose TLS connections once ran over asyncio's transport: asyncio's
+    ``_make_ssl_transport`` names that class directly)."""
+    cert, key = tls_files
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=cert)
+    blob = payload(3 << 20, seed=12)
+    under = []
+
+    async def echo(reader, writer):
+        if writer.get_extra_info("ssl_object") is None:  # the plain connection
+            assert await reader.read() == b""
+            writer.close()
+            return
+        under.append(type(writer.transport._ssl_protocol._transport))
+        writer.transport.set_write_buffer_limits(high=16 * 1024)
+        got = 0
+        while got < len(blob):
+            chunk = await reader.read(65536)
+            assert chunk
+            got += len(chunk)
+            writer.write(chunk)
+            await writer.drain()
+        assert await reader.read() == b""  # the client's close_notify
+        writer.close()
+        await writer.wait_closed()
+
+    async def main():
+        await net.start_server(echo)
+        _, plain = await net.open_connection()
+        plain_type = type(plain.transport)
+        plain.close()
+        await plain.wait_closed()
+
+        await net.start_server(echo, ssl=server_ctx)
+        reader, writer = await net.open_connection(ssl=client_ctx, server_hostname="localhost")
+        assert writer.get_extra_info("ssl_object") is not None
+        under.append(type(writer.transport._ssl_protocol._transport))
+        writer.transport.set_write_buffer_limits(high=16 * 1024)
+
+        async def send():
+            for i in range(0, len(blob), 100_000):
+                writer.write(blob[i : i + 100_000])
+                await writer.drain()
+
+        sender = asyncio.ensure_future(send())
+        got = await reader.readexactly(len(blob))
+        await sender
+        assert sha(got) == sha(blob)
+        writer.close()
+        await writer.wait_closed()
+        assert under == [plain_type, plain_type], (under, plain_type)
+
+    run(loop, main())

@@ -166,10 +166,36 @@ def _rebind_super(func, cls):
     return new
 
 
+def _socket_transport_for_tls(loop, sock, protocol, waiter=None, extra=None, server=None):
+    """What asyncio's ``_make_ssl_transport`` calls ``_SelectorSocketTransport`` for: the
+    stream transport under its ``SSLProtocol``, the loop's own (Rust, unless
+    FERROLOOP_TRANSPORTS=selector)."""
+    return loop._make_socket_transport(sock, protocol, waiter, extra=extra, server=server)
+
+
+def _with_own_socket_transport(func):
+    """A copy of asyncio's ``_make_ssl_transport`` in which ``_SelectorSocketTransport``, a
+    name it calls directly (not through ``_make_socket_transport``), is the loop's own
+    transport: TLS connections (``create_connection``/``create_server`` with ``ssl=``) run over
+    the same stream transport as plain ones and as ``start_tls``."""
+    scope = dict(func.__globals__)
+    scope["_SelectorSocketTransport"] = _socket_transport_for_tls
+    new = types.FunctionType(
+        func.__code__, scope, func.__name__, func.__defaults__, func.__closure__
+    )
+    new.__kwdefaults__ = func.__kwdefaults__
+    new.__qualname__ = func.__qualname__
+    new.__doc__ = func.__doc__
+    return new
+
+
 _BORROWED_FUNCS = {
     **_borrowable(_BORROWED, _BEL),
     **_borrowable(_BORROWED_NETWORKING, asyncio.SelectorEventLoop),
 }
+_BORROWED_FUNCS["_make_ssl_transport"] = _with_own_socket_transport(
+    _BORROWED_FUNCS["_make_ssl_transport"]
+)
 
 # What borrowed methods reach through super(); a base class of Loop.
 _SuperTargets = type("_SuperTargets", (), _parent_implementations(_BORROWED_FUNCS))
