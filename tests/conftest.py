@@ -180,6 +180,14 @@ def ready_count(loop) -> int:
     return len(loop._ready)
 
 
+TIMEOUT = 20  # seconds, for one run(): below pytest-timeout's 30 s per test
+
+
+def run(loop, coro, timeout=TIMEOUT):
+    """Run ``coro`` on ``loop``, failing (not hanging) after ``timeout`` seconds."""
+    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+
 def run_briefly(loop, n: int = 1):
     """Run ``n`` iterations of the loop (each handles what is ready, without blocking long)."""
     for _ in range(n):

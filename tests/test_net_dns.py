@@ -14,8 +14,7 @@ import socket
 
 import ferroloop
 import pytest
-
-TIMEOUT = 20
+from conftest import run
 
 HOSTS = [
     None,
@@ -71,10 +70,6 @@ def _cases():
 
 
 CASES = _cases()
-
-
-def run(loop, coro, timeout=TIMEOUT):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 def _outcome(fn, *args, **kw):

@@ -19,8 +19,7 @@ import sys
 
 import ferroloop
 import pytest
-
-TIMEOUT = 20
+from conftest import TIMEOUT, run
 
 
 def _has_ipv6() -> bool:
@@ -36,10 +35,6 @@ def _has_ipv6() -> bool:
 
 HAS_IPV6 = _has_ipv6()
 HAS_RECVFROM = sys.version_info >= (3, 11)  # sock_recvfrom & co. are new in 3.11
-
-
-def run(loop, coro, timeout=TIMEOUT):
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 def payload(n: int, seed: int = 1) -> bytes:

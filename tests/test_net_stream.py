@@ -25,12 +25,11 @@ import tempfile
 import weakref
 
 import pytest
-from conftest import FACTORY_SOURCE, RSS_SOURCE, run_python
+from conftest import FACTORY_SOURCE, RSS_SOURCE, TIMEOUT, run, run_python
 
 PY312 = sys.version_info >= (3, 12)
 PY313 = sys.version_info >= (3, 13)
 
-TIMEOUT = 20  # seconds, for one run(): below pytest-timeout's 30 s per test
 SMALL_SOCKBUF = 64 * 1024  # kernel buffers for the flow-control tests (bounds what they hold)
 
 
@@ -46,11 +45,6 @@ def _has_ipv6() -> bool:
 
 
 HAS_IPV6 = _has_ipv6()
-
-
-def run(loop, coro, timeout=TIMEOUT):
-    """Run ``coro`` on ``loop``, failing (not hanging) after ``timeout`` seconds."""
-    return loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 
 def payload(n: int, seed: int = 1) -> bytes:

@@ -9,13 +9,9 @@ import logging
 import sys
 
 import pytest
+from conftest import run
 
-TIMEOUT = 30
 UPPER = "import sys; sys.stdout.write(sys.stdin.read().upper())"
-
-
-def run(loop, coro):
-    return loop.run_until_complete(asyncio.wait_for(coro, TIMEOUT))
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
