@@ -2563,6 +2563,15 @@ def tls_files(tmp_path_factory):
     return str(cert), str(key)
 
 
+@pytest.fixture(scope="module")
+def tls_contexts(tls_files):
+    """(server context, client context) for that certificate."""
+    cert, key = tls_files
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    return server_ctx, ssl.create_default_context(cafile=cert)
+
+
 def _make_cert_with_cryptography(cert_path, key_path):
     import datetime
     import ipaddress
@@ -2617,13 +2626,10 @@ def _make_cert_with_cryptography(cert_path, key_path):
         ),
     ],
 )
-def test_start_tls_upgrade(loop, net, tls_files, kind):
+def test_start_tls_upgrade(loop, net, tls_contexts, kind):
     """STARTTLS on both sides: with loop.start_tls() over protocols, or with
     StreamWriter.start_tls() over streams."""
-    cert, key = tls_files
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
-    client_ctx = ssl.create_default_context(cafile=cert)
+    server_ctx, client_ctx = tls_contexts
     blob = payload(1 << 20, seed=11)
     done = []
 
@@ -2720,17 +2726,14 @@ def test_start_tls_upgrade(loop, net, tls_files, kind):
     run(loop, main())
 
 
-def test_tls_connection_runs_over_the_loops_stream_transport(loop, net, tls_files):
+def test_tls_connection_runs_over_the_loops_stream_transport(loop, net, tls_contexts):
     """create_server(ssl=) / open_connection(ssl=): a 3 MiB TLS echo with small write buffers
     (flow control on both layers), then close, which sends close_notify. The TLS layer
     (``SSLProtocol``) sits on the loop's own stream transport, the one a plain connection
     gets: ``_SelectorSocketTransport`` on asyncio's loop, ``StreamTransport`` on ferroloop's
     (whose TLS connections once ran over asyncio's transport: asyncio's
     ``_make_ssl_transport`` names that class directly)."""
-    cert, key = tls_files
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(cert, key)
-    client_ctx = ssl.create_default_context(cafile=cert)
+    server_ctx, client_ctx = tls_contexts
     blob = payload(3 << 20, seed=12)
     under = []
 
