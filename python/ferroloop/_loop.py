@@ -152,18 +152,22 @@ def _parent_implementations(borrowed):
     return parents
 
 
+def _copy_function(func, scope, closure):
+    """A copy of ``func`` that reads its globals from ``scope`` and its free variables from
+    ``closure``, with the same defaults, name and docstring."""
+    new = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, closure)
+    new.__kwdefaults__ = func.__kwdefaults__
+    new.__qualname__ = func.__qualname__
+    new.__doc__ = func.__doc__
+    return new
+
+
 def _rebind_super(func, cls):
     """A copy of ``func`` whose zero-argument ``super()`` starts from ``cls``."""
     index = func.__code__.co_freevars.index("__class__")
     cells = list(func.__closure__)
     cells[index] = types.CellType(cls)
-    new = types.FunctionType(
-        func.__code__, func.__globals__, func.__name__, func.__defaults__, tuple(cells)
-    )
-    new.__kwdefaults__ = func.__kwdefaults__
-    new.__qualname__ = func.__qualname__
-    new.__doc__ = func.__doc__
-    return new
+    return _copy_function(func, func.__globals__, tuple(cells))
 
 
 def _socket_transport_for_tls(loop, sock, protocol, waiter=None, extra=None, server=None):
@@ -180,13 +184,7 @@ def _with_own_socket_transport(func):
     the same stream transport as plain ones and as ``start_tls``."""
     scope = dict(func.__globals__)
     scope["_SelectorSocketTransport"] = _socket_transport_for_tls
-    new = types.FunctionType(
-        func.__code__, scope, func.__name__, func.__defaults__, func.__closure__
-    )
-    new.__kwdefaults__ = func.__kwdefaults__
-    new.__qualname__ = func.__qualname__
-    new.__doc__ = func.__doc__
-    return new
+    return _copy_function(func, scope, func.__closure__)
 
 
 _BORROWED_FUNCS = {
