@@ -35,6 +35,8 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<transports::addr::SockAddr>()?;
     m.add_function(wrap_pyfunction!(transports::write_method::stream_write_method, m)?)?;
     m.add_function(wrap_pyfunction!(transports::write_method::stream_is_closing_method, m)?)?;
+    m.add_class::<transports::datagram::DatagramCore>()?;
+    m.add_function(wrap_pyfunction!(transports::datagram::datagram_methods, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -18,6 +18,8 @@ __all__ = [
     "CachedCallSoon",
     "stream_write_method",
     "stream_is_closing_method",
+    "DatagramCore",
+    "datagram_methods",
     "__version__",
     "_handle_fast_paths",
     "_deferred_contexts",
@@ -215,6 +217,20 @@ def stream_write_method(cls: type) -> Any:
 def stream_is_closing_method(cls: type) -> Any:
     """The `is_closing` method descriptor of the stream transport class `cls` (as for
     `stream_write_method`)."""
+
+@final
+class DatagramCore:
+    """The per-transport data of a UDP transport (`_transports.DatagramTransport`): fd,
+    family, whether the socket is connected, `max_size`, and recent peers' addresses."""
+
+    def __new__(cls, fd: int, v6: bool, connected: bool, max_size: int) -> DatagramCore: ...
+
+def datagram_methods(
+    cls: type, base_read_ready: Callable[..., Any], base_sendto: Callable[..., Any]
+) -> tuple[Any, Any]:
+    """The `_read_ready` and `sendto` method descriptors of the datagram transport class `cls`
+    (whose `_core`, `_conn_lost`, `_protocol`, `_buffer` and `_address` are slots); they hand
+    what they do not do themselves to `base_read_ready` / `base_sendto`."""
 
 @final
 class SockAddr:

@@ -103,7 +103,6 @@ _BORROWED_NETWORKING = (
     "_log_subprocess",
     # BaseSelectorEventLoop
     "_make_ssl_transport",
-    "_make_datagram_transport",
     "_accept_connection",
     "_accept_connection2",
     "_stop_serving",
@@ -228,6 +227,7 @@ collections.abc.Coroutine.register(_ferroloop.SockOp)
 # an escape hatch, and the A/B switch for benchmarks.
 _RUST_TRANSPORTS = os.environ.get("FERROLOOP_TRANSPORTS", "rust") != "selector"
 _SELECTOR_SOCKET_TRANSPORT = asyncio.SelectorEventLoop._make_socket_transport
+_SELECTOR_DATAGRAM_TRANSPORT = asyncio.SelectorEventLoop._make_datagram_transport
 _SELECTOR_START_SERVING = asyncio.SelectorEventLoop._start_serving
 
 # `debug=` arrived in a patch release (3.12.1 lacks it): ask the function itself.
@@ -283,6 +283,13 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         if peer is not None:
             extra = {"peername": peer.value}
         return _SELECTOR_SOCKET_TRANSPORT(self, sock, protocol, waiter, extra=extra, server=server)
+
+    def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
+        # UDP over IPv4 / IPv6: asyncio's transport with Rust reads and sends
+        # (`_transports.DatagramTransport`); other families keep asyncio's.
+        if _RUST_TRANSPORTS and sock.family in (socket.AF_INET, socket.AF_INET6):
+            return _transports.DatagramTransport(self, sock, protocol, address, waiter, extra)
+        return _SELECTOR_DATAGRAM_TRANSPORT(self, sock, protocol, address, waiter, extra)
 
     # --- servers ------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from asyncio.log import logger
 
 from . import _ferroloop
 
-__all__ = ["StreamTransport"]
+__all__ = ["DatagramTransport", "StreamTransport"]
 
 # asyncio's socket transport has its own writelines() (own messages) from 3.12 on.
 _OWN_WRITELINES = "writelines" in vars(selector_events._SelectorSocketTransport)
@@ -400,3 +400,32 @@ class StreamTransport(transports._FlowControlMixin):
 StreamTransport.write = _ferroloop.stream_write_method(StreamTransport)
 # is_closing() likewise: StreamWriter.drain() calls it once per drain.
 StreamTransport.is_closing = _ferroloop.stream_is_closing_method(StreamTransport)
+
+
+class DatagramTransport(selector_events._SelectorDatagramTransport):
+    """asyncio's UDP transport for IPv4 / IPv6 sockets, with its two hot methods in Rust.
+
+    ``_read_ready`` (one datagram to the protocol) and ``sendto`` are C methods of this class
+    (``_ferroloop.datagram_methods``) that do asyncio's common case without a Python frame and
+    hand anything else to asyncio's own methods; everything else is asyncio's. The attributes
+    those two read are slots, at fixed offsets; ``_core`` keeps the fd, the family and recent
+    peers' address tuples.
+    """
+
+    __slots__ = ("_core", "_conn_lost", "_protocol", "_buffer", "_address")
+
+    def __init__(self, loop, sock, protocol, address=None, waiter=None, extra=None):
+        super().__init__(loop, sock, protocol, address, waiter, extra)
+        self._core = _ferroloop.DatagramCore(
+            self._sock_fd,
+            sock.family == socket.AF_INET6,
+            bool(self._extra["peername"]),
+            self.max_size,
+        )
+
+
+DatagramTransport._read_ready, DatagramTransport.sendto = _ferroloop.datagram_methods(
+    DatagramTransport,
+    selector_events._SelectorDatagramTransport._read_ready,
+    selector_events._SelectorDatagramTransport.sendto,
+)

@@ -230,6 +230,39 @@ fn c_method<'py>(
     unsafe { Bound::from_owned_ptr_or_err(cls.py(), ffi::PyDescr_NewMethod(cls.as_type_ptr(), def)) }
 }
 
+/// The byte offset of the object slot `name` (a `__slots__` entry of `cls` or of a base
+/// class) in `cls`'s instances.
+pub fn slot_offset(cls: &Bound<'_, pyo3::types::PyType>, name: &Bound<'_, pyo3::types::PyString>) -> PyResult<isize> {
+    let member = cls.getattr(name)?;
+    // SAFETY: reading the type pointer of a live object, and (after checking that it is a
+    // member descriptor) its definition, which lives as long as the class.
+    unsafe {
+        let ptr = member.as_ptr();
+        if ffi::Py_TYPE(ptr) != std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type) {
+            return Err(PyTypeError::new_err(format!("{name} must be a __slots__ member")));
+        }
+        // (pyo3-ffi types the field as PyGetSetDef before 3.11; CPython has PyMemberDef.)
+        let def = (*ptr.cast::<ffi::PyMemberDescrObject>()).d_member.cast::<ffi::PyMemberDef>();
+        if (*def).type_code != ffi::Py_T_OBJECT_EX || (*def).offset <= 0 {
+            return Err(PyTypeError::new_err(format!("{name} must be an object slot")));
+        }
+        if ffi::PyType_IsSubtype(cls.as_type_ptr(), (*ptr.cast::<ffi::PyDescrObject>()).d_type) == 0 {
+            return Err(PyTypeError::new_err(format!("{name} belongs to another class")));
+        }
+        Ok((*def).offset)
+    }
+}
+
+/// The object in the slot at `offset` of `obj` (borrowed; NULL when the slot is empty).
+///
+/// # Safety
+/// `offset` came from `slot_offset` for `obj`'s class or a base of it.
+#[inline]
+pub unsafe fn read_slot(obj: *mut ffi::PyObject, offset: isize) -> *mut ffi::PyObject {
+    // SAFETY: the caller's promise: an object slot inside `obj`, holding NULL or a reference.
+    unsafe { *obj.cast::<u8>().offset(offset).cast::<*mut ffi::PyObject>() }
+}
+
 /// `contextvars.copy_context()` without the Python call.
 pub fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an exception set.

@@ -388,6 +388,70 @@ fn decode_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> PeerAd
     }
 }
 
+/// `recvfrom(2)`: one datagram into `buf` (truncated to it) and its sender. Never blocks
+/// (`MSG_DONTWAIT`).
+pub fn recvfrom(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, PeerAddr)> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid (empty) value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `buf.len()` bytes into the valid, writable `buf`, and
+    // at most `len` bytes of address into `storage` (updating `len`).
+    let n = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let addr = if len == 0 { PeerAddr::Other } else { decode_addr(&storage, len) };
+    Ok((n as usize, addr))
+}
+
+/// `sendto(2)` of one datagram to an IPv4 / IPv6 address (`None`: the connected peer, as
+/// `send(2)`). Never blocks (`MSG_DONTWAIT`).
+pub fn sendto(fd: RawFd, buf: &[u8], addr: Option<&PeerAddr>) -> io::Result<usize> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid (empty) value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        None => 0,
+        Some(&PeerAddr::V4(ip, port)) => {
+            // SAFETY: a sockaddr_in fits in (and is aligned for) the storage.
+            let a: &mut libc::sockaddr_in = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast() };
+            a.sin_family = libc::AF_INET as libc::sa_family_t;
+            a.sin_port = port.to_be();
+            a.sin_addr.s_addr = u32::from_ne_bytes(ip);
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        Some(&PeerAddr::V6(ip, port, flow, scope)) => {
+            // SAFETY: a sockaddr_in6 fits in (and is aligned for) the storage.
+            let a: &mut libc::sockaddr_in6 = unsafe { &mut *(&mut storage as *mut libc::sockaddr_storage).cast() };
+            a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            a.sin6_port = port.to_be();
+            a.sin6_flowinfo = flow.to_be();
+            a.sin6_addr.s6_addr = ip;
+            a.sin6_scope_id = scope;
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+        Some(_) => return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT)),
+    };
+    let ptr = if len == 0 { std::ptr::null() } else { (&storage as *const libc::sockaddr_storage).cast() };
+    // SAFETY: reads at most `buf.len()` bytes from the valid `buf` and `len` bytes of the
+    // address from `storage` (none when `len` is 0 and `ptr` NULL).
+    let n =
+        unsafe { libc::sendto(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT, ptr, len as libc::socklen_t) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// `getsockname(2)` (`peer` false) or `getpeername(2)` (`peer` true).
 pub fn socket_name(fd: RawFd, peer: bool) -> io::Result<PeerAddr> {
     // SAFETY: sockaddr_storage is plain data; all-zero is a valid (empty) value.

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use crate::sys::{self, PeerAddr};
 
 /// An IPv4 or IPv6 socket address.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InetAddr {
     V4([u8; 4], u16),
     /// Address, port, flow info, scope id.
@@ -21,6 +21,14 @@ impl InetAddr {
             PeerAddr::V4(ip, port) => Some(Self::V4(ip, port)),
             PeerAddr::V6(ip, port, flow, scope) => Some(Self::V6(ip, port, flow, scope)),
             _ => None,
+        }
+    }
+
+    /// The same address as `sys` takes it.
+    pub(crate) fn to_sys(self) -> PeerAddr {
+        match self {
+            Self::V4(ip, port) => PeerAddr::V4(ip, port),
+            Self::V6(ip, port, flow, scope) => PeerAddr::V6(ip, port, flow, scope),
         }
     }
 

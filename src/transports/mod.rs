@@ -3,5 +3,6 @@
 
 pub mod accept;
 pub mod addr;
+pub mod datagram;
 pub mod stream;
 pub mod write_method;

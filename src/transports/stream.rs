@@ -453,6 +453,16 @@ thread_local! {
     static LAST_READ_BIG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Run `f` on the first `limit` bytes of the thread's shared read buffer (`MAX_READ` bytes);
+/// a re-entrant call (a finalizer run by an allocation inside `f`) or a larger `limit` gets a
+/// temporary buffer.
+pub(crate) fn with_read_buf<R>(limit: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_BUF.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) if limit <= buf.len() => f(&mut buf[..limit]),
+        _ => f(&mut vec![0u8; limit]),
+    })
+}
+
 /// One `recv` of at most `limit` (capped at `MAX_READ`) bytes into a new `bytes`.
 pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Result<Bound<'_, PyBytes>> {
     let limit = limit.min(MAX_READ);
@@ -465,15 +475,7 @@ pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Re
     };
     let r = match r {
         Some(r) => r,
-        // The shared buffer; a re-entrant call (a finalizer run by the allocation) gets a
-        // temporary one.
-        None => READ_BUF.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut buf) => sys::recv(fd, &mut buf[..limit]).map(|n| PyBytes::new(py, &buf[..n])),
-            Err(_) => {
-                let mut buf = vec![0u8; limit];
-                sys::recv(fd, &mut buf).map(|n| PyBytes::new(py, &buf[..n]))
-            }
-        }),
+        None => with_read_buf(limit, |buf| sys::recv(fd, buf).map(|n| PyBytes::new(py, &buf[..n]))),
     };
     if let Ok(b) = &r {
         LAST_READ_BIG.set(b.as_bytes().len() > BIG_READ);

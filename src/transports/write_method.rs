@@ -99,10 +99,8 @@ unsafe fn transport_write(
 /// `slf` is an instance of the class whose `_core` offset `core_offset` recorded (a method
 /// descriptor made for that class checks `self`'s type before its function runs).
 unsafe fn core_of<'py>(py: Python<'py>, slf: *mut ffi::PyObject) -> PyResult<Bound<'py, PyAny>> {
-    let offset = CORE_OFFSET.load(Ordering::Relaxed);
-    // SAFETY: `offset` is that class's `_core` object slot, inside every such instance; the
-    // slot holds NULL or a borrowed reference.
-    let core = unsafe { *slf.cast::<u8>().offset(offset).cast::<*mut ffi::PyObject>() };
+    // SAFETY: the offset is that class's `_core` object slot, inside every such instance.
+    let core = unsafe { py::read_slot(slf, CORE_OFFSET.load(Ordering::Relaxed)) };
     if core.is_null() {
         return Err(PyAttributeError::new_err("'StreamTransport' object has no attribute '_core'"));
     }
@@ -149,25 +147,7 @@ pub fn stream_is_closing_method<'py>(cls: &Bound<'py, PyType>) -> PyResult<Bound
 
 /// Check that `cls`'s `_core` is an object slot and record its offset (one class per process).
 fn core_offset(cls: &Bound<'_, PyType>) -> PyResult<()> {
-    let py = cls.py();
-    let member = cls.getattr(intern!(py, "_core"))?;
-    // SAFETY: reading the type pointer of a live object, and (after checking that it is a
-    // member descriptor) its definition, which lives as long as the class.
-    let offset = unsafe {
-        let ptr = member.as_ptr();
-        if ffi::Py_TYPE(ptr) != std::ptr::addr_of_mut!(ffi::PyMemberDescr_Type) {
-            return Err(PyTypeError::new_err("_core must be a __slots__ member"));
-        }
-        // (pyo3-ffi types the field as PyGetSetDef before 3.11; CPython has PyMemberDef.)
-        let def = (*ptr.cast::<ffi::PyMemberDescrObject>()).d_member.cast::<ffi::PyMemberDef>();
-        if (*def).type_code != ffi::Py_T_OBJECT_EX || (*def).offset <= 0 {
-            return Err(PyTypeError::new_err("_core must be an object slot"));
-        }
-        if ffi::PyType_IsSubtype(cls.as_type_ptr(), (*ptr.cast::<ffi::PyDescrObject>()).d_type) == 0 {
-            return Err(PyTypeError::new_err("_core belongs to another class"));
-        }
-        (*def).offset
-    };
+    let offset = py::slot_offset(cls, intern!(cls.py(), "_core"))?;
     if CORE_OFFSET.compare_exchange(0, offset, Ordering::Relaxed, Ordering::Relaxed).is_err()
         && CORE_OFFSET.load(Ordering::Relaxed) != offset
     {

@@ -1,0 +1,417 @@
+//! `DatagramCore` and the two hot methods of `ferroloop._transports.DatagramTransport` (UDP over
+//! IPv4 / IPv6): `_read_ready` and `sendto`.
+//!
+//! The transport is asyncio's own `_SelectorDatagramTransport`, subclassed: every method but
+//! these two is asyncio's, with its names, messages and order. These two are C method
+//! descriptors of the subclass (made here, like `write_method.rs`'s) that do asyncio's common
+//! case without a Python frame, and hand everything else to asyncio's method:
+//!
+//! - `_read_ready`: one `recvfrom` into the thread's shared read buffer (asyncio's
+//!   `sock.recvfrom(max_size)` allocates `max_size` bytes per datagram and shrinks them), then
+//!   `protocol.datagram_received(data, addr)`, or `protocol.error_received(exc)` for an
+//!   `OSError`, as asyncio does.
+//! - `sendto(data, addr)`: sends at once when asyncio would (nothing buffered, connection not
+//!   lost) and `data` is a non-empty `bytes`. Unusual arguments (keywords, other bytes-like
+//!   types, an address this module does not parse, a wrong address for a connected transport)
+//!   and `EAGAIN` go to asyncio's `sendto`, which checks, raises, sends or buffers as before.
+//!
+//! The transport's state stays in its Python attributes (`_conn_lost`, `_protocol`, `_buffer`,
+//! `_address`), which the subclass keeps in `__slots__` so these methods read them at fixed
+//! offsets; asyncio's methods use them unchanged. The core keeps only what never changes (fd,
+//! family, whether the socket is connected, `max_size`) and a few recent peers' addresses: the
+//! tuple `recvfrom` returned for a peer is handed out again for the next datagram from it, and
+//! `sendto` to that same tuple needs no parsing.
+
+use std::ffi::CStr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::RawFd;
+use std::sync::OnceLock;
+
+use pyo3::exceptions::{PyAttributeError, PyRuntimeError};
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyInt, PyString, PyTuple, PyType};
+use pyo3::{ffi, intern, PyTraverseError};
+
+use super::addr::InetAddr;
+use super::stream::with_read_buf;
+use crate::py::{self, GilCell};
+use crate::sys::{self, PeerAddr};
+
+/// How many recent peers' address tuples a transport keeps.
+const ADDR_CACHE: usize = 8;
+
+/// Slot offsets in `DatagramTransport` instances.
+#[derive(PartialEq)]
+struct Offsets {
+    core: isize,
+    conn_lost: isize,
+    protocol: isize,
+    buffer: isize,
+    address: isize,
+}
+
+static OFFSETS: OnceLock<Offsets> = OnceLock::new();
+
+/// asyncio's `_SelectorDatagramTransport._read_ready` and `.sendto`, for what the fast paths
+/// hand on.
+static BASE: PyOnceLock<(Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
+
+/// The per-transport data of a `DatagramTransport`.
+#[pyclass(frozen, module = "ferroloop._ferroloop")]
+pub struct DatagramCore {
+    fd: RawFd,
+    v6: bool,
+    /// The socket has a peer (asyncio's `self._extra['peername']`): datagrams go out with
+    /// `send`, whatever address `sendto` is given.
+    connected: bool,
+    max_size: usize,
+    /// Recent peers: their address and the tuple handed out (or given) for it.
+    peers: GilCell<Peers>,
+}
+
+#[derive(Default)]
+struct Peers {
+    entries: Vec<Peer>,
+    next: usize,
+}
+
+struct Peer {
+    addr: InetAddr,
+    obj: Py<PyAny>,
+    /// `obj` is what Python's `recvfrom` gives for `addr` (made here), not a tuple `sendto`
+    /// was given (which may be shorter, as an IPv6 `(host, port)`): only such a tuple is
+    /// handed out again.
+    ours: bool,
+}
+
+impl Peers {
+    fn by_addr(&self, addr: &InetAddr) -> Option<&Py<PyAny>> {
+        self.entries.iter().find(|p| p.ours && p.addr == *addr).map(|p| &p.obj)
+    }
+
+    fn by_object(&self, obj: *mut ffi::PyObject) -> Option<InetAddr> {
+        self.entries.iter().find(|p| p.obj.as_ptr() == obj).map(|p| p.addr)
+    }
+
+    /// Keep a peer, in place of the oldest once full (returned, to be dropped by the caller
+    /// after its borrow ends: dropping may run Python code).
+    fn insert(&mut self, peer: Peer) -> Option<Peer> {
+        if self.entries.len() < ADDR_CACHE {
+            self.entries.push(peer);
+            return None;
+        }
+        let i = self.next;
+        self.next = (i + 1) % ADDR_CACHE;
+        Some(std::mem::replace(&mut self.entries[i], peer))
+    }
+}
+
+impl DatagramCore {
+    /// The Python form of a sender's address (`None` when the kernel gave none, as Python's
+    /// `recvfrom` does).
+    fn addr_object<'py>(&self, py: Python<'py>, addr: PeerAddr) -> PyResult<Bound<'py, PyAny>> {
+        let Some(addr) = InetAddr::from_sys(&addr) else {
+            return Ok(py.None().into_bound(py));
+        };
+        if let Some(obj) = self.peers.borrow(py).by_addr(&addr) {
+            return Ok(obj.bind(py).clone());
+        }
+        let obj = addr.to_py(py)?;
+        let old = self.peers.borrow_mut(py).insert(Peer { addr, obj: obj.clone().unbind(), ours: true });
+        drop(old);
+        Ok(obj)
+    }
+
+    /// The address `addr` names, when it is a tuple this module can read without Python's
+    /// socket code: one handed out or given before, or a numeric IPv4 `(host, port)` (IPv6:
+    /// `(host, port[, flowinfo[, scope_id]])`) with exact `str` and `int` items in range.
+    fn resolve(&self, addr: &Bound<'_, PyAny>) -> Option<InetAddr> {
+        let py = addr.py();
+        if let Some(a) = self.peers.borrow(py).by_object(addr.as_ptr()) {
+            return Some(a);
+        }
+        let t = addr.cast_exact::<PyTuple>().ok()?;
+        let n = t.len();
+        if n < 2 || n > if self.v6 { 4 } else { 2 } {
+            return None;
+        }
+        let host = t.get_item(0).ok()?;
+        let host = host.cast_exact::<PyString>().ok()?.to_str().ok()?;
+        let int = |i: usize| -> Option<u64> {
+            let v = t.get_item(i).ok()?;
+            v.cast_exact::<PyInt>().ok()?.extract::<u64>().ok()
+        };
+        let port = u16::try_from(int(1)?).ok()?;
+        let a = if self.v6 {
+            let ip: Ipv6Addr = host.parse().ok()?;
+            let flow = if n > 2 { int(2)? } else { 0 };
+            let scope = if n > 3 { u32::try_from(int(3)?).ok()? } else { 0 };
+            if flow > 0xF_FFFF {
+                return None;
+            }
+            InetAddr::V6(ip.octets(), port, flow as u32, scope)
+        } else {
+            let ip: Ipv4Addr = host.parse().ok()?;
+            InetAddr::V4(ip.octets(), port)
+        };
+        let old = self.peers.borrow_mut(py).insert(Peer { addr: a, obj: addr.clone().unbind(), ours: false });
+        drop(old);
+        Some(a)
+    }
+}
+
+#[pymethods]
+impl DatagramCore {
+    #[new]
+    fn py_new(fd: RawFd, v6: bool, connected: bool, max_size: usize) -> Self {
+        Self { fd, v6, connected, max_size, peers: GilCell::new(Peers::default()) }
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(peers) = self.peers.try_borrow_unguarded() {
+            for peer in &peers.entries {
+                visit.call(&peer.obj)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        // SAFETY: tp_clear runs with the GIL held.
+        let py = unsafe { Python::assume_attached() };
+        let old = std::mem::take(&mut self.peers.borrow_mut(py).entries);
+        drop(old);
+    }
+}
+
+/// The transport's attributes the fast paths read (each `None` when its slot is empty).
+struct Slots<'py> {
+    core: Option<Bound<'py, PyAny>>,
+    conn_lost: Option<Bound<'py, PyAny>>,
+    protocol: Option<Bound<'py, PyAny>>,
+    buffer: Option<Bound<'py, PyAny>>,
+    address: Option<Bound<'py, PyAny>>,
+}
+
+impl<'py> Slots<'py> {
+    /// Read them from `slf`.
+    ///
+    /// # Safety
+    /// `slf` is a `DatagramTransport` (the class the offsets were taken from; the method
+    /// descriptors check `self`'s type before their function runs).
+    unsafe fn of(py: Python<'py>, slf: *mut ffi::PyObject) -> PyResult<Self> {
+        let off = OFFSETS.get().ok_or_else(|| PyAttributeError::new_err("datagram_methods() was not called"))?;
+        let get = |offset| {
+            // SAFETY: the caller's promise; a non-NULL slot holds a reference the instance
+            // owns, alive while we hold the GIL and the caller holds `slf`.
+            unsafe {
+                let p = py::read_slot(slf, offset);
+                (!p.is_null()).then(|| Bound::from_borrowed_ptr(py, p))
+            }
+        };
+        Ok(Self {
+            core: get(off.core),
+            conn_lost: get(off.conn_lost),
+            protocol: get(off.protocol),
+            buffer: get(off.buffer),
+            address: get(off.address),
+        })
+    }
+
+    fn protocol(&self) -> PyResult<&Bound<'py, PyAny>> {
+        self.protocol.as_ref().ok_or_else(|| PyAttributeError::new_err("_protocol"))
+    }
+}
+
+/// asyncio's method `which` (0: `_read_ready`, 1: `sendto`) on `slf` with the original
+/// arguments.
+///
+/// # Safety
+/// `args` holds `nargs` objects followed by `len(kwnames)` keyword values.
+unsafe fn hand_on(
+    py: Python<'_>,
+    which: usize,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    let base = BASE.get(py).ok_or_else(|| PyAttributeError::new_err("datagram_methods() was not called"))?;
+    let func = if which == 0 { &base.0 } else { &base.1 };
+    // SAFETY: `kwnames` is NULL or a tuple (the vectorcall convention).
+    let nkw = if kwnames.is_null() { 0 } else { unsafe { ffi::PyTuple_GET_SIZE(kwnames) } };
+    let mut ptrs: Vec<*mut ffi::PyObject> = Vec::with_capacity((1 + nargs + nkw) as usize);
+    ptrs.push(slf);
+    for i in 0..(nargs + nkw) {
+        // SAFETY: the caller's promise about `args`.
+        ptrs.push(unsafe { *args.offset(i) });
+    }
+    // SAFETY: `ptrs` holds borrowed references alive for the call (self, then the caller's
+    // arguments in vectorcall layout); returns a new reference or NULL with an exception set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            ffi::PyObject_Vectorcall(func.as_ptr(), ptrs.as_ptr(), nargs as usize + 1, kwnames),
+        )
+        .map(Bound::into_ptr)
+    }
+}
+
+/// `_read_ready()`: one datagram to the protocol.
+unsafe fn read_ready(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: the descriptor checked that `slf` is a DatagramTransport.
+    let slots = unsafe { Slots::of(py, slf)? };
+    let zero = 0i32.into_pyobject(py)?;
+    let (Some(core), true) = (&slots.core, slots.conn_lost.as_ref().is_some_and(|c| c.is(&zero))) else {
+        // SAFETY: no arguments.
+        return unsafe { hand_on(py, 0, slf, std::ptr::null(), 0, std::ptr::null_mut()) };
+    };
+    let me = core.cast::<DatagramCore>()?.get();
+    let protocol = slots.protocol()?;
+    let r = with_read_buf(me.max_size, |buf| sys::recvfrom(me.fd, buf).map(|(n, a)| (PyBytes::new(py, &buf[..n]), a)));
+    match r {
+        Ok((data, addr)) => {
+            let addr = match me.addr_object(py, addr) {
+                Ok(a) => a,
+                Err(e) => {
+                    // SAFETY: `slf` is a live object (the caller's reference).
+                    let transport = unsafe { Bound::from_borrowed_ptr(py, slf) };
+                    let msg = intern!(py, "Fatal read error on datagram transport");
+                    py::call_method_fast(
+                        &transport,
+                        intern!(py, "_fatal_error"),
+                        &[e.value(py).as_any(), msg.as_any()],
+                    )?;
+                    return Ok(py.None().into_ptr());
+                }
+            };
+            py::call_method_fast(protocol, intern!(py, "datagram_received"), &[data.as_any(), &addr])?;
+        }
+        Err(e) if sys::would_block(&e) => {}
+        Err(e) => {
+            let exc = py::os_err(e).into_value(py).into_bound(py);
+            py::call_method_fast(protocol, intern!(py, "error_received"), &[exc.as_any()])?;
+        }
+    }
+    Ok(py.None().into_ptr())
+}
+
+/// `sendto(data, addr=None)`: sent at once when asyncio would and the arguments are plain.
+unsafe fn sendto(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<*mut ffi::PyObject> {
+    // SAFETY: CPython passes the arguments in vectorcall layout, and the descriptor checked
+    // that `slf` is a DatagramTransport.
+    let sent = unsafe { try_send(py, slf, args, nargs, kwnames)? };
+    if sent {
+        return Ok(py.None().into_ptr());
+    }
+    // SAFETY: as above.
+    unsafe { hand_on(py, 1, slf, args, nargs, kwnames) }
+}
+
+/// The fast path of `sendto`: `Ok(true)` when it is done (sent, or the error reported to the
+/// protocol), `Ok(false)` for asyncio's method to do the whole call.
+///
+/// # Safety
+/// As for `sendto`: `args` in vectorcall layout, `slf` a DatagramTransport.
+unsafe fn try_send(
+    py: Python<'_>,
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<bool> {
+    if !kwnames.is_null() || !(1..=2).contains(&nargs) {
+        return Ok(false);
+    }
+    // SAFETY: the caller's promises; `args` holds `nargs` (1 or 2) borrowed references.
+    let (slots, data, addr) = unsafe {
+        (
+            Slots::of(py, slf)?,
+            Bound::from_borrowed_ptr(py, *args),
+            (nargs == 2).then(|| Bound::from_borrowed_ptr(py, *args.offset(1))),
+        )
+    };
+    let Ok(data) = data.cast_exact::<PyBytes>() else { return Ok(false) };
+    let data = data.as_bytes();
+    let zero = 0i32.into_pyobject(py)?;
+    let (Some(conn_lost), Some(buffer), Some(core), Some(address)) =
+        (&slots.conn_lost, &slots.buffer, &slots.core, &slots.address)
+    else {
+        return Ok(false);
+    };
+    if data.is_empty() || !conn_lost.is(&zero) || !buffer.len().is_ok_and(|n| n == 0) {
+        return Ok(false);
+    }
+    let me = core.cast::<DatagramCore>()?.get();
+    let addr = addr.filter(|a| !a.is_none());
+    let target = if me.connected {
+        // asyncio: a wrong address is an error (its message); the right one or none is sent.
+        if !address.is_none() && addr.as_ref().is_some_and(|a| !a.is(address)) {
+            return Ok(false);
+        }
+        None
+    } else {
+        match (address.is_none(), &addr) {
+            (true, Some(a)) => match me.resolve(a) {
+                Some(target) => Some(target.to_sys()),
+                None => return Ok(false),
+            },
+            _ => return Ok(false),
+        }
+    };
+    match sys::sendto(me.fd, data, target.as_ref()) {
+        Ok(_) => Ok(true),
+        Err(e) if sys::would_block(&e) => Ok(false),
+        Err(e) => {
+            let exc = py::os_err(e).into_value(py).into_bound(py);
+            py::call_method_fast(slots.protocol()?, intern!(py, "error_received"), &[exc.as_any()])?;
+            Ok(true)
+        }
+    }
+}
+
+const READ_DOC: &CStr = c"_read_ready($self, /)\n--\n\nRead one datagram and hand it to the protocol.";
+const SENDTO_DOC: &CStr =
+    c"sendto($self, /, data, addr=None)\n--\n\nSend data to addr (asyncio's DatagramTransport.sendto).";
+
+/// The `_read_ready` and `sendto` method descriptors for `cls` (the `DatagramTransport` class,
+/// whose `_core`, `_conn_lost`, `_protocol`, `_buffer` and `_address` are object slots; made
+/// once per process). `base_read_ready` and `base_sendto` are asyncio's functions, which the
+/// descriptors hand unusual calls to.
+#[pyfunction]
+pub fn datagram_methods<'py>(
+    cls: &Bound<'py, PyType>,
+    base_read_ready: Py<PyAny>,
+    base_sendto: Py<PyAny>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let py = cls.py();
+    let offsets = Offsets {
+        core: py::slot_offset(cls, intern!(py, "_core"))?,
+        conn_lost: py::slot_offset(cls, intern!(py, "_conn_lost"))?,
+        protocol: py::slot_offset(cls, intern!(py, "_protocol"))?,
+        buffer: py::slot_offset(cls, intern!(py, "_buffer"))?,
+        address: py::slot_offset(cls, intern!(py, "_address"))?,
+    };
+    if let Err(offsets) = OFFSETS.set(offsets) {
+        if OFFSETS.get() != Some(&offsets) {
+            return Err(PyRuntimeError::new_err("datagram_methods: made for another layout already"));
+        }
+    }
+    let _ = BASE.set(py, (base_read_ready, base_sendto));
+    let read = py::noargs_method(cls, c"_read_ready", READ_DOC, pyo3::get_trampoline_function!(noargs, read_ready))?;
+    let send = py::fastcall_method(
+        cls,
+        c"sendto",
+        SENDTO_DOC,
+        pyo3::get_trampoline_function!(fastcall_cfunction_with_keywords, sendto),
+    )?;
+    Ok((read, send))
+}

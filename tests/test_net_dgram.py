@@ -1,0 +1,330 @@
+"""UDP transports (``create_datagram_endpoint``): asyncio's behaviour, on both loops. On
+ferroloop, IPv4 / IPv6 endpoints get ``_transports.DatagramTransport``, asyncio's transport with
+its read and ``sendto`` paths in Rust; these tests hold it to asyncio's results. Loopback and
+Unix sockets only; every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import socket
+import sys
+import tempfile
+from asyncio import selector_events
+
+import pytest
+from conftest import run
+from test_net_sock import HAS_IPV6
+
+FAMILIES = [
+    pytest.param(socket.AF_INET, "127.0.0.1", id="ipv4"),
+    pytest.param(
+        socket.AF_INET6,
+        "::1",
+        id="ipv6",
+        marks=pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback on this machine"),
+    ),
+]
+
+
+class Collector(asyncio.DatagramProtocol):
+    """Queues what arrives: ("data", bytes, addr) and ("error", exc)."""
+
+    def __init__(self):
+        self.transport = None
+        self.queue = asyncio.Queue()
+        self.lost = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.queue.put_nowait(("data", data, addr))
+
+    def error_received(self, exc):
+        self.queue.put_nowait(("error", exc))
+
+    def connection_lost(self, exc):
+        self.lost = exc
+
+    async def get(self, timeout=5):
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+
+@pytest.mark.parametrize("family, host", FAMILIES)
+@pytest.mark.parametrize("connected", [True, False], ids=["connected", "unconnected"])
+def test_udp_echo_carries_every_datagram_in_order(loop, family, host, connected):
+    """3,000 datagrams of random sizes (0 to 60,000 bytes; asyncio before 3.13 does not send
+    empty ones, so they are left out there), up to 8 in flight: each comes back whole, in
+    order, from the server's address."""
+    rng = random.Random(7)
+    sizes = [
+        rng.choice((1, 2, 100, 1400, 9000, 60000, rng.randrange(1, 60001))) for _ in range(3000)
+    ]
+    if sys.version_info >= (3, 13):
+        sizes[10] = sizes[500] = 0
+    datagrams = [rng.randbytes(n) for n in sizes]
+
+    async def main():
+        server, _ = await loop.create_datagram_endpoint(Echo, local_addr=(host, 0))
+        saddr = server.get_extra_info("sockname")
+        if connected:
+            client, proto = await loop.create_datagram_endpoint(Collector, remote_addr=saddr[:2])
+        else:
+            client, proto = await loop.create_datagram_endpoint(Collector, local_addr=(host, 0))
+        got = []
+        try:
+            sent = 0
+            while len(got) < len(datagrams):
+                # At most 8 in flight and 64 KiB beyond the first: the receivers' socket
+                # buffers (about 200 KiB by default) must not overflow, or the kernel drops.
+                while sent < len(datagrams) and sent - len(got) < 8:
+                    if sent > len(got) and sum(sizes[len(got) : sent + 1]) > 65536:
+                        break
+                    if connected:
+                        client.sendto(datagrams[sent])
+                    else:
+                        client.sendto(datagrams[sent], saddr)
+                    sent += 1
+                kind, data, addr = await proto.get()
+                assert kind == "data"
+                assert addr == saddr
+                got.append(data)
+        finally:
+            client.close()
+            server.close()
+        return got
+
+    got = run(loop, main())
+    assert [len(d) for d in got] == sizes
+    assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(b"".join(datagrams)).digest()
+
+
+@pytest.mark.parametrize("family, host", FAMILIES)
+def test_datagram_addresses_are_pythons_forms(loop, family, host):
+    """The sender's address is what ``socket.recvfrom`` gives (a 4-tuple for IPv6), even after
+    ``sendto`` was given that peer as a shorter tuple; ``sendto`` takes either form."""
+
+    async def main():
+        a, pa = await loop.create_datagram_endpoint(Collector, local_addr=(host, 0))
+        b, pb = await loop.create_datagram_endpoint(Collector, local_addr=(host, 0))
+        aaddr = a.get_extra_info("sockname")
+        baddr = b.get_extra_info("sockname")
+        seen = []
+        try:
+            for short in (True, False, True):
+                b_as_given = (baddr[0], baddr[1]) if short else baddr
+                a.sendto(b"ping", b_as_given)
+                kind, data, addr = await pb.get()
+                assert (kind, data, addr) == ("data", b"ping", aaddr)
+                b.sendto(b"pong", addr)
+                kind, data, addr = await pa.get()
+                seen.append(addr)
+                assert (kind, data) == ("data", b"pong")
+        finally:
+            a.close()
+            b.close()
+        return seen, baddr
+
+    seen, baddr = run(loop, main())
+    assert seen == [baddr] * 3
+    assert all(type(x) is tuple and len(x) == (4 if family == socket.AF_INET6 else 2) for x in seen)
+
+
+def test_sendto_argument_checks_match_asyncio(loop, handler_calls):
+    """Bad data and addresses: asyncio's exceptions and messages, raised or (for what the
+    socket rejects) passed to the exception handler as a fatal write error."""
+
+    async def main():
+        server, _ = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+        saddr = server.get_extra_info("sockname")
+        conn, _ = await loop.create_datagram_endpoint(Collector, remote_addr=saddr)
+        out = []
+        for data in ("text", 12, None, [b"x"]):
+            with pytest.raises(TypeError) as info:
+                conn.sendto(data)
+            out.append(str(info.value))
+        with pytest.raises(ValueError) as info:
+            conn.sendto(b"x", ("127.0.0.1", saddr[1] + 1 if saddr[1] < 65535 else 1))
+        out.append(str(info.value))
+        with pytest.raises(TypeError):
+            conn.sendto(b"x", saddr, 0)
+        with pytest.raises(TypeError):
+            conn.sendto(b"x", address=saddr)
+        conn.close()
+        for addr in (None, ("127.0.0.1", 70000), ("127.0.0.1",)):
+            t, _ = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+            t.sendto(b"x", addr)
+            out.append(t.is_closing())
+            await asyncio.sleep(0)
+        server.close()
+        await asyncio.sleep(0.01)
+        return out
+
+    out = run(loop, main())
+    assert out[:4] == [
+        "data argument must be a bytes-like object, not 'str'",
+        "data argument must be a bytes-like object, not 'int'",
+        "data argument must be a bytes-like object, not 'NoneType'",
+        "data argument must be a bytes-like object, not 'list'",
+    ]
+    assert out[4].startswith("Invalid address: must be None or ('127.0.0.1', ")
+    assert out[5:] == [True, True, True]
+    errors = [(c["message"], type(c["exception"])) for c in handler_calls]
+    assert errors == [
+        ("Fatal write error on datagram transport", TypeError),
+        ("Fatal write error on datagram transport", OverflowError),
+        ("Fatal write error on datagram transport", TypeError),
+    ]
+
+
+def test_sendto_takes_any_bytes_like_and_keywords(loop):
+    async def main():
+        server, sp = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+        saddr = server.get_extra_info("sockname")
+        t, _ = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+        t.sendto(bytearray(b"one"), saddr)
+        t.sendto(memoryview(b"xtwox")[1:4], saddr)
+        t.sendto(data=b"three", addr=saddr)
+        t.sendto(b"four", addr=list(saddr) and saddr)
+        t.sendto(b"five", ("localhost", saddr[1]))
+        got = [(await sp.get())[1] for _ in range(5)]
+        t.close()
+        server.close()
+        return got
+
+    assert run(loop, main()) == [b"one", b"two", b"three", b"four", b"five"]
+
+
+def test_refused_datagrams_reach_error_received(loop):
+    """A connected UDP socket whose peer port is closed: the ICMP error comes back as
+    ConnectionRefusedError to ``error_received``, from a later send or from reading."""
+
+    async def main():
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()
+        probe.close()
+        t, p = await loop.create_datagram_endpoint(Collector, remote_addr=dead)
+        kinds = []
+        for _ in range(3):
+            t.sendto(b"anyone?")
+            try:
+                item = await p.get(timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
+            kinds.append((item[0], type(item[1])))
+        t.close()
+        return kinds
+
+    kinds = run(loop, main())
+    assert kinds and set(kinds) == {("error", ConnectionRefusedError)}
+
+
+def test_callback_errors_do_not_stop_the_transport(loop, handler_calls):
+    """An exception from ``datagram_received`` goes to the exception handler; the next datagram
+    is still delivered."""
+
+    class Flaky(Collector):
+        def datagram_received(self, data, addr):
+            if data == b"boom":
+                raise RuntimeError("boom")
+            super().datagram_received(data, addr)
+
+    async def main():
+        server, sp = await loop.create_datagram_endpoint(Flaky, local_addr=("127.0.0.1", 0))
+        saddr = server.get_extra_info("sockname")
+        t, _ = await loop.create_datagram_endpoint(Collector, remote_addr=saddr)
+        t.sendto(b"boom")
+        t.sendto(b"after")
+        item = await sp.get()
+        t.close()
+        server.close()
+        return item[1]
+
+    assert run(loop, main()) == b"after"
+    assert [type(c["exception"]) for c in handler_calls] == [RuntimeError]
+    assert "_read_ready" in handler_calls[0]["message"]
+
+
+def test_writes_after_close_are_counted_and_logged(loop, caplog):
+    """A connected transport closed: sendto() is dropped silently, and from the fifth on asyncio
+    logs 'socket.send() raised exception.'."""
+
+    async def main():
+        server, sp = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+        t, p = await loop.create_datagram_endpoint(
+            Collector, remote_addr=server.get_extra_info("sockname")
+        )
+        t.close()
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            for _ in range(7):
+                t.sendto(b"late")
+        await asyncio.sleep(0.01)
+        server.close()
+        return p.lost, sp.queue.qsize()
+
+    lost, queued = run(loop, main())
+    assert lost is None and queued == 0
+    assert [r.getMessage() for r in caplog.records] == ["socket.send() raised exception."] * 3
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="datagram pause_reading() is new in 3.11")
+def test_pause_reading_holds_datagrams_until_resumed(loop):
+    async def main():
+        server, sp = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+        t, _ = await loop.create_datagram_endpoint(
+            Collector, remote_addr=server.get_extra_info("sockname")
+        )
+        server.pause_reading()
+        for i in range(3):
+            t.sendto(b"%d" % i)
+        await asyncio.sleep(0.05)
+        held = sp.queue.qsize()
+        server.resume_reading()
+        got = [(await sp.get())[1] for _ in range(3)]
+        t.close()
+        server.close()
+        return held, got
+
+    assert run(loop, main()) == (0, [b"0", b"1", b"2"])
+
+
+def test_transport_classes(loop, loop_kind):
+    """IPv4 endpoints are asyncio's selector datagram transport, or on ferroloop its subclass;
+    Unix datagram endpoints are asyncio's own class on both loops, and work."""
+
+    async def main():
+        t, _ = await loop.create_datagram_endpoint(Collector, local_addr=("127.0.0.1", 0))
+        with tempfile.TemporaryDirectory() as d:
+            a_path, b_path = os.path.join(d, "a"), os.path.join(d, "b")
+            ua, pa = await loop.create_datagram_endpoint(
+                Collector, family=socket.AF_UNIX, local_addr=a_path
+            )
+            ub, pb = await loop.create_datagram_endpoint(
+                Collector, family=socket.AF_UNIX, local_addr=b_path
+            )
+            ub.sendto(b"over unix", a_path)
+            item = await pa.get()
+            classes = type(t), type(ua)
+            for x in (t, ua, ub):
+                x.close()
+            await asyncio.sleep(0)
+        return classes, item
+
+    (inet_cls, unix_cls), item = run(loop, main())
+    assert item[:2] == ("data", b"over unix") and item[2].endswith("/b")
+    assert issubclass(inet_cls, selector_events._SelectorDatagramTransport)
+    assert unix_cls is selector_events._SelectorDatagramTransport
+    assert (inet_cls is selector_events._SelectorDatagramTransport) == (loop_kind == "asyncio")
