@@ -39,9 +39,6 @@ use super::stream::with_read_buf;
 use crate::py::{self, GilCell};
 use crate::sys::{self, PeerAddr};
 
-/// How many recent peers' address tuples a transport keeps.
-const ADDR_CACHE: usize = 8;
-
 /// Slot offsets in `DatagramTransport` instances.
 #[derive(PartialEq)]
 struct Offsets {
@@ -71,40 +68,82 @@ pub struct DatagramCore {
     peers: GilCell<Peers>,
 }
 
+/// Recent peers in a direct-mapped table (`PEER_SLOTS` slots, chosen by a hash of the
+/// address; allocated at the first datagram), so a server with many clients finds each in one
+/// probe, and a newcomer replaces only the peer in its slot.
 #[derive(Default)]
 struct Peers {
-    entries: Vec<Peer>,
-    next: usize,
+    slots: Vec<Option<Peer>>,
+    /// The slot last filled or found: `sendto` usually answers the datagram just read.
+    last: usize,
 }
 
 struct Peer {
     addr: InetAddr,
-    obj: Py<PyAny>,
-    /// `obj` is what Python's `recvfrom` gives for `addr` (made here), not a tuple `sendto`
-    /// was given (which may be shorter, as an IPv6 `(host, port)`): only such a tuple is
-    /// handed out again.
-    ours: bool,
+    /// The tuple Python's `recvfrom` gives for `addr`, made here and handed out again.
+    ours: Option<Py<PyAny>>,
+    /// A tuple `sendto` was given for `addr` (it may be another form: an IPv6 `(host, port)`),
+    /// recognised by identity; never handed out.
+    given: Option<Py<PyAny>>,
+}
+
+const PEER_SLOTS: usize = 64;
+
+fn slot_of(addr: &InetAddr) -> usize {
+    let h = match *addr {
+        InetAddr::V4(ip, port) => u64::from(u32::from_ne_bytes(ip)) ^ (u64::from(port) << 32),
+        InetAddr::V6(ip, port, _, scope) => {
+            let (hi, lo) = ip.split_at(8);
+            let word = |b: &[u8]| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8]));
+            word(hi) ^ word(lo).rotate_left(17) ^ (u64::from(port) << 40) ^ u64::from(scope)
+        }
+    };
+    (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % PEER_SLOTS
 }
 
 impl Peers {
-    fn by_addr(&self, addr: &InetAddr) -> Option<&Py<PyAny>> {
-        self.entries.iter().find(|p| p.ours && p.addr == *addr).map(|p| &p.obj)
+    fn by_addr(&mut self, addr: &InetAddr) -> Option<&Py<PyAny>> {
+        let i = slot_of(addr);
+        let peer = self.slots.get(i)?.as_ref().filter(|p| p.addr == *addr)?;
+        self.last = i;
+        peer.ours.as_ref()
     }
 
     fn by_object(&self, obj: *mut ffi::PyObject) -> Option<InetAddr> {
-        self.entries.iter().find(|p| p.obj.as_ptr() == obj).map(|p| p.addr)
+        fn holds(p: &Option<Peer>, obj: *mut ffi::PyObject) -> Option<InetAddr> {
+            let p = p.as_ref()?;
+            [&p.ours, &p.given].iter().any(|o| o.as_ref().is_some_and(|o| o.as_ptr() == obj)).then_some(p.addr)
+        }
+        if let Some(a) = self.slots.get(self.last).and_then(|p| holds(p, obj)) {
+            return Some(a);
+        }
+        self.slots.iter().find_map(|p| holds(p, obj))
     }
 
-    /// Keep a peer, in place of the oldest once full (returned, to be dropped by the caller
-    /// after its borrow ends: dropping may run Python code).
-    fn insert(&mut self, peer: Peer) -> Option<Peer> {
-        if self.entries.len() < ADDR_CACHE {
-            self.entries.push(peer);
-            return None;
+    /// Keep `obj` as `addr`'s tuple (`ours`: made here, else given to `sendto`). What it
+    /// replaces is returned, to be dropped by the caller after its borrow ends (dropping may
+    /// run Python code).
+    fn insert(&mut self, addr: InetAddr, obj: Py<PyAny>, ours: bool) -> Option<Peer> {
+        if self.slots.is_empty() {
+            self.slots.resize_with(PEER_SLOTS, || None);
         }
-        let i = self.next;
-        self.next = (i + 1) % ADDR_CACHE;
-        Some(std::mem::replace(&mut self.entries[i], peer))
+        let i = slot_of(&addr);
+        self.last = i;
+        let slot = &mut self.slots[i];
+        match slot {
+            Some(p) if p.addr == addr => {
+                let old = if ours { p.ours.replace(obj) } else { p.given.replace(obj) };
+                old.map(|o| Peer { addr, ours: Some(o), given: None })
+            }
+            _ => {
+                let (ours, given) = if ours { (Some(obj), None) } else { (None, Some(obj)) };
+                slot.replace(Peer { addr, ours, given })
+            }
+        }
+    }
+
+    fn objects(&self) -> impl Iterator<Item = &Py<PyAny>> {
+        self.slots.iter().flatten().flat_map(|p| p.ours.iter().chain(p.given.iter()))
     }
 }
 
@@ -115,11 +154,11 @@ impl DatagramCore {
         let Some(addr) = InetAddr::from_sys(&addr) else {
             return Ok(py.None().into_bound(py));
         };
-        if let Some(obj) = self.peers.borrow(py).by_addr(&addr) {
+        if let Some(obj) = self.peers.borrow_mut(py).by_addr(&addr) {
             return Ok(obj.bind(py).clone());
         }
         let obj = addr.to_py(py)?;
-        let old = self.peers.borrow_mut(py).insert(Peer { addr, obj: obj.clone().unbind(), ours: true });
+        let old = self.peers.borrow_mut(py).insert(addr, obj.clone().unbind(), true);
         drop(old);
         Ok(obj)
     }
@@ -156,7 +195,7 @@ impl DatagramCore {
             let ip: Ipv4Addr = host.parse().ok()?;
             InetAddr::V4(ip.octets(), port)
         };
-        let old = self.peers.borrow_mut(py).insert(Peer { addr: a, obj: addr.clone().unbind(), ours: false });
+        let old = self.peers.borrow_mut(py).insert(a, addr.clone().unbind(), false);
         drop(old);
         Some(a)
     }
@@ -171,8 +210,8 @@ impl DatagramCore {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         if let Some(peers) = self.peers.try_borrow_unguarded() {
-            for peer in &peers.entries {
-                visit.call(&peer.obj)?;
+            for obj in peers.objects() {
+                visit.call(obj)?;
             }
         }
         Ok(())
@@ -181,7 +220,7 @@ impl DatagramCore {
     fn __clear__(&self) {
         // SAFETY: tp_clear runs with the GIL held.
         let py = unsafe { Python::assume_attached() };
-        let old = std::mem::take(&mut self.peers.borrow_mut(py).entries);
+        let old = std::mem::take(&mut self.peers.borrow_mut(py).slots);
         drop(old);
     }
 }
