@@ -25,16 +25,124 @@ pub struct Config {
     pub server_pid: Option<i32>,
     pub verify_every: u64,
     pub stall: Duration,
+    /// UDP only: a request unanswered this long is sent again (the datagram may be lost).
+    pub resend: Duration,
 }
 
-const PATTERN_PERIOD: usize = 251; // pattern[i] = i % 251
-const OFFSETS: usize = 241; // request windows start at 0..241, all distinct mod 251
+pub const PATTERN_PERIOD: usize = 251; // pattern[i] = i % 251
+pub const OFFSETS: usize = 241; // request windows start at 0..241, all distinct mod 251
 
 #[derive(Clone, Copy, PartialEq)]
-enum Phase {
+pub enum Phase {
     Warmup,
     Measure,
     Drain,
+}
+
+/// The measurement window, shared with the UDP client (`udp.rs`): a warm-up, then `duration`
+/// measured, then a drain in which every connection completes the request it has out. The
+/// server's CPU clock (`--server-pid`) and this process's are read at the measured window's
+/// two ends.
+pub struct Window {
+    pub phase: Phase,
+    server_clock: Option<CpuClock>,
+    my_clock: CpuClock,
+    warmup: Duration,
+    duration: Duration,
+    start: Instant,
+    t_measure: Instant,
+    t_end: Instant,
+    srv: (u64, u64),
+    me: (u64, u64),
+}
+
+impl Window {
+    /// Opens the server's CPU clock now, so a bad `--server-pid` fails before any load.
+    pub fn new(cfg: &Config) -> Result<Window, String> {
+        let server_clock = match cfg.server_pid {
+            Some(pid) => Some(CpuClock::of_process(pid).map_err(|e| format!("CPU clock of server {pid}: {e}"))?),
+            None => None,
+        };
+        let now = Instant::now();
+        Ok(Window {
+            phase: Phase::Warmup,
+            server_clock,
+            my_clock: CpuClock::this_process(),
+            warmup: cfg.warmup,
+            duration: cfg.duration,
+            start: now,
+            t_measure: now,
+            t_end: now,
+            srv: (0, 0),
+            me: (0, 0),
+        })
+    }
+
+    /// Starts the warm-up (once the connections are open).
+    pub fn begin(&mut self) {
+        self.start = Instant::now();
+    }
+
+    fn read_cpu(&self) -> Result<(u64, u64), String> {
+        let srv = match self.server_clock {
+            Some(c) => c.now_ns().map_err(|e| format!("server CPU clock: {e}"))?,
+            None => 0,
+        };
+        Ok((srv, self.my_clock.now_ns().unwrap_or(0)))
+    }
+
+    /// Moves to the next phase when its time has come; returns the phase entered, if any.
+    pub fn advance(&mut self, now: Instant) -> Result<Option<Phase>, String> {
+        match self.phase {
+            Phase::Warmup if now >= self.start + self.warmup => {
+                (self.srv.0, self.me.0) = self.read_cpu()?;
+                self.t_measure = Instant::now();
+                self.phase = Phase::Measure;
+            }
+            Phase::Measure if now >= self.t_measure + self.duration => {
+                (self.srv.1, self.me.1) = self.read_cpu()?;
+                self.t_end = Instant::now();
+                self.phase = Phase::Drain;
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(self.phase))
+    }
+
+    /// The result: `completed` requests in the measured window, with their latencies (ns).
+    pub fn report(&self, cfg: &Config, completed: u64, lat_ns: &mut [u64], verified: u64) -> Result<Json, String> {
+        let wall = self.t_end.duration_since(self.t_measure).as_secs_f64();
+        let n = completed;
+        if n == 0 {
+            return Err("no request completed in the measured window".into());
+        }
+        lat_ns.sort_unstable();
+        let us = |ns: u64| ns as f64 / 1e3;
+        let mean_ns = lat_ns.iter().sum::<u64>() as f64 / lat_ns.len() as f64;
+        let me = (self.me.1 - self.me.0) as f64 / 1e9;
+        let mut out = Json::new();
+        out.bool("ok", true)
+            .str("mode", "echo")
+            .int("conns", cfg.conns as u64)
+            .int("size", cfg.size as u64)
+            .int("requests", n)
+            .num("wall_s", wall)
+            .num("req_per_s", n as f64 / wall)
+            .num("p50_us", us(percentile(lat_ns, 0.50)))
+            .num("p99_us", us(percentile(lat_ns, 0.99)))
+            .num("mean_us", mean_ns / 1e3)
+            .num("max_us", us(*lat_ns.last().unwrap_or(&0)))
+            .int("verified_full", verified)
+            .num("client_cpu_s", me)
+            .num("client_busy", me / wall);
+        if self.server_clock.is_some() {
+            let cpu = (self.srv.1 - self.srv.0) as f64 / 1e9;
+            out.num("server_cpu_s", cpu)
+                .num("server_cpu_us_per_req", cpu * 1e6 / n as f64)
+                .num("server_busy", cpu / wall);
+        }
+        Ok(out)
+    }
 }
 
 struct Conn {
@@ -62,11 +170,7 @@ pub fn run(cfg: &Config) -> Result<Json, String> {
         return Err("--size and --conns must be > 0".into());
     }
     let pattern: Vec<u8> = (0..size + OFFSETS).map(|i| (i % PATTERN_PERIOD) as u8).collect();
-    let server_clock = match cfg.server_pid {
-        Some(pid) => Some(CpuClock::of_process(pid).map_err(|e| format!("CPU clock of server {pid}: {e}"))?),
-        None => None,
-    };
-    let my_clock = CpuClock::this_process();
+    let mut win = Window::new(cfg)?;
 
     let ep = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut conns = Vec::with_capacity(cfg.conns);
@@ -87,31 +191,21 @@ pub fn run(cfg: &Config) -> Result<Json, String> {
     }
 
     let mut stats = Stats { responses: 0, completed: 0, lat_ns: Vec::with_capacity(1 << 16), verified: 0 };
-    let mut phase = Phase::Warmup;
-    let start = Instant::now();
-    let mut t_measure = start;
-    let mut t_end = start;
-    let (mut srv0, mut srv1, mut me0, mut me1) = (0u64, 0u64, 0u64, 0u64);
-    let read_cpu = |c: Option<CpuClock>| -> Result<u64, String> {
-        match c {
-            Some(c) => c.now_ns().map_err(|e| format!("server CPU clock: {e}")),
-            None => Ok(0),
-        }
-    };
+    win.begin();
     let mut evbuf = sys::event_buffer(256);
     let mut events = Vec::with_capacity(256);
     let mut last_progress = Instant::now();
     let mut done_conns = 0usize;
 
     // kick off: the first request of every connection
-    let ctx = Ctx { size, pattern: &pattern, phase, verify_every: cfg.verify_every };
+    let ctx = Ctx { size, pattern: &pattern, phase: win.phase, verify_every: cfg.verify_every };
     for (i, c) in conns.iter_mut().enumerate() {
         pump(i, c, &ctx, &mut stats, &ep, false)?;
     }
 
     loop {
         ep.wait(&mut evbuf, &mut events, Duration::from_millis(5)).map_err(|e| format!("epoll_wait: {e}"))?;
-        let ctx = Ctx { size, pattern: &pattern, phase, verify_every: cfg.verify_every };
+        let ctx = Ctx { size, pattern: &pattern, phase: win.phase, verify_every: cfg.verify_every };
         let before = stats.responses;
         for &(token, ev) in &events {
             let i = token as usize;
@@ -128,24 +222,16 @@ pub fn run(cfg: &Config) -> Result<Json, String> {
         if stats.responses != before {
             last_progress = now;
         }
-        match phase {
-            Phase::Warmup if now >= start + cfg.warmup => {
-                srv0 = read_cpu(server_clock)?;
-                me0 = my_clock.now_ns().unwrap_or(0);
-                t_measure = Instant::now();
+        match win.advance(now)? {
+            Some(Phase::Measure) => {
                 stats.completed = 0;
                 stats.lat_ns.clear();
-                phase = Phase::Measure;
             }
-            Phase::Measure if now >= t_measure + cfg.duration => {
-                srv1 = read_cpu(server_clock)?;
-                me1 = my_clock.now_ns().unwrap_or(0);
-                t_end = Instant::now();
-                phase = Phase::Drain;
-                last_progress = t_end;
-            }
-            Phase::Drain if done_conns == conns.len() => break,
+            Some(Phase::Drain) => last_progress = Instant::now(),
             _ => {}
+        }
+        if win.phase == Phase::Drain && done_conns == conns.len() {
+            break;
         }
         if now.duration_since(last_progress) > cfg.stall {
             let waiting: Vec<String> = conns
@@ -176,34 +262,7 @@ pub fn run(cfg: &Config) -> Result<Json, String> {
         }
     }
 
-    let wall = t_end.duration_since(t_measure).as_secs_f64();
-    let n = stats.completed;
-    if n == 0 {
-        return Err("no request completed in the measured window".into());
-    }
-    stats.lat_ns.sort_unstable();
-    let us = |ns: u64| ns as f64 / 1e3;
-    let mean_ns = stats.lat_ns.iter().sum::<u64>() as f64 / stats.lat_ns.len() as f64;
-    let mut out = Json::new();
-    out.bool("ok", true)
-        .str("mode", "echo")
-        .int("conns", cfg.conns as u64)
-        .int("size", size as u64)
-        .int("requests", n)
-        .num("wall_s", wall)
-        .num("req_per_s", n as f64 / wall)
-        .num("p50_us", us(percentile(&stats.lat_ns, 0.50)))
-        .num("p99_us", us(percentile(&stats.lat_ns, 0.99)))
-        .num("mean_us", mean_ns / 1e3)
-        .num("max_us", us(*stats.lat_ns.last().unwrap_or(&0)))
-        .int("verified_full", stats.verified)
-        .num("client_cpu_s", (me1 - me0) as f64 / 1e9)
-        .num("client_busy", (me1 - me0) as f64 / 1e9 / wall);
-    if server_clock.is_some() {
-        let cpu = (srv1 - srv0) as f64 / 1e9;
-        out.num("server_cpu_s", cpu).num("server_cpu_us_per_req", cpu * 1e6 / n as f64).num("server_busy", cpu / wall);
-    }
-    Ok(out)
+    win.report(cfg, stats.completed, &mut stats.lat_ns, stats.verified)
 }
 
 struct Ctx<'a> {

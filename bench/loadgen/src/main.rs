@@ -1,17 +1,21 @@
 //! ferroloop's benchmark load generator (bench/ only).
 //!
 //! ```text
-//! loadgen echo  (--tcp HOST:PORT | --unix PATH) [--conns 10] [--size 1024] [--duration 1]
-//!               [--warmup 0.2] [--server-pid PID] [--verify-every 16] [--stall 5]
-//! loadgen serve (--tcp HOST:PORT | --unix PATH) [--max-seconds 600]
+//! loadgen echo  (--tcp HOST:PORT | --unix PATH | --udp HOST:PORT) [--conns 10] [--size 1024]
+//!               [--duration 1] [--warmup 0.2] [--server-pid PID] [--verify-every 16] [--stall 5]
+//!               [--resend 0.2]
+//! loadgen serve (--tcp HOST:PORT | --unix PATH | --udp HOST:PORT) [--max-seconds 600]
 //! loadgen idle  (--tcp HOST:PORT | --unix PATH) [--conns 10000] [--window 64] [--hold 120]
 //!               [--stall 10]
 //! ```
 //!
 //! `echo` runs a closed-loop echo load and prints one JSON object: requests/s, latency
 //! percentiles and, with `--server-pid`, the server's CPU time per request over the measured
-//! window (read from the server's process CPU-time clock, all threads, user + system).
-//! `serve` is the floor echo server: prints `{"ready": true, "port": P, ...}` once listening.
+//! window (read from the server's process CPU-time clock, all threads, user + system). With
+//! `--udp`, one connected UDP socket per connection, each with one datagram out at a time,
+//! resent after `--resend` seconds without an echo (`udp.rs`).
+//! `serve` is the floor echo server: prints `{"ready": true, "port": P, ...}` once listening
+//! (with `--udp`, once bound).
 //! `idle` holds N served connections open; prints a ready line, waits for stdin to close.
 //! Errors: `{"ok": false, "error": "..."}` and exit status 1.
 
@@ -20,6 +24,7 @@ mod idle;
 mod net;
 mod serve;
 mod sys;
+mod udp;
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -97,10 +102,11 @@ pub fn percentile(sorted: &[u64], q: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-const USAGE: &str = "usage: loadgen echo|serve|idle (--tcp HOST:PORT | --unix PATH) [options]
+const USAGE: &str = "usage: loadgen echo|serve|idle (--tcp HOST:PORT | --unix PATH | --udp HOST:PORT) [options]
   echo:  --conns N (10) --size BYTES (1024) --duration S (1) --warmup S (0.2)
-         --server-pid PID --verify-every K (16) --stall S (5)
+         --server-pid PID --verify-every K (16) --stall S (5) --resend S (0.2, --udp only)
   serve: --max-seconds S (600)
+  (idle: --tcp or --unix only)
   idle:  --conns N (10000) --window N (64) --hold S (120) --stall S (10)";
 
 struct Args {
@@ -138,10 +144,11 @@ impl Args {
     }
 
     fn addr(&self) -> Result<Addr, String> {
-        match (self.get("tcp"), self.get("unix")) {
-            (Some(t), None) => Addr::tcp(t),
-            (None, Some(u)) => Ok(Addr::Unix(u.into())),
-            _ => Err("give exactly one of --tcp HOST:PORT and --unix PATH".into()),
+        match (self.get("tcp"), self.get("unix"), self.get("udp")) {
+            (Some(t), None, None) => Addr::tcp(t),
+            (None, Some(u), None) => Ok(Addr::Unix(u.into())),
+            (None, None, Some(u)) => Addr::udp(u),
+            _ => Err("give exactly one of --tcp HOST:PORT, --unix PATH and --udp HOST:PORT".into()),
         }
     }
 
@@ -162,6 +169,7 @@ fn run() -> Result<Json, String> {
             args.check_known(&[
                 "tcp",
                 "unix",
+                "udp",
                 "conns",
                 "size",
                 "duration",
@@ -169,12 +177,13 @@ fn run() -> Result<Json, String> {
                 "server-pid",
                 "verify-every",
                 "stall",
+                "resend",
             ])?;
             let server_pid = match args.get("server-pid") {
                 None => None,
                 Some(_) => Some(args.num("server-pid", 0i32)?),
             };
-            echo::run(&echo::Config {
+            let cfg = echo::Config {
                 addr: args.addr()?,
                 conns: args.num("conns", 10)?,
                 size: args.num("size", 1024)?,
@@ -183,11 +192,21 @@ fn run() -> Result<Json, String> {
                 server_pid,
                 verify_every: args.num("verify-every", 16)?,
                 stall: args.secs("stall", 5.0)?,
-            })
+                resend: args.secs("resend", 0.2)?,
+            };
+            match cfg.addr {
+                Addr::Udp(_) => udp::echo(&cfg),
+                _ if args.get("resend").is_some() => Err("--resend is for --udp only".into()),
+                _ => echo::run(&cfg),
+            }
         }
         "serve" => {
-            args.check_known(&["tcp", "unix", "max-seconds"])?;
-            serve::run(&args.addr()?, args.secs("max-seconds", 600.0)?)
+            args.check_known(&["tcp", "unix", "udp", "max-seconds"])?;
+            let (addr, max) = (args.addr()?, args.secs("max-seconds", 600.0)?);
+            match addr {
+                Addr::Udp(_) => udp::serve(&addr, max),
+                _ => serve::run(&addr, max),
+            }
         }
         "idle" => {
             args.check_known(&["tcp", "unix", "conns", "window", "hold", "stall"])?;

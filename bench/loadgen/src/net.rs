@@ -1,4 +1,4 @@
-//! TCP or Unix stream sockets behind one type.
+//! TCP or Unix stream sockets behind one type, and the addresses (UDP ones too: `udp.rs`).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -10,6 +10,8 @@ use std::path::PathBuf;
 pub enum Addr {
     Tcp(SocketAddr),
     Unix(PathBuf),
+    /// A UDP address: served and loaded by `udp.rs`; not a stream.
+    Udp(SocketAddr),
 }
 
 impl Addr {
@@ -19,6 +21,17 @@ impl Addr {
             .next()
             .map(Addr::Tcp)
             .ok_or_else(|| format!("TCP address {spec:?} resolves to nothing"))
+    }
+
+    pub fn udp(spec: &str) -> Result<Addr, String> {
+        match Addr::tcp(spec) {
+            Ok(Addr::Tcp(a)) => Ok(Addr::Udp(a)),
+            _ => Err(format!("bad UDP address {spec:?}")),
+        }
+    }
+
+    fn not_a_stream() -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidInput, "a UDP address is not a stream")
     }
 
     pub fn connect(&self) -> io::Result<Stream> {
@@ -34,6 +47,7 @@ impl Addr {
                 s.set_nonblocking(true)?;
                 Ok(Stream::Unix(s))
             }
+            Addr::Udp(_) => Err(Addr::not_a_stream()),
         }
     }
 
@@ -44,6 +58,7 @@ impl Addr {
                 let _ = std::fs::remove_file(p);
                 Listener::Unix(UnixListener::bind(p)?)
             }
+            Addr::Udp(_) => return Err(Addr::not_a_stream()),
         };
         match &l {
             Listener::Tcp(t) => t.set_nonblocking(true)?,

@@ -1,5 +1,5 @@
 //! Thin wrappers over the few system calls std does not offer: epoll, CPU-time clocks of this
-//! and another process, RLIMIT_NOFILE, SO_LINGER.
+//! and another process, RLIMIT_NOFILE, SO_LINGER, SO_RCVBUF.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -134,6 +134,23 @@ pub fn linger_zero(fd: &impl AsRawFd) -> io::Result<()> {
             libc::SO_LINGER,
             (&lin as *const libc::linger).cast(),
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// SO_RCVBUF: asks for a receive buffer of `bytes` (the kernel doubles it, and caps the request
+/// at net.core.rmem_max).
+pub fn set_rcvbuf(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let v = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: `v` is a valid c_int of the size passed.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     })?;
     Ok(())
