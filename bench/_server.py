@@ -1,8 +1,9 @@
-"""One echo server in a fresh interpreter: ``_server.py LOOP STYLE (--tcp | --unix PATH)``.
+"""One echo server in a fresh interpreter: ``_server.py LOOP STYLE (--tcp | --unix PATH | --udp)``.
 
-Creates the loop, a listening socket (127.0.0.1 on a free port, or the Unix socket PATH),
-starts the echo STYLE of ``net.py`` on it (``sock``, ``streams`` or ``protocol``), prints one
-JSON line ``{"ready": true, "port": P, "pid": N}`` and serves until killed (or
+Creates the loop, a listening socket (127.0.0.1 on a free port, or the Unix socket PATH; with
+``--udp``, a UDP socket bound to 127.0.0.1 on a free port, SO_RCVBUF 1 MiB), starts the echo
+STYLE of ``net.py`` on it (``sock``, ``streams`` or ``protocol``; ``datagram`` for ``--udp``),
+prints one JSON line ``{"ready": true, "port": P, "pid": N}`` and serves until killed (or
 ``--max-seconds`` pass). If the loop cannot run the style (an API it lacks), it prints
 ``{"ok": false, "error": ...}`` instead and exits 1. Any error reported to the loop's exception
 handler while serving is fatal (exit 3, message on stderr), so a broken server fails the
@@ -35,7 +36,19 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: SO_RCVBUF of the UDP server socket, as loadgen's UDP floor sets it (bench/loadgen/src/udp.rs):
+#: with the default 208 KiB, ten 10 KiB datagrams queued for a descheduled server overflow it
+#: now and then, and each drop costs the load client a 200 ms resend wait
+UDP_RCVBUF = 1 << 20
+
+
 def listener(args) -> socket.socket:
+    if args.udp:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        return sock
     if args.unix:
         if os.path.exists(args.unix):
             os.unlink(args.unix)
@@ -72,8 +85,11 @@ def main() -> int:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--tcp", action="store_true", help="127.0.0.1, a free port")
     where.add_argument("--unix", metavar="PATH", help="a Unix socket at PATH")
+    where.add_argument("--udp", action="store_true", help="UDP on 127.0.0.1, a free port")
     p.add_argument("--max-seconds", type=float, default=600.0, help="exit after this long")
     args = p.parse_args()
+    if args.udp != (args.style in net.DATAGRAM_STYLES):
+        p.error(f"style {args.style} needs {'--udp' if not args.udp else '--tcp or --unix'}")
 
     raise_nofile()
     try:

@@ -1,10 +1,11 @@
-"""Network workloads, server side: echo servers in three styles and an ASGI app.
+"""Network workloads, server side: echo servers in four styles and an ASGI app.
 
 Each echo style is one coroutine function ``fn(loop, listener)`` that starts serving on
-``listener`` (a bound, listening, non-blocking TCP or Unix stream socket) with nothing but the
-public asyncio API, and returns once it serves. ``_server.py`` runs one of them in a fresh
+``listener`` (a bound, listening, non-blocking TCP or Unix stream socket; for ``datagram``, a
+bound non-blocking UDP socket) with nothing but the public asyncio API, and returns once it
+serves. ``_server.py`` runs one of them in a fresh
 process on the loop under test; the load comes from ``loadgen`` (bench/loadgen/), and
-``netbench.py`` drives both. Every style echoes each chunk it reads, as it reads it.
+``netbench.py`` drives both. Every style echoes each chunk (datagram) it reads, as it reads it.
 
 ``app`` is the raw ASGI app that ``uvicorn`` serves for the HTTP rows
 (``uvicorn net:app --app-dir bench``).
@@ -103,7 +104,36 @@ async def echo_protocol(loop, listener):
     return await loop.create_unix_server(EchoProtocol, sock=listener)
 
 
-STYLES = {"sock": echo_sock, "streams": echo_streams, "protocol": echo_protocol}
+class EchoDatagramProtocol(asyncio.DatagramProtocol):
+    """`datagram_received(data, addr)` -> `transport.sendto(data, addr)`."""
+
+    __slots__ = ("transport",)
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+    def connection_lost(self, exc):
+        self.transport = None
+
+
+async def echo_datagram(loop, sock):
+    """Datagram style (UDP): `loop.create_datagram_endpoint(sock=sock)` with a DatagramProtocol
+    whose `datagram_received` sends each datagram back to its sender. Returns the transport."""
+    transport, _ = await loop.create_datagram_endpoint(EchoDatagramProtocol, sock=sock)
+    return transport
+
+
+STYLES = {
+    "sock": echo_sock,
+    "streams": echo_streams,
+    "protocol": echo_protocol,
+    "datagram": echo_datagram,
+}
+#: the styles that serve a UDP socket (``_server.py --udp``); the others serve streams
+DATAGRAM_STYLES = {"datagram"}
 
 
 def _fatal_if_failed(task: asyncio.Task) -> None:
