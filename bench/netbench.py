@@ -1,19 +1,21 @@
 """Network workloads, driver side: echo servers, HTTP and idle connections, for ``run.py``.
 
 A *group* is what one fresh server process serves: one echo style over one transport (its rows
-are the message sizes), uvicorn (its rows are the connection counts) or the idle-connections
-server. Per round, after the loop microbenchmarks, ``run.py`` runs each group in rotating loop
-order. Echo groups go through ``run_echo_interleaved``: every loop's server up at once, plus
-loadgen's floor server as one more "loop", measured in turn, so each row's floor is taken over
-the same seconds as the loops it is compared with. The other groups go through ``run_group``,
-one fresh server per loop. Servers are pinned to one core and the load (``loadgen``, or
-``wrk`` for HTTP) to the other.
+are the message sizes; UDP has the datagram style only), uvicorn (its rows are the connection
+counts) or the idle-connections server. Per round, after the loop microbenchmarks, ``run.py``
+runs each group in rotating loop order. Echo groups go through ``run_echo_interleaved``: every
+loop's server up at once, plus loadgen's floor server as one more "loop", measured in turn, so
+each row's floor is taken over the same seconds as the loops it is compared with. The other
+groups go through ``run_group``, one fresh server per loop. Servers are pinned to one core and
+the load (``loadgen``, or ``wrk`` for HTTP) to the other.
 
 Measured per row:
 
 - echo: ``loadgen echo`` (10 connections, closed loop) reports requests/s, p50/p99 latency and
   the server's CPU time over the measured window, read from the server process's CPU-time
-  clock (all threads, user + system): **server CPU per request**, the headline figure.
+  clock (all threads, user + system): **server CPU per request**, the headline figure. Over
+  UDP (``loadgen echo --udp``) the 10 "connections" are 10 connected UDP sockets, each with one
+  datagram out at a time; those rows have no bar (informational).
 - http: ``wrk -t1`` against ``uvicorn net:app --http httptools --loop ...``: requests/s, p99,
   and server CPU per request (the server's CPU clock read around the wrk run).
 - idle: server RSS growth while ``loadgen idle`` holds N connections that each made one echo.
@@ -57,6 +59,9 @@ ECHO_CONNS = 10
 SIZES = [("1k", 1024), ("10k", 10 * 1024), ("100k", 100 * 1024)]
 STYLES = [("sock_*", "sock"), ("streams", "streams"), ("Protocol", "protocol")]
 TRANSPORTS = ["tcp", "unix"]
+#: UDP echo: the datagram style only, no bar (shown for information: "info")
+UDP_STYLE = ("DatagramProtocol", "datagram")
+UDP_SIZES = [("1k", 1024), ("10k", 10 * 1024)]
 HTTP_CONNS = [10, 100]
 HTTP_BAR = 1.10  # req/s ferroloop ÷ uvloop >= 1.10, and p99 no worse
 IDLE_PER = 10_000  # the idle-memory figure is RSS growth per this many connections
@@ -95,7 +100,7 @@ class Row:
     size: int = 0
     size_label: str = ""
     conns: int = 0
-    bar: float | None = None
+    bar: float | None = None  # None: informational, no verdict ("info")
     doc: str = ""
 
 
@@ -135,6 +140,27 @@ def plan(idle_conns: int) -> list[Group]:
                     )
                 )
             groups.append(g)
+    label, style = UDP_STYLE
+    g = Group(f"echo {label} udp", "echo", style=style, transport="udp")
+    for size_label, size in UDP_SIZES:
+        doc = (
+            f"{ECHO_CONNS} UDP sockets echo {size // 1024} KiB datagrams (one out per socket) over "
+            f"127.0.0.1 to a {label} server (create_datagram_endpoint); no bar"
+        )
+        g.rows.append(
+            Row(
+                name=f"echo {label} udp {size_label}",
+                kind="echo",
+                group=g.name,
+                style=style,
+                transport="udp",
+                size=size,
+                size_label=size_label,
+                conns=ECHO_CONNS,
+                doc=doc,
+            )
+        )
+    groups.append(g)
     g = Group("http", "http")
     for c in HTTP_CONNS:
         doc = f"uvicorn + httptools, raw ASGI app, wrk -t1 -c{c}"
@@ -452,17 +478,18 @@ def run_group(g: Group, loop: str, cfg: dict, tools: Tools) -> dict[str, dict]:
 def _start_echo_server(style: str, transport: str, loop: str, tools: Tools, path: str):
     """An echo server (the floor for loop == FLOOR); (server, loadgen address arguments)."""
     where = ["--unix", path] if transport == "unix" else None
+    inet = "--udp" if transport == "udp" else "--tcp"  # 127.0.0.1, a free port
     if loop == FLOOR:
-        argv = [tools.loadgen, "serve", *(where or ["--tcp", "127.0.0.1:0"])]
+        argv = [tools.loadgen, "serve", *(where or [inet, "127.0.0.1:0"])]
     else:
-        argv = [sys.executable, SERVER, loop, style, *(where or ["--tcp"])]
+        argv = [sys.executable, SERVER, loop, style, *(where or [inet])]
     srv = Server(argv + ["--max-seconds", "900"], tools.server_cpu, _env(loop))
     try:
         info = srv.ready_line(timeout=60)
     except NetError:
         srv.stop()
         raise
-    return srv, where or ["--tcp", f"127.0.0.1:{info['port']}"]
+    return srv, where or [inet, f"127.0.0.1:{info['port']}"]
 
 
 #: --full's echo windows are cut into slices of at most this many seconds, taken in turn
@@ -522,7 +549,8 @@ def merge(parts: list[dict]) -> dict:
     """One echo result from loadgen's slices: totals and rates over all of them; p50/p99 are
     the medians of the slices' (each slice has thousands of requests)."""
     out = dict(parts[0])
-    for key in ("requests", "wall_s", "client_cpu_s", "server_cpu_s", "verified_full"):
+    summed = ("requests", "wall_s", "client_cpu_s", "server_cpu_s", "verified_full")
+    for key in summed + ("resent", "late", "lost"):  # (the last three: UDP only)
         if all(key in p for p in parts):
             out[key] = sum(p[key] for p in parts)
     n, wall = out["requests"], out["wall_s"]
@@ -741,13 +769,23 @@ def summarize(rows: list[Row], runs: dict, loops: list[str], rounds: int) -> lis
             )
             if errors:
                 entry["errors"] = errors
+            lost = [
+                res["lost"]
+                for r in range(rounds)
+                if (res := runs.get(row.name, {}).get((loop, r))) and "lost" in res
+            ]
+            if lost:  # UDP: datagrams resent and never echoed, total over the rounds
+                entry["lost"] = sum(lost)
             s["loops"][loop] = entry
         if row.kind == "echo":
             s["ratio_cpu"], s["ratio_cpu_rounds"] = ratio(row.name, "cpu_us_per_req")
             s["ratio_rps"], _ = ratio(row.name, "req_per_s")
             s["above_floor"], s["above_floor_rounds"] = above_floor(row.name)
             r = s["ratio_cpu"]
-            s["result"] = "n/a" if r is None else ("PASS" if r <= row.bar else "MISS")
+            if row.bar is None:
+                s["result"] = "info"
+            else:
+                s["result"] = "n/a" if r is None else ("PASS" if r <= row.bar else "MISS")
         elif row.kind == "http":
             s["ratio_rps"], s["ratio_rps_rounds"] = ratio(row.name, "req_per_s")
             s["ratio_p99"], _ = ratio(row.name, "p99_us")
@@ -801,6 +839,18 @@ STARVED_NOTE = (
 )
 
 
+UDP_PREFIX = f"echo {UDP_STYLE[0]} udp"
+UDP_NOTE = (
+    f" `{UDP_PREFIX} …` rows: {ECHO_CONNS} connected UDP sockets instead of connections, one "
+    "datagram out on each (resent after 0.2 s without an echo; `lost` in the raw results), "
+    "server socket SO_RCVBUF 1 MiB; no bar."
+)
+
+
+def _bar(bar) -> str:
+    return "—" if bar is None else f"≤ {bar:.2f}×"
+
+
 def _num(x, spec) -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -831,7 +881,7 @@ def report(summaries: list[dict], loops: list[str], rounds: int, cfg: dict) -> s
         rows = [
             [s["workload"]]
             + [_num(s["loops"].get(lp, {}).get("cpu_us_per_req"), ".2f") for lp in cols]
-            + [_ratio(s["ratio_cpu"]), _range(s["ratio_cpu_rounds"]), f"≤ {s['bar']:.2f}×"]
+            + [_ratio(s["ratio_cpu"]), _range(s["ratio_cpu_rounds"]), _bar(s["bar"])]
             + [s["result"], _ratio(s["above_floor"]), _range(s["above_floor_rounds"])]
             for s in echo
         ]
@@ -842,9 +892,12 @@ def report(summaries: list[dict], loops: list[str], rounds: int, cfg: dict) -> s
             f"in turn in slices of at most {ECHO_SLICE} s; server pinned to one core, loadgen to "
             "the other. "
             "`floor`: loadgen's own epoll echo server, measured in turn with the loops. "
-            "Bar: ferro÷uvloop ≤ bar. `above floor`: (ferro − floor) ÷ (uvloop − floor) per "
-            "round, median and range: the loops' own cost with the kernel's taken out "
-            "(shown, not judged).\n\n"
+            "Bar: ferro÷uvloop ≤ bar (`—`: no bar, `info`: shown, not judged). "
+            "`above floor`: (ferro − floor) ÷ (uvloop − floor) per round, median and range: "
+            "the loops' own cost with the kernel's taken out "
+            "(shown, not judged)."
+            + (UDP_NOTE if any(s["workload"].startswith(UDP_PREFIX) for s in echo) else "")
+            + "\n\n"
             + _table(
                 ["workload", *cols, "ferro÷uvloop", "(rounds)", "bar", "result"]
                 + ["above floor", "(rounds)"],
@@ -867,10 +920,22 @@ def report(summaries: list[dict], loops: list[str], rounds: int, cfg: dict) -> s
             for s in echo
         ]
         starved = any(_starved(e, "echo") for s in echo for e in s["loops"].values())
+        lost = [
+            f"{lp} {s['workload']}: {e['lost']}"
+            for s in echo
+            for lp, e in s["loops"].items()
+            if e.get("lost")
+        ]
         parts.append(
             "### Echo servers: requests/s · latency p50 / p99, µs (higher / lower is better)\n\n"
             + _table(["workload", *cols, "req/s ferro÷uvloop"], rows, "l" + "r" * (len(cols) + 1))
             + ("\n\n" + STARVED_NOTE if starved else "")
+            + (
+                "\n\nUDP datagrams lost (resent after 0.2 s and never echoed; total over the "
+                "rounds): " + "; ".join(lost) + "."
+                if lost
+                else ""
+            )
         )
     if http:
         cols = [lp for lp in loops if lp in http[0]["loops"]]
@@ -954,7 +1019,7 @@ def chart_rows(summaries: list[dict]) -> list[dict]:
                 dict(
                     workload=f"{s['workload']} (CPU)",
                     ratio=speedup,
-                    bar=1 / s["bar"],
+                    bar=None if s["bar"] is None else 1 / s["bar"],
                     result=s["result"],
                 )
             )
