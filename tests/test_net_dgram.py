@@ -6,6 +6,7 @@ Unix sockets only; every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -328,3 +329,36 @@ def test_transport_classes(loop, loop_kind):
     assert issubclass(inet_cls, selector_events._SelectorDatagramTransport)
     assert unix_cls is selector_events._SelectorDatagramTransport
     assert (inet_cls is selector_events._SelectorDatagramTransport) == (loop_kind == "asyncio")
+
+
+def test_socket_closed_by_its_caller_is_not_used_through_a_reused_fd(loop):
+    """The caller closes the socket it gave to ``create_datagram_endpoint(sock=)`` and a new
+    socket gets the same fd number: ``sendto`` fails with EBADF (to ``error_received``), as
+    asyncio's does through the closed socket object; nothing leaves through the new socket."""
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setblocking(False)
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a.bind(("127.0.0.1", 0))
+    fd = a.fileno()
+
+    async def main():
+        t, p = await loop.create_datagram_endpoint(Collector, sock=a)
+        await asyncio.sleep(0.01)
+        a.close()
+        new = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        assert new.fileno() == fd  # the number is reused
+        t.sendto(b"from the closed socket", sink.getsockname())
+        item = await p.get()
+        t.abort()
+        await asyncio.sleep(0)
+        return new, item
+
+    new, item = run(loop, main())
+    new.close()
+    try:
+        assert item[0] == "error" and item[1].errno == errno.EBADF
+        with pytest.raises(BlockingIOError):
+            sink.recv(100)
+    finally:
+        sink.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import gc
 import hashlib
 import io
@@ -22,6 +23,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 import weakref
 
 import pytest
@@ -2782,3 +2784,140 @@ def test_tls_connection_runs_over_the_loops_stream_transport(loop, net, tls_cont
         assert under == [plain_type, plain_type], (under, plain_type)
 
     run(loop, main())
+
+
+# --- the caller's socket and direct socket access ------------------------------------------------
+
+
+def _recv_now(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1000)
+    except BlockingIOError:
+        return b""
+
+
+@pytest.mark.parametrize("side", ["write", "read"])
+def test_socket_closed_by_its_caller_is_not_used_through_a_reused_fd(loop, handler_calls, side):
+    """The caller closes the socket it gave to ``create_connection(sock=)`` and a new socket
+    gets the same fd number. asyncio's transport uses the socket object, so its calls fail
+    with EBADF (a fatal error, connection lost): it never writes to, or reads from, the new
+    socket."""
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    lost = []
+
+    class P(Recorder):
+        def connection_lost(self, exc):
+            lost.append(exc)
+
+    async def main():
+        t, p = await loop.create_connection(P, sock=a)
+        await asyncio.sleep(0.01)
+        a.close()
+        c, d = socket.socketpair()
+        assert fd in (c.fileno(), d.fileno())  # the number is reused
+        await asyncio.sleep(0.01)
+        if side == "write":
+            t.write(b"for the first peer only")
+        else:
+            t.pause_reading()
+            t.resume_reading()
+            (d if c.fileno() == fd else c).send(b"for the new socket only")
+        await asyncio.sleep(0.05)
+        t.abort()
+        await asyncio.sleep(0)
+        return c, d, p
+
+    c, d, p = run(loop, main())
+    try:
+        new_socket = c if c.fileno() == fd else d
+        other_end = d if new_socket is c else c
+        assert p.data == b""
+        if side == "write":
+            assert _recv_now(other_end) == b""
+        else:
+            assert _recv_now(new_socket) == b"for the new socket only"
+        assert _recv_now(b) == b""
+    finally:
+        for s in (b, c, d):
+            s.close()
+    # (asyncio reports an OSError's fatal error to the protocol only, not to the handler.)
+    assert [type(e) for e in lost] == [OSError] and lost[0].errno == errno.EBADF
+    assert handler_calls == []
+
+
+def test_write_then_shutdown_through_the_transport_socket(loop):
+    """``write()`` then ``get_extra_info('socket').shutdown(SHUT_WR)`` in one callback: the
+    data goes out before the EOF."""
+    a, b = socket.socketpair()
+
+    async def main():
+        t, p = await loop.create_connection(Recorder, sock=a)
+        t.write(b"payload before EOF")
+        t.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)
+        closing = t.is_closing()
+        t.close()
+        return closing
+
+    assert run(loop, main()) is False
+    b.settimeout(5)
+    got = b""
+    while chunk := b.recv(100):
+        got += chunk
+    b.close()
+    assert got == b"payload before EOF"
+
+
+def test_write_of_a_released_memoryview_raises(loop, tcp_net):
+    async def main():
+        t, p, srv = await tcp_net.connected()
+        view = memoryview(b"data")
+        view.release()
+        with pytest.raises(ValueError, match="released memoryview"):
+            t.write(view)
+        closing = t.is_closing()
+        t.write(b"still usable")
+        got = await srv.wait_bytes(len(b"still usable"))
+        t.close()
+        return closing, got
+
+    assert run(loop, main()) == (False, b"still usable")
+
+
+def test_write_buffer_limits_take_real_numbers(loop, tcp_net):
+    """asyncio takes any numbers with high >= low >= 0 (floats, ints past 64 bits)."""
+
+    async def main():
+        t, p, srv = await tcp_net.connected()
+        t.set_write_buffer_limits(high=1e6)
+        limits = t.get_write_buffer_limits()
+        t.set_write_buffer_limits(high=65536, low=1024.5)
+        t.set_write_buffer_limits(high=2**70, low=2**68)
+        t.write(b"x" * 100_000)
+        t.close()
+        return limits
+
+    assert run(loop, main()) == (250_000, 1_000_000)
+
+
+def test_write_after_the_loop_closed_keeps_nothing(loop_factory):
+    """The loop is closed while a transport is open: a write that cannot all be sent raises
+    'Event loop is closed' (registering the writer) and leaves nothing buffered."""
+    loop = loop_factory()
+    a, b = socket.socketpair()
+    try:
+        t, _ = loop.run_until_complete(loop.create_connection(asyncio.Protocol, sock=a))
+        loop.run_until_complete(asyncio.sleep(0.01))
+        loop.close()
+        with pytest.raises(RuntimeError, match="Event loop is closed"):
+            t.write(b"x" * (8 << 20))
+        assert t.get_write_buffer_size() == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)  # it cannot be closed any more
+            del t
+            gc.collect()
+    finally:
+        a.close()
+        b.close()

@@ -156,7 +156,7 @@ class StreamCore:
         cls,
         loop_: LoopCore,
         transport: Any,
-        fd: int,
+        sock: socket.socket,
         protocol: Any,
         buffered: bool,
         peer: SockAddr | None = None,
@@ -223,7 +223,9 @@ class DatagramCore:
     """The per-transport data of a UDP transport (`_transports.DatagramTransport`): fd,
     family, whether the socket is connected, `max_size`, and recent peers' addresses."""
 
-    def __new__(cls, fd: int, v6: bool, connected: bool, max_size: int) -> DatagramCore: ...
+    def __new__(
+        cls, sock: socket.socket, v6: bool, connected: bool, max_size: int
+    ) -> DatagramCore: ...
 
 def datagram_methods(
     cls: type, base_read_ready: Callable[..., Any], base_sendto: Callable[..., Any]

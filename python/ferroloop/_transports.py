@@ -16,6 +16,7 @@ they were not sent yet (buffer size, close, abort, ``write_eof``, limits, sendfi
 
 from __future__ import annotations
 
+import math
 import socket
 import warnings
 from asyncio import (
@@ -40,6 +41,30 @@ _OWN_WRITELINES = "writelines" in vars(selector_events._SelectorSocketTransport)
 _SERVER_TRACKS_TRANSPORTS = "transport" in base_events.Server._attach.__code__.co_varnames
 
 _LOW_WATER = 16 * 1024
+
+
+_MAX_LIMIT = 2**63 - 1
+
+
+def _byte_limit(value):
+    return min(math.floor(value), _MAX_LIMIT)
+
+
+class _TransportSocket(trsock.TransportSocket):
+    """asyncio's ``TransportSocket`` (``get_extra_info('socket')``) whose ``shutdown()`` first
+    sends the writes the transport holds until the running callback returns (corked): asyncio
+    has sent them already, so a ``write()`` then ``shutdown(SHUT_WR)`` delivers the data, then
+    EOF."""
+
+    __slots__ = ("_transport_core",)
+
+    def __init__(self, sock, core):
+        super().__init__(sock)
+        self._transport_core = core
+
+    def shutdown(self, how):
+        self._transport_core.flush_corked()
+        super().shutdown(how)
 
 
 class StreamTransport(transports._FlowControlMixin):
@@ -78,7 +103,7 @@ class StreamTransport(transports._FlowControlMixin):
         self._core = _ferroloop.StreamCore(
             loop,
             self,
-            sock.fileno(),
+            sock,
             protocol,
             isinstance(protocol, protocols.BufferedProtocol),
             peer,
@@ -88,7 +113,7 @@ class StreamTransport(transports._FlowControlMixin):
             # the core keeps sockname and peername as plain data.
             self._extra = None
         else:
-            self._extra["socket"] = trsock.TransportSocket(sock)
+            self._extra["socket"] = _TransportSocket(sock, self._core)
             try:
                 self._extra["sockname"] = sock.getsockname()
             except OSError:
@@ -123,7 +148,7 @@ class StreamTransport(transports._FlowControlMixin):
         # Lazy extras (an IPv4 / IPv6 socket made without `extra`): asyncio's values, made on
         # first request and then kept, so each request returns the same object.
         if name == "socket":
-            value = trsock.TransportSocket(self._sock)
+            value = _TransportSocket(self._sock, self._core)
         elif name == "sockname":
             value = self._core.sockname
         elif name == "peername":
@@ -257,7 +282,9 @@ class StreamTransport(transports._FlowControlMixin):
         if not high >= low >= 0:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         self._core.flush_corked()
-        self._core.set_write_buffer_limits(high, low)
+        # asyncio keeps any real numbers; against whole byte counts, their floors (capped at
+        # the core's largest size) compare the same way.
+        self._core.set_write_buffer_limits(_byte_limit(high), _byte_limit(low))
         self._maybe_pause_protocol()
 
     def _maybe_pause_protocol(self):
@@ -417,7 +444,7 @@ class DatagramTransport(selector_events._SelectorDatagramTransport):
     def __init__(self, loop, sock, protocol, address=None, waiter=None, extra=None):
         super().__init__(loop, sock, protocol, address, waiter, extra)
         self._core = _ferroloop.DatagramCore(
-            self._sock_fd,
+            sock,
             sock.family == socket.AF_INET6,
             bool(self._extra["peername"]),
             self.max_size,

@@ -263,6 +263,82 @@ pub unsafe fn read_slot(obj: *mut ffi::PyObject, offset: isize) -> *mut ffi::PyO
     unsafe { *obj.cast::<u8>().offset(offset).cast::<*mut ffi::PyObject>() }
 }
 
+/// A socket object a transport uses, and the fd it held when the transport took it.
+///
+/// The transport's system calls go to `fd` only while the socket object still holds it: a
+/// caller who closes (or detaches) the socket it passed in leaves the object with fd -1, and the
+/// fd number may soon name an unrelated socket. asyncio's transport calls the socket object's
+/// methods, which then fail with EBADF; `get` gives -1 then, so our calls fail the same way.
+pub struct SockFd {
+    fd: std::os::fd::RawFd,
+    sock: Py<PyAny>,
+    /// `sock` is a `_socket.socket` whose fd is read in place (`SOCKET_FD_OFFSET`); otherwise
+    /// its `fileno()` is asked.
+    direct: bool,
+}
+
+/// The offset of `sock_fd` in CPython's socket objects, and their type, checked once on live
+/// sockets (`None`: the layout is not the one expected, and `fileno()` is asked instead).
+static SOCKET_FD_LAYOUT: PyOnceLock<Option<(usize, isize)>> = PyOnceLock::new();
+
+fn socket_fd_layout(py: Python<'_>) -> Option<(usize, isize)> {
+    *SOCKET_FD_LAYOUT.get_or_init(py, || {
+        let probe = || -> PyResult<Option<(usize, isize)>> {
+            let ty = py.import("_socket")?.getattr("socket")?;
+            let pair = py.import("socket")?.call_method0("socketpair")?;
+            let (a, b): (Bound<'_, PyAny>, Bound<'_, PyAny>) = pair.extract()?;
+            let offset = std::mem::size_of::<ffi::PyObject>() as isize;
+            // SAFETY: `a` and `b` are live `socket.socket` objects (a subclass of
+            // `_socket.socket`, whose C struct starts with the object header and then the
+            // `int` fd); the read stays inside that struct.
+            let read =
+                |s: &Bound<'_, PyAny>| unsafe { *s.as_ptr().cast::<u8>().offset(offset).cast::<std::ffi::c_int>() };
+            let fa: std::ffi::c_int = a.call_method0("fileno")?.extract()?;
+            let fb: std::ffi::c_int = b.call_method0("fileno")?.extract()?;
+            let open_ok = read(&a) == fa && read(&b) == fb && fa != fb;
+            a.call_method0("close")?;
+            let closed_ok = read(&a) == -1;
+            b.call_method0("close")?;
+            Ok((open_ok && closed_ok).then(|| (ty.as_ptr() as usize, offset)))
+        };
+        probe().ok().flatten()
+    })
+}
+
+impl SockFd {
+    pub fn new(sock: &Bound<'_, PyAny>, fd: std::os::fd::RawFd) -> Self {
+        let direct = socket_fd_layout(sock.py()).is_some_and(|(ty, _)| {
+            // SAFETY: `ty` is the `_socket.socket` type object (kept alive by the `_socket`
+            // module, which is never unloaded); `sock` is a live object.
+            unsafe { ffi::PyObject_TypeCheck(sock.as_ptr(), ty as *mut ffi::PyTypeObject) != 0 }
+        });
+        Self { fd, sock: sock.clone().unbind(), direct }
+    }
+
+    /// The fd for a system call: the transport's fd while the socket object still holds it,
+    /// else -1.
+    #[inline]
+    pub fn get(&self, py: Python<'_>) -> std::os::fd::RawFd {
+        let now = match (self.direct, socket_fd_layout(py)) {
+            (true, Some((_, offset))) => {
+                // SAFETY: `sock` is a `_socket.socket` instance (checked in `new`), alive while
+                // we hold it; `offset` is its `int` fd field (checked by `socket_fd_layout`).
+                unsafe { *self.sock.as_ptr().cast::<u8>().offset(offset).cast::<std::ffi::c_int>() }
+            }
+            _ => self.sock.bind(py).call_method0("fileno").and_then(|f| f.extract()).unwrap_or(-1),
+        };
+        if now == self.fd {
+            self.fd
+        } else {
+            -1
+        }
+    }
+
+    pub fn sock(&self) -> &Py<PyAny> {
+        &self.sock
+    }
+}
+
 /// `contextvars.copy_context()` without the Python call.
 pub fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an exception set.

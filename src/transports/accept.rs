@@ -25,7 +25,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 use pyo3::{ffi, intern, PyTraverseError};
 
 use crate::event_loop::LoopCore;
-use crate::py;
+use crate::py::{self, SockFd};
 use crate::reactor::Which;
 use crate::sys::{self, PeerAddr};
 use crate::transports::addr::{InetAddr, SockAddr};
@@ -33,7 +33,8 @@ use crate::transports::addr::{InetAddr, SockAddr};
 #[pyclass(frozen, module = "ferroloop._ferroloop")]
 pub struct Acceptor {
     loop_: Py<LoopCore>,
-    sock: Py<PyAny>,
+    /// The listening socket (accepts go to `fd` only while it still holds it: `SockFd`).
+    sock: SockFd,
     fd: RawFd,
     /// `(sock.family, sock.type, sock.proto)`: what Python's `accept()` gives the new socket.
     kind: Py<PyTuple>,
@@ -66,7 +67,7 @@ impl Acceptor {
             py,
             Self {
                 loop_: loop_.clone().unbind(),
-                sock: sock.clone().unbind(),
+                sock: SockFd::new(sock, fd),
                 fd,
                 kind: kind.unbind(),
                 protocol_factory: protocol_factory.clone().unbind(),
@@ -150,7 +151,7 @@ pub(crate) fn run(slf: &Bound<'_, Acceptor>) -> PyResult<()> {
     let py = slf.py();
     let me = slf.get();
     for _ in 0..me.backlog {
-        match sys::accept(me.fd) {
+        match sys::accept(me.sock.get(py)) {
             Ok((conn_fd, addr)) => {
                 if let Err(e) = accept_one(slf, conn_fd, addr) {
                     report(slf, e)?;
@@ -165,7 +166,7 @@ pub(crate) fn run(slf: &Bound<'_, Acceptor>) -> PyResult<()> {
             {
                 let args = (
                     py::os_err(e).into_value(py),
-                    me.sock.bind(py),
+                    me.sock.sock().bind(py),
                     me.protocol_factory.bind(py),
                     me.server.bind(py),
                     me.backlog,
@@ -195,7 +196,7 @@ impl Acceptor {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.loop_)?;
-        visit.call(&self.sock)?;
+        visit.call(self.sock.sock())?;
         visit.call(&self.kind)?;
         visit.call(&self.protocol_factory)?;
         visit.call(&self.server)?;

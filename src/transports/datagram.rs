@@ -36,7 +36,7 @@ use pyo3::{ffi, intern, PyTraverseError};
 
 use super::addr::InetAddr;
 use super::stream::with_read_buf;
-use crate::py::{self, GilCell};
+use crate::py::{self, GilCell, SockFd};
 use crate::sys::{self, PeerAddr};
 
 /// Slot offsets in `DatagramTransport` instances.
@@ -58,7 +58,8 @@ static BASE: PyOnceLock<(Py<PyAny>, Py<PyAny>)> = PyOnceLock::new();
 /// The per-transport data of a `DatagramTransport`.
 #[pyclass(frozen, module = "ferroloop._ferroloop")]
 pub struct DatagramCore {
-    fd: RawFd,
+    /// The socket: system calls use its fd only while it still holds it (`SockFd`).
+    sock: SockFd,
     v6: bool,
     /// The socket has a peer (asyncio's `self._extra['peername']`): datagrams go out with
     /// `send`, whatever address `sendto` is given.
@@ -204,12 +205,14 @@ impl DatagramCore {
 #[pymethods]
 impl DatagramCore {
     #[new]
-    fn py_new(fd: RawFd, v6: bool, connected: bool, max_size: usize) -> Self {
-        Self { fd, v6, connected, max_size, peers: GilCell::new(Peers::default()) }
+    fn py_new(sock: &Bound<'_, PyAny>, v6: bool, connected: bool, max_size: usize) -> PyResult<Self> {
+        let fd: RawFd = sock.call_method0(intern!(sock.py(), "fileno"))?.extract()?;
+        Ok(Self { sock: SockFd::new(sock, fd), v6, connected, max_size, peers: GilCell::new(Peers::default()) })
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         if let Some(peers) = self.peers.try_borrow_unguarded() {
+            visit.call(self.sock.sock())?;
             for obj in peers.objects() {
                 visit.call(obj)?;
             }
@@ -309,7 +312,8 @@ unsafe fn read_ready(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<*mut f
     };
     let me = core.cast::<DatagramCore>()?.get();
     let protocol = slots.protocol()?;
-    let r = with_read_buf(me.max_size, |buf| sys::recvfrom(me.fd, buf).map(|(n, a)| (PyBytes::new(py, &buf[..n]), a)));
+    let fd = me.sock.get(py);
+    let r = with_read_buf(me.max_size, |buf| sys::recvfrom(fd, buf).map(|(n, a)| (PyBytes::new(py, &buf[..n]), a)));
     match r {
         Ok((data, addr)) => {
             let addr = match me.addr_object(py, addr) {
@@ -406,7 +410,7 @@ unsafe fn try_send(
             _ => return Ok(false),
         }
     };
-    match sys::sendto(me.fd, data, target.as_ref()) {
+    match sys::sendto(me.sock.get(py), data, target.as_ref()) {
         Ok(_) => Ok(true),
         Err(e) if sys::would_block(&e) => Ok(false),
         Err(e) => {

@@ -31,7 +31,7 @@ use pyo3::{intern, PyTraverseError};
 
 use crate::event_loop::ready::sparse_capacity;
 use crate::event_loop::LoopCore;
-use crate::py::{self, ByteView, GilCell};
+use crate::py::{self, ByteView, GilCell, SockFd};
 use crate::reactor::Which;
 use crate::sys;
 use crate::transports::addr::{InetAddr, SockAddr};
@@ -215,6 +215,8 @@ fn release(py: Python<'_>, objs: &mut Vec<Py<PyBytes>>) {
 pub struct StreamCore {
     loop_: Py<LoopCore>,
     fd: RawFd,
+    /// The socket object: system calls use `fd` only while it still holds it (`SockFd`).
+    sock: SockFd,
     /// The socket's name when it is an IPv4 / IPv6 socket (`None`: another family, or
     /// `getsockname` failed; the Python transport then keeps its extras as Python objects).
     sockname: Option<InetAddr>,
@@ -371,6 +373,7 @@ impl StreamCore {
     pub(crate) fn uncork(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let me = slf.get();
+        let fd = me.sock.get(py);
         let outcome = {
             let mut st = me.st.borrow_mut(py);
             if st.corked.is_empty() {
@@ -383,7 +386,7 @@ impl StreamCore {
                 return Ok(());
             }
             st.cork_score = if st.corked.len() > 1 { CORK_SCORE } else { st.cork_score.saturating_sub(1) };
-            send_now(py, me.fd, &mut st, &[]).map(|all| if all { Sent::Done } else { st.buffered() })
+            send_now(py, fd, &mut st, &[]).map(|all| if all { Sent::Done } else { st.buffered() })
         };
         match outcome {
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
@@ -397,7 +400,18 @@ impl StreamCore {
     #[inline]
     fn after_buffered(slf: &Bound<'_, Self>, start_writing: bool, over_high: bool) -> PyResult<()> {
         if start_writing {
-            Self::set_watch(slf, Which::Writer, true)?;
+            if let Err(e) = Self::set_watch(slf, Which::Writer, true) {
+                // asyncio registers the writer before it buffers: when that fails (the loop is
+                // closed), the data is not kept. The buffer was empty before this write.
+                let mut st = slf.get().st.borrow_mut(slf.py());
+                st.writing = false;
+                st.buf.clear();
+                st.head = 0;
+                if over_high {
+                    st.protocol_paused = false;
+                }
+                return Err(e);
+            }
         }
         if over_high {
             let me = slf.get();
@@ -524,7 +538,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             }
         };
         // SAFETY: the exported writable view stays valid until `view` is dropped below.
-        let r = unsafe { sys::recv_raw(me.fd, view.as_mut_ptr(), view.len()) };
+        let r = unsafe { sys::recv_raw(me.sock.get(py), view.as_mut_ptr(), view.len()) };
         drop(view);
         match r {
             Ok(0) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
@@ -539,7 +553,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
     } else {
-        let r = recv_bytes(py, me.fd, TRANSPORT_READ);
+        let r = recv_bytes(py, me.sock.get(py), TRANSPORT_READ);
         match r {
             Ok(data) if data.as_bytes().is_empty() => {
                 me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py))
@@ -558,12 +572,13 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
 pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let me = slf.get();
+    let fd = me.sock.get(py);
     let r = {
         let mut st = me.st.borrow_mut(py);
         if !st.writing || st.conn_lost > 0 {
             return Ok(());
         }
-        let r = sys::send(me.fd, st.pending());
+        let r = sys::send(fd, st.pending());
         if let Ok(n) = r {
             st.consume(n);
         }
@@ -595,17 +610,17 @@ pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
 impl StreamCore {
     /// `peer`: the address `accept` returned, if the socket was accepted.
     #[new]
-    #[pyo3(signature = (loop_, transport, fd, protocol, buffered, peer=None))]
+    #[pyo3(signature = (loop_, transport, sock, protocol, buffered, peer=None))]
     fn py_new(
         py: Python<'_>,
         loop_: &Bound<'_, LoopCore>,
         transport: Py<PyAny>,
-        fd: RawFd,
+        sock: &Bound<'_, PyAny>,
         protocol: Py<PyAny>,
         buffered: bool,
         peer: Option<PyRef<'_, SockAddr>>,
     ) -> PyResult<Self> {
-        let _ = py;
+        let fd: RawFd = sock.call_method0(intern!(py, "fileno"))?.extract()?;
         // What asyncio's transport asks the socket for at creation, kept as plain data.
         let sockname = InetAddr::of_socket(fd, false).ok().flatten();
         let peername = match (&sockname, peer) {
@@ -616,6 +631,7 @@ impl StreamCore {
         Ok(Self {
             loop_: loop_.clone().unbind(),
             fd,
+            sock: SockFd::new(sock, fd),
             sockname,
             peername,
             st: GilCell::new(State {
@@ -667,7 +683,11 @@ impl StreamCore {
         let view = match ByteView::new(data, false) {
             Ok(v) => v,
             Err(e) => {
-                // Like asyncio's send() of such data: a fatal write error when it would be
+                // asyncio's `if not data` comes first (a released memoryview raises there).
+                if !data.is_truthy()? {
+                    return Ok(());
+                }
+                // Then, like asyncio's send() of such data: a fatal write error when it would be
                 // sent at once, an error from write() when it would be buffered.
                 let sent_at_once = {
                     let st = me.st.borrow(py);
@@ -694,6 +714,7 @@ impl StreamCore {
             return Ok(());
         }
         let seq = me.loop_core().cork_seq(py);
+        let fd = me.sock.get(py);
         let outcome = {
             let mut st = me.st.borrow_mut(py);
             // Only `bytes` are corked: they cannot change, so holding them is as good as a copy.
@@ -722,7 +743,7 @@ impl StreamCore {
                         Ok(Sent::Corked { first: st.corked.len() == 1 })
                     }
                     // Send at once (asyncio's path), after what is corked.
-                    _ => send_now(py, me.fd, &mut st, bytes).map(|all| if all { Sent::Done } else { st.buffered() }),
+                    _ => send_now(py, fd, &mut st, bytes).map(|all| if all { Sent::Done } else { st.buffered() }),
                 }
             } else {
                 st.buf.extend_from_slice(bytes);
@@ -912,6 +933,7 @@ impl StreamCore {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.loop_)?;
+        visit.call(self.sock.sock())?;
         if let Some(st) = self.st.try_borrow_unguarded() {
             visit.call(&st.transport)?;
             visit.call(&st.protocol)?;
