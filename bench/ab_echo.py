@@ -1,6 +1,6 @@
 """Interleaved A/B pairs of echo servers: server CPU per request, two servers up at once.
 
-    python bench/ab_echo.py STYLE SIZE {tcp,unix} PAIRS SECONDS A B [--fresh K]
+    python bench/ab_echo.py STYLE SIZE {tcp,unix,udp} PAIRS SECONDS A B [--fresh K]
 
 A and B are loop names (``loops.py``), or ``LOOP@PYTHON`` to run that loop under another
 interpreter (a venv holding another build of ferroloop, for an A/B of two builds). Both
@@ -11,7 +11,8 @@ requests/s) and the median of the per-pair ratios A / B. For A/B changes of one 
 noisy machine, two builds at a time (``run.py`` interleaves loops the same way, but not builds;
 docs/DESIGN.md, "Benchmarks"). Even so, 1-2% is below what 10 pairs resolve. Check req/s too: a
 change can lower CPU per request while a stall lowers throughput. Servers and the load client
-are started and run by ``netbench.py``'s own helpers.
+are started and run by ``netbench.py``'s own helpers. For UDP the style is ``datagram``
+(``python bench/ab_echo.py datagram 1024 udp 10 1 uvloop ferroloop``).
 
 ``--fresh K`` starts a new pair of server processes every K pairs (default: one pair for the
 whole run), so a bias one server process may carry (its memory placement, say) is averaged
@@ -37,7 +38,8 @@ TOOLS = netbench.Tools(loadgen=netbench.LOADGEN, client_cpu=CLIENT_CPU)
 def start(spec: str, style: str, transport: str, path: str):
     """A running echo server for ``LOOP[@PYTHON]``; (server, loadgen address arguments)."""
     loop, _, python = spec.partition("@")
-    where = ["--unix", path] if transport == "unix" else ["--tcp"]
+    inet = "--udp" if transport == "udp" else "--tcp"  # 127.0.0.1, a free port
+    where = ["--unix", path] if transport == "unix" else [inet]
     argv = [python or sys.executable, netbench.SERVER, loop, style, *where]
     srv = netbench.Server(argv + ["--max-seconds", "3600"], SERVER_CPU, netbench._env(loop))
     try:
@@ -45,7 +47,7 @@ def start(spec: str, style: str, transport: str, path: str):
     except netbench.NetError as exc:
         srv.stop()
         raise SystemExit(f"{spec}: {exc}") from None
-    return srv, where if transport == "unix" else ["--tcp", f"127.0.0.1:{info['port']}"]
+    return srv, where if transport == "unix" else [inet, f"127.0.0.1:{info['port']}"]
 
 
 def measure(srv, target, size: int, seconds: float, warmup: float) -> dict:
