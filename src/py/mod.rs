@@ -272,9 +272,9 @@ pub unsafe fn read_slot(obj: *mut ffi::PyObject, offset: isize) -> *mut ffi::PyO
 pub struct SockFd {
     fd: std::os::fd::RawFd,
     sock: Py<PyAny>,
-    /// `sock` is a `_socket.socket` whose fd is read in place (`SOCKET_FD_OFFSET`); otherwise
-    /// its `fileno()` is asked.
-    direct: bool,
+    /// Where `sock`'s fd is, when it is a `_socket.socket` (`SOCKET_FD_LAYOUT`): it is read in
+    /// place; otherwise (`None`) its `fileno()` is asked.
+    offset: Option<isize>,
 }
 
 /// The offset of `sock_fd` in CPython's socket objects, and their type, checked once on live
@@ -307,31 +307,37 @@ fn socket_fd_layout(py: Python<'_>) -> Option<(usize, isize)> {
 
 impl SockFd {
     pub fn new(sock: &Bound<'_, PyAny>, fd: std::os::fd::RawFd) -> Self {
-        let direct = socket_fd_layout(sock.py()).is_some_and(|(ty, _)| {
+        let offset = socket_fd_layout(sock.py()).and_then(|(ty, offset)| {
             // SAFETY: `ty` is the `_socket.socket` type object (kept alive by the `_socket`
             // module, which is never unloaded); `sock` is a live object.
-            unsafe { ffi::PyObject_TypeCheck(sock.as_ptr(), ty as *mut ffi::PyTypeObject) != 0 }
+            let is_socket = unsafe { ffi::PyObject_TypeCheck(sock.as_ptr(), ty as *mut ffi::PyTypeObject) != 0 };
+            is_socket.then_some(offset)
         });
-        Self { fd, sock: sock.clone().unbind(), direct }
+        Self { fd, sock: sock.clone().unbind(), offset }
     }
 
     /// The fd for a system call: the transport's fd while the socket object still holds it,
     /// else -1.
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, py: Python<'_>) -> std::os::fd::RawFd {
-        let now = match (self.direct, socket_fd_layout(py)) {
-            (true, Some((_, offset))) => {
-                // SAFETY: `sock` is a `_socket.socket` instance (checked in `new`), alive while
-                // we hold it; `offset` is its `int` fd field (checked by `socket_fd_layout`).
-                unsafe { *self.sock.as_ptr().cast::<u8>().offset(offset).cast::<std::ffi::c_int>() }
-            }
-            _ => self.sock.bind(py).call_method0("fileno").and_then(|f| f.extract()).unwrap_or(-1),
+        let now = match self.offset {
+            // SAFETY: `sock` is a `_socket.socket` instance (checked in `new`), alive while we
+            // hold it; `offset` is its `int` fd field (checked by `socket_fd_layout`).
+            Some(offset) => unsafe { *self.sock.as_ptr().cast::<u8>().offset(offset).cast::<std::ffi::c_int>() },
+            None => self.asked(py),
         };
         if now == self.fd {
             self.fd
         } else {
             -1
         }
+    }
+
+    /// The fd a socket-like object that is not a `_socket.socket` reports (-1 if it fails).
+    #[cold]
+    #[inline(never)]
+    fn asked(&self, py: Python<'_>) -> std::os::fd::RawFd {
+        self.sock.bind(py).call_method0("fileno").and_then(|f| f.extract()).unwrap_or(-1)
     }
 
     pub fn sock(&self) -> &Py<PyAny> {
