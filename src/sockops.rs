@@ -23,6 +23,8 @@
 //!   since a socket is nearly always writable.
 //! - A cancelled operation (its future done before readiness) does nothing; the task then
 //!   throws `CancelledError` in, which unregisters the operation if the slot is still its own.
+//!   A future resolved from outside (not a public API) ends the operation at the task's next
+//!   step, which returns the future's result, as asyncio's `await fut` does.
 //! - `sock_sendall` holds a `memoryview` of its data from the moment it waits until it ends,
 //!   as asyncio does, so a `bytearray` cannot be resized under it. Other operations hold the
 //!   caller's objects as given (asyncio does not pin `recv_into`'s buffer or `sendto`'s data).
@@ -560,15 +562,23 @@ impl SockOp {
                 r
             }
             Phase::Waiting => {
-                // Resumed before the outcome: yield the same future again.
+                // Resumed before the outcome.
                 let fut = me.st.borrow(py).fut.as_ref().map(|f| f.clone_ref(py));
-                match fut {
-                    Some(f) => {
-                        f.bind(py).setattr(intern!(py, "_asyncio_future_blocking"), true)?;
-                        Ok(Step::Yield(f))
-                    }
-                    None => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+                let Some(f) = fut else {
+                    return Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine"));
+                };
+                let f = f.bind(py);
+                if f.call_method0(intern!(py, "done"))?.is_truthy()? {
+                    // Someone else resolved the future (readiness never does: it stores the
+                    // outcome first). asyncio's `await fut` returns (or raises) what the future
+                    // holds, and its done callback unregisters the operation.
+                    let result = f.call_method0(intern!(py, "result"));
+                    Self::abandon(slf)?;
+                    return result.map(|v| Step::Return(v.unbind()));
                 }
+                // Not resolved yet: yield the same future again.
+                f.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
+                Ok(Step::Yield(f.clone().unbind()))
             }
             Phase::Completed => {
                 let outcome = me.st.borrow_mut(py).outcome.take();
@@ -700,7 +710,8 @@ fn ready(slf: &Bound<'_, SockOp>) -> PyResult<()> {
     };
     let fut = fut.bind(py);
     if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
-        // Cancelled: the task will throw CancelledError in; nothing more to do here.
+        // Cancelled (the task will throw CancelledError in) or resolved from outside (the task's
+        // next step returns what it holds): nothing more to do here.
         return SockOp::disarm(slf);
     }
     let outcome = match SockOp::attempt(slf, sock.bind(py), false) {

@@ -706,6 +706,46 @@ def test_cancelled_recvfrom_leaves_socket_usable(loop, udp_pair):
     run(loop, main())
 
 
+@pytest.mark.parametrize("outcome", ["result", "exception"])
+@pytest.mark.parametrize("method", ["sock_recv", "sock_recv_into", "sock_sendall"])
+def test_waiting_call_resolved_from_outside(loop, pair, method, outcome):
+    """The future a waiting call waits on (a task's ``_fut_waiter``, not a public API) resolved
+    by someone else: the call returns that value or raises that exception, as asyncio's
+    ``await fut`` does, once, without the task spinning; the socket is left unregistered and
+    usable."""
+    a, b = pair
+    shrink(a)
+    shrink(b)
+    calls = {
+        "sock_recv": lambda: loop.sock_recv(a, 100),
+        "sock_recv_into": lambda: loop.sock_recv_into(a, bytearray(100)),
+        "sock_sendall": lambda: loop.sock_sendall(a, b"z" * (8 << 20)),
+    }
+
+    async def main():
+        task = asyncio.ensure_future(calls[method]())
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        waiter = task._fut_waiter
+        assert waiter is not None and not waiter.done()
+        if outcome == "result":
+            waiter.set_result("from outside")
+            assert await asyncio.wait_for(task, TIMEOUT) == "from outside"
+        else:
+            waiter.set_exception(ConnectionAbortedError("from outside"))
+            with pytest.raises(ConnectionAbortedError, match="from outside"):
+                await asyncio.wait_for(task, TIMEOUT)
+        await asyncio.sleep(0)
+        assert loop.remove_reader(a) is False
+        assert loop.remove_writer(a) is False
+        if method == "sock_sendall":
+            return
+        b.send(b"after")  # nothing was consumed by the call resolved from outside
+        assert await asyncio.wait_for(loop.sock_recv(a, 100), TIMEOUT) == b"after"
+
+    run(loop, main())
+
+
 # --- concurrent calls on one socket ------------------------------------------------------------
 
 
