@@ -23,6 +23,11 @@
 //!   since a socket is nearly always writable.
 //! - A cancelled operation (its future done before readiness) does nothing; the task then
 //!   throws `CancelledError` in, which unregisters the operation if the slot is still its own.
+//!   A future resolved from outside (not a public API) ends the operation at the task's next
+//!   step, which returns the future's result, as asyncio's `await fut` does.
+//! - `sock_sendall` holds a `memoryview` of its data from the moment it waits until it ends,
+//!   as asyncio does, so a `bytearray` cannot be resized under it. Other operations hold the
+//!   caller's objects as given (asyncio does not pin `recv_into`'s buffer or `sendto`'s data).
 //! - No GilCell borrow is held across a call into Python.
 
 use std::os::fd::RawFd;
@@ -32,7 +37,7 @@ use pyo3::exceptions::{
 };
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PySlice, PyTuple, PyType, PyWeakrefReference};
+use pyo3::types::{PyBytes, PyMemoryView, PySlice, PyTuple, PyType, PyWeakrefReference};
 use pyo3::{ffi, intern, PyTraverseError};
 
 use crate::event_loop::LoopCore;
@@ -49,7 +54,9 @@ pub(crate) enum Kind {
     RecvFrom(Py<PyAny>),
     /// Buffer and byte count (`len(buf)` when the caller gave 0).
     RecvFromInto(Py<PyAny>, Py<PyAny>),
-    /// Data (a `memoryview` for objects that get their own methods called) and bytes sent.
+    /// Data and bytes sent. The caller's object until the operation has to wait; from then on
+    /// a `memoryview` of it (but for an exact `bytes` on the direct path), held until the
+    /// operation ends, as asyncio holds one: a `bytearray` cannot be resized meanwhile.
     SendAll(Py<PyAny>, usize),
     SendTo(Py<PyAny>, Py<PyAny>),
     Accept,
@@ -301,30 +308,44 @@ impl SockOp {
     }
 
     /// Argument handling asyncio does before the first attempt: `recvfrom_into`'s default
-    /// byte count, and the `memoryview` that `sendall` slices on objects called by method.
+    /// byte count.
     fn prepare(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let me = slf.get();
-        let (direct, a, b) = {
+        let (buf, n) = match &me.st.borrow(py).kind {
+            Kind::RecvFromInto(buf, n) => (buf.clone_ref(py), n.clone_ref(py)),
+            _ => return Ok(()),
+        };
+        // The calls below may run Python code (`__len__`, `__bool__`): no borrow held.
+        if !n.bind(py).is_truthy()? {
+            let len = buf.bind(py).len()?.into_pyobject(py)?.into_any().unbind();
+            if let Kind::RecvFromInto(_, n) = &mut me.st.borrow_mut(py).kind {
+                *n = len;
+            }
+        }
+        Ok(())
+    }
+
+    /// `sock_sendall` is about to wait: from now on it sends from a `memoryview` of the data,
+    /// which asyncio makes at this point and holds until the operation ends (its handle's
+    /// arguments). The view keeps the buffer exported, so a `bytearray` cannot be resized
+    /// (`BufferError`) while bytes of it are still to be sent. An exact `bytes` on the direct
+    /// path is immutable and read in place: nothing to make.
+    fn hold_data(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        let data = {
             let st = me.st.borrow(py);
             match &st.kind {
-                Kind::RecvFromInto(buf, n) => (st.direct, Some(buf.clone_ref(py)), Some(n.clone_ref(py))),
-                Kind::SendAll(data, _) => (st.direct, Some(data.clone_ref(py)), None),
+                Kind::SendAll(data, _) if !(st.direct && data.bind(py).is_exact_instance_of::<PyBytes>()) => {
+                    data.clone_ref(py)
+                }
                 _ => return Ok(()),
             }
         };
-        // The calls below may run Python code (`__len__`, `__bool__`): no borrow held.
-        let replacement = match (a, b) {
-            (Some(buf), Some(n)) if !n.bind(py).is_truthy()? => Some(buf.bind(py).len()?.into_pyobject(py)?.into_any()),
-            (Some(data), None) if !direct => Some(py.import("builtins")?.getattr("memoryview")?.call1((data,))?),
-            _ => None,
-        };
-        if let Some(new) = replacement {
-            match &mut me.st.borrow_mut(py).kind {
-                Kind::RecvFromInto(_, n) => *n = new.unbind(),
-                Kind::SendAll(data, _) => *data = new.unbind(),
-                _ => {}
-            }
+        let view = PyMemoryView::from(data.bind(py))?.into_any().unbind();
+        if let Kind::SendAll(data, _) = &mut me.st.borrow_mut(py).kind {
+            *data = view;
         }
         Ok(())
     }
@@ -420,18 +441,20 @@ impl SockOp {
                         Err(e) => return Err(py::os_err(e)),
                     }
                 } else {
+                    // asyncio: `sock.send(data)` first (the caller's object), then
+                    // `sock.send(view[pos:])` from the memoryview `hold_data` made.
                     let data = data.bind(py);
-                    let total = data.len()?;
                     let chunk = if pos == 0 {
                         data.clone()
                     } else {
                         data.get_item(PySlice::new(py, pos as isize, isize::MAX, 1))?
                     };
-                    match sock.call_method1(intern!(py, "send"), (chunk,)) {
-                        Ok(n) => (n.extract::<usize>()?, total),
-                        Err(e) if is_retry(py, &e) => (0, total),
+                    let sent = match sock.call_method1(intern!(py, "send"), (chunk,)) {
+                        Ok(n) => n.extract::<usize>()?,
+                        Err(e) if is_retry(py, &e) => 0,
                         Err(e) => return Err(e),
-                    }
+                    };
+                    (sent, data.len()?)
                 };
                 let pos = pos + sent;
                 if pos >= total {
@@ -498,6 +521,7 @@ impl SockOp {
         if check_transport && transport_holds(loop_, fd)? {
             loop_.call_method1(intern!(py, "_ensure_fd_no_transport"), (fd,))?;
         }
+        Self::hold_data(slf)?;
         if me.st.borrow(py).sock_ref.is_none() {
             // Sockets without weak-reference support just never reuse an idle registration.
             let r = PyWeakrefReference::new(sock).ok().map(|r| r.into_any().unbind());
@@ -538,15 +562,23 @@ impl SockOp {
                 r
             }
             Phase::Waiting => {
-                // Resumed before the outcome: yield the same future again.
+                // Resumed before the outcome.
                 let fut = me.st.borrow(py).fut.as_ref().map(|f| f.clone_ref(py));
-                match fut {
-                    Some(f) => {
-                        f.bind(py).setattr(intern!(py, "_asyncio_future_blocking"), true)?;
-                        Ok(Step::Yield(f))
-                    }
-                    None => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+                let Some(f) = fut else {
+                    return Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine"));
+                };
+                let f = f.bind(py);
+                if f.call_method0(intern!(py, "done"))?.is_truthy()? {
+                    // Someone else resolved the future (readiness never does: it stores the
+                    // outcome first). asyncio's `await fut` returns (or raises) what the future
+                    // holds, and its done callback unregisters the operation.
+                    let result = f.call_method0(intern!(py, "result"));
+                    Self::abandon(slf)?;
+                    return result.map(|v| Step::Return(v.unbind()));
                 }
+                // Not resolved yet: yield the same future again.
+                f.setattr(intern!(py, "_asyncio_future_blocking"), true)?;
+                Ok(Step::Yield(f.clone().unbind()))
             }
             Phase::Completed => {
                 let outcome = me.st.borrow_mut(py).outcome.take();
@@ -678,7 +710,8 @@ fn ready(slf: &Bound<'_, SockOp>) -> PyResult<()> {
     };
     let fut = fut.bind(py);
     if fut.call_method0(intern!(py, "done"))?.is_truthy()? {
-        // Cancelled: the task will throw CancelledError in; nothing more to do here.
+        // Cancelled (the task will throw CancelledError in) or resolved from outside (the task's
+        // next step returns what it holds): nothing more to do here.
         return SockOp::disarm(slf);
     }
     let outcome = match SockOp::attempt(slf, sock.bind(py), false) {

@@ -706,6 +706,46 @@ def test_cancelled_recvfrom_leaves_socket_usable(loop, udp_pair):
     run(loop, main())
 
 
+@pytest.mark.parametrize("outcome", ["result", "exception"])
+@pytest.mark.parametrize("method", ["sock_recv", "sock_recv_into", "sock_sendall"])
+def test_waiting_call_resolved_from_outside(loop, pair, method, outcome):
+    """The future a waiting call waits on (a task's ``_fut_waiter``, not a public API) resolved
+    by someone else: the call returns that value or raises that exception, as asyncio's
+    ``await fut`` does, once, without the task spinning; the socket is left unregistered and
+    usable."""
+    a, b = pair
+    shrink(a)
+    shrink(b)
+    calls = {
+        "sock_recv": lambda: loop.sock_recv(a, 100),
+        "sock_recv_into": lambda: loop.sock_recv_into(a, bytearray(100)),
+        "sock_sendall": lambda: loop.sock_sendall(a, b"z" * (8 << 20)),
+    }
+
+    async def main():
+        task = asyncio.ensure_future(calls[method]())
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        waiter = task._fut_waiter
+        assert waiter is not None and not waiter.done()
+        if outcome == "result":
+            waiter.set_result("from outside")
+            assert await asyncio.wait_for(task, TIMEOUT) == "from outside"
+        else:
+            waiter.set_exception(ConnectionAbortedError("from outside"))
+            with pytest.raises(ConnectionAbortedError, match="from outside"):
+                await asyncio.wait_for(task, TIMEOUT)
+        await asyncio.sleep(0)
+        assert loop.remove_reader(a) is False
+        assert loop.remove_writer(a) is False
+        if method == "sock_sendall":
+            return
+        b.send(b"after")  # nothing was consumed by the call resolved from outside
+        assert await asyncio.wait_for(loop.sock_recv(a, 100), TIMEOUT) == b"after"
+
+    run(loop, main())
+
+
 # --- concurrent calls on one socket ------------------------------------------------------------
 
 
@@ -1324,6 +1364,179 @@ def test_sendall_several_mib_to_a_slow_reader(loop, tcp_pair, kind):
         assert total == len(data)
         assert digest == hashlib.sha256(data).hexdigest()
         assert reads >= len(data) // (16 << 10)
+
+    run(loop, main())
+
+
+# --- the caller's buffers while a call waits -----------------------------------------------------
+
+
+class _SocketSubclass(socket.socket):
+    """Not exactly ``socket.socket``: the loops call its methods. Records what ``send`` got."""
+
+    def send(self, data, *args):
+        self.sent.append(type(data))
+        return super().send(data, *args)
+
+
+def _sender(kind, sock):
+    """``sock`` itself, or a ``_SocketSubclass`` on its fd (``sock`` is then detached)."""
+    if kind == "socket":
+        return sock
+    sub = _SocketSubclass(sock.family, sock.type, fileno=sock.detach())
+    sub.sent = []
+    return sub
+
+
+def _resize(buf, how):
+    if how == "clear":
+        buf.clear()
+    else:
+        buf.extend(b"more")
+
+
+@pytest.mark.parametrize("sock_kind", ["socket", "subclass"])
+@pytest.mark.parametrize("how", ["clear", "extend"])
+def test_sendall_holds_a_bytearray_while_waiting(loop, pair, sock_kind, how):
+    """asyncio keeps a memoryview of the data while sock_sendall waits: resizing the bytearray
+    meanwhile raises BufferError and every byte arrives. The first try gets the caller's
+    object, the later ones slices of the memoryview; the data is let go when the call ends."""
+    a, b = pair
+    shrink(a)
+    shrink(b)
+    a = _sender(sock_kind, a)
+    data = payload(4 << 20, seed=12)
+    buf = bytearray(data)
+
+    async def main():
+        sender = asyncio.ensure_future(loop.sock_sendall(a, buf))
+        await asyncio.sleep(0.01)
+        assert not sender.done()  # the peer reads nothing: sock_sendall waits
+        with pytest.raises(BufferError):
+            _resize(buf, how)
+        assert buf == data
+        reader = asyncio.ensure_future(_recv_to_eof(loop, b))
+        assert await sender is None
+        a.shutdown(socket.SHUT_WR)
+        assert await reader == data
+        _resize(buf, how)  # no longer held
+        if sock_kind == "subclass":
+            assert len(a.sent) > 1
+            assert a.sent[0] is bytearray and set(a.sent[1:]) == {memoryview}
+
+    try:
+        run(loop, main())
+    finally:
+        a.close()
+
+
+def test_sendall_lets_a_bytearray_go_when_cancelled(loop, pair):
+    """A waiting sock_sendall of a bytearray that is cancelled no longer holds the bytearray:
+    it can be resized at once."""
+    a, b = pair
+    shrink(a)
+    shrink(b)
+    buf = bytearray(4 << 20)
+
+    async def main():
+        sender = asyncio.ensure_future(loop.sock_sendall(a, buf))
+        await asyncio.sleep(0.01)
+        assert not sender.done()
+        with pytest.raises(BufferError):
+            buf.clear()
+        sender.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+        buf.clear()
+        assert loop.remove_writer(a) is False
+
+    run(loop, main())
+
+
+def test_sendall_of_bytes_sent_at_once_or_waited(loop, pair):
+    """An exact bytes (read in place by ferroloop) and a bytearray sent at once are sent whole;
+    a bytearray sent at once is not held afterwards."""
+    a, b = pair
+    buf = bytearray(b"0123456789")
+
+    async def main():
+        assert await loop.sock_sendall(a, b"abc") is None
+        assert await loop.sock_sendall(a, buf) is None
+        buf.clear()
+        assert await loop.sock_recv(b, 100) == b"abc0123456789"
+
+    run(loop, main())
+
+
+@pytest.mark.skipif(not HAS_RECVFROM, reason="sock_sendto is new in 3.11")
+def test_sendto_of_a_bytearray_changed_while_waiting(loop, tmp_path):
+    """asyncio does not hold sock_sendto's data while it waits: a bytearray can be resized
+    meanwhile, and the datagram sent is its content when the socket is ready."""
+    path = str(tmp_path / "dgram")
+    a = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.bind(path)
+    a.connect(path)  # so that a waits for room in b's queue
+    a.setblocking(False)
+    b.setblocking(False)
+    for _ in range(100_000):  # fill b's queue
+        try:
+            a.sendto(b"x" * 100, path)
+        except BlockingIOError:
+            break
+    buf = bytearray(b"old")
+
+    async def main():
+        task = asyncio.ensure_future(loop.sock_sendto(a, buf, path))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        buf[:] = b"new data"
+        while True:
+            try:
+                assert b.recv(1000) == b"x" * 100
+            except BlockingIOError:
+                break
+        assert await task == len(b"new data")
+        assert await loop.sock_recv(b, 1000) == b"new data"
+
+    try:
+        run(loop, main())
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("how", ["shrink", "grow"])
+@pytest.mark.parametrize("method", ["sock_recv_into", "sock_recvfrom_into"])
+def test_recv_into_a_bytearray_resized_while_waiting(loop, pair, method, how):
+    """asyncio does not hold the buffer of a waiting sock_recv_into / sock_recvfrom_into: it
+    can be resized meanwhile, and the read fills the buffer as it is when the socket is ready.
+    sock_recvfrom_into's default byte count is the buffer's length at the call, so a buffer
+    that shrank below it fails with recvfrom_into's ValueError."""
+    if not hasattr(loop, method):
+        pytest.skip(f"loop.{method} is new in 3.11")
+    a, b = pair
+    buf = bytearray(16)
+
+    async def main():
+        if method == "sock_recv_into":
+            task = asyncio.ensure_future(loop.sock_recv_into(a, buf))
+        else:
+            task = asyncio.ensure_future(loop.sock_recvfrom_into(a, buf))
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        buf[:] = bytes(4 if how == "shrink" else 32)  # no BufferError: the buffer is not held
+        b.send(b"0123456789abcdefghijklmnopqrstuvwxyz")
+        if method == "sock_recvfrom_into" and how == "shrink":
+            with pytest.raises(ValueError, match="nbytes is greater"):
+                await task
+            return
+        got = await task
+        n = got if method == "sock_recv_into" else got[0]
+        # recv_into: the whole (new) buffer; recvfrom_into: the byte count fixed at the call
+        expected = {"shrink": 4, "grow": 32 if method == "sock_recv_into" else 16}[how]
+        assert n == expected
+        assert buf[:n] == b"0123456789abcdefghijklmnopqrstuvwxyz"[:n]
 
     run(loop, main())
 
