@@ -106,8 +106,7 @@ const USAGE: &str = "usage: loadgen echo|serve|idle (--tcp HOST:PORT | --unix PA
   echo:  --conns N (10) --size BYTES (1024) --duration S (1) --warmup S (0.2)
          --server-pid PID --verify-every K (16) --stall S (5) --resend S (0.2, --udp only)
   serve: --max-seconds S (600)
-  (idle: --tcp or --unix only)
-  idle:  --conns N (10000) --window N (64) --hold S (120) --stall S (10)";
+  idle:  --conns N (10000) --window N (64) --hold S (120) --stall S (10); --tcp or --unix only";
 
 struct Args {
     mode: String,
