@@ -7,10 +7,11 @@ import asyncio
 import gc
 import json
 import os
+import socket
 import weakref
 
 import pytest
-from conftest import FACTORY_SOURCE, RSS_SOURCE, run_briefly, run_python
+from conftest import FACTORY_SOURCE, RSS_SOURCE, run, run_briefly, run_python
 
 
 class Payload:
@@ -300,3 +301,48 @@ def test_memory_of_a_burst_is_given_back(loop_kind, burst):
     # The burst itself: tens of MB (handles, their queue).
     assert got["peak"] > 20 * 2**20, got
     assert got["retained"] <= got["peak"] / 8, got
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_closing_its_loop_leaves_the_parents_registrations(loop):
+    """After ``fork()`` the epoll instance (or selector) and the fds are shared: a child that
+    closes its copy of the loop must not unregister the parent's fds (asyncio just closes its
+    selector). The parent's reader and server still work."""
+    r, w = socket.socketpair()
+    got = []
+
+    async def handle(reader, writer):
+        writer.write(b"hi")
+        writer.close()
+
+    async def setup():
+        return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+    srv = run(loop, setup())
+    loop.add_reader(r, lambda: got.append(r.recv(10)))
+    pid = os.fork()
+    if pid == 0:  # the child: close its copy of the loop, leave at once
+        try:
+            loop.close()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+
+    async def check():
+        w.send(b"x")
+        reader, writer = await asyncio.open_connection(*srv.sockets[0].getsockname()[:2])
+        answer = await reader.read()
+        writer.close()
+        while not got:
+            await asyncio.sleep(0.001)
+        return answer
+
+    try:
+        assert run(loop, check(), timeout=5) == b"hi"
+        assert got == [b"x"]
+    finally:
+        loop.remove_reader(r)
+        srv.close()
+        run(loop, srv.wait_closed())
+        r.close()
+        w.close()

@@ -202,11 +202,11 @@ impl<T> Reactor<T> {
         slot.replace(item)
     }
 
-    /// Forget every registration (the loop is closing).
+    /// Forget every registration (the loop is closing, or being collected). The poller's own
+    /// registrations go when it is closed, with the reactor: no `epoll_ctl` per fd here. After
+    /// a `fork()` the epoll instance and the fds are shared with the parent, and deleting them
+    /// from a child that closes (or drops) its copy of the loop left the parent's loop deaf.
     pub fn clear(&mut self) -> Vec<FdEntry<T>> {
-        for fd in self.registry.keys() {
-            let _ = self.poller.epoll.delete(fd);
-        }
         self.registry.drain()
     }
 
