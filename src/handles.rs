@@ -461,8 +461,9 @@ fn report_callback_error(
     err: PyErr,
 ) -> PyResult<()> {
     let loop_ = handle.get().loop_.bind(py);
-    let exc = err.into_value(py);
-    match loop_.call_method1(intern!(py, "_report_callback_error"), (handle, cb, args, exc)) {
+    let exc = err.into_value(py).into_bound(py);
+    let report = || loop_.call_method1(intern!(py, "_report_callback_error"), (handle, cb, args, &exc));
+    match py::while_handling(&exc, report) {
         Ok(_) => Ok(()),
         Err(e) if py::is_fatal(py, &e) => Err(e),
         Err(e) => {

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from asyncio import format_helpers
 
 import pytest
-from conftest import run_briefly
+from conftest import run, run_briefly
 
 
 def _boom():
@@ -241,3 +242,40 @@ def test_keyboardinterrupt_from_handle_run(loop):
     with pytest.raises(KeyboardInterrupt):
         h2._run()
     h2.cancel()
+
+
+def test_handler_runs_while_the_exception_is_being_handled(loop):
+    """asyncio calls the exception handler from inside the callback's ``except`` block:
+    ``sys.exc_info()`` there is the callback's exception (``logger.exception()`` in a handler
+    logs its traceback), for a plain callback and for a protocol callback of a transport."""
+    seen = []
+
+    def handler(lp, context):
+        seen.append((context["exception"], sys.exc_info()[1]))
+
+    loop.set_exception_handler(handler)
+
+    def boom():
+        raise ZeroDivisionError("in a callback")
+
+    class Failing(asyncio.Protocol):
+        def data_received(self, data):
+            raise ValueError("in data_received")
+
+    async def main():
+        loop.call_soon(boom)
+        await asyncio.sleep(0.01)
+        a, b = socket.socketpair()
+        with b:
+            t, _ = await loop.create_connection(Failing, sock=a)
+            b.send(b"x")
+            for _ in range(500):
+                if len(seen) == 2:
+                    break
+                await asyncio.sleep(0.002)
+            t.close()
+
+    run(loop, main())
+    assert [type(given) for given, _ in seen] == [ZeroDivisionError, ValueError]
+    assert all(handled is given for given, handled in seen)
+    assert sys.exc_info() == (None, None, None)

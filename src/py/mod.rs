@@ -3,7 +3,7 @@
 
 use std::cell::{Ref, RefCell, RefMut};
 
-use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PySystemExit, PyTypeError};
+use pyo3::exceptions::{PyBaseException, PyKeyboardInterrupt, PyOSError, PySystemExit, PyTypeError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -345,6 +345,26 @@ impl SockFd {
     }
 }
 
+/// Run `f` with `exc` as the exception being handled (`sys.exc_info()`), as asyncio reports
+/// a callback's error from inside its `except` block: an exception handler that logs with
+/// `logger.exception()` gets the traceback, and an error it raises is chained to `exc`.
+pub fn while_handling<R>(exc: &Bound<'_, PyBaseException>, f: impl FnOnce() -> R) -> R {
+    // SAFETY: PyErr_GetExcInfo gives new references (or NULL) to the exception being handled;
+    // PyErr_SetExcInfo steals the references it is given (NULL allowed) and sets the thread's
+    // handled exception, which we restore to what it was after `f`, with the GIL held
+    // throughout (`exc` is bound to it).
+    unsafe {
+        let (mut ty, mut value, mut tb) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
+        ffi::PyErr_GetExcInfo(&mut ty, &mut value, &mut tb);
+        let exc_ty = ffi::Py_TYPE(exc.as_ptr()).cast::<ffi::PyObject>();
+        ffi::Py_INCREF(exc_ty);
+        ffi::PyErr_SetExcInfo(exc_ty, exc.clone().into_ptr(), ffi::PyException_GetTraceback(exc.as_ptr()));
+        let r = f();
+        ffi::PyErr_SetExcInfo(ty, value, tb);
+        r
+    }
+}
+
 /// `contextvars.copy_context()` without the Python call.
 pub fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // SAFETY: PyContext_CopyCurrent returns a new reference or NULL with an exception set.
@@ -375,8 +395,9 @@ pub fn report_callback_error(loop_: &Bound<'_, PyAny>, callback: &Bound<'_, PyAn
     if is_fatal(py, &err) {
         return Err(err);
     }
-    let args = (py.None(), callback, PyTuple::empty(py), err.into_value(py));
-    match loop_.call_method1(pyo3::intern!(py, "_report_callback_error"), args) {
+    let exc = err.into_value(py).into_bound(py);
+    let args = (py.None(), callback, PyTuple::empty(py), &exc);
+    match while_handling(&exc, || loop_.call_method1(pyo3::intern!(py, "_report_callback_error"), args)) {
         Ok(_) => Ok(()),
         Err(e) if is_fatal(py, &e) => Err(e),
         Err(e) => {

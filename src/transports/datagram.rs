@@ -322,11 +322,10 @@ unsafe fn read_ready(py: Python<'_>, slf: *mut ffi::PyObject) -> PyResult<*mut f
                     // SAFETY: `slf` is a live object (the caller's reference).
                     let transport = unsafe { Bound::from_borrowed_ptr(py, slf) };
                     let msg = intern!(py, "Fatal read error on datagram transport");
-                    py::call_method_fast(
-                        &transport,
-                        intern!(py, "_fatal_error"),
-                        &[e.value(py).as_any(), msg.as_any()],
-                    )?;
+                    let exc = e.value(py);
+                    py::while_handling(exc, || {
+                        py::call_method_fast(&transport, intern!(py, "_fatal_error"), &[exc.as_any(), msg.as_any()])
+                    })?;
                     return Ok(py.None().into_ptr());
                 }
             };

@@ -262,8 +262,9 @@ impl StreamCore {
         if py::is_fatal(py, &err) {
             return Err(err);
         }
-        let args = (err.into_value(py), message).into_pyobject(py)?;
-        self.call_transport_in_context(py, intern!(py, "_fatal_error"), &args)
+        let exc = err.into_value(py).into_bound(py);
+        let args = (&exc, message).into_pyobject(py)?;
+        py::while_handling(&exc, || self.call_transport_in_context(py, intern!(py, "_fatal_error"), &args))
     }
 
     /// Like `call_transport`, inside the reading context: what asyncio's reader handle runs
