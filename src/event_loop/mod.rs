@@ -24,7 +24,7 @@ use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueErro
 use pyo3::ffi;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyFloat, PyInt, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyTuple};
 use pyo3::{intern, PyTraverseError, PyTypeInfo};
 
 use crate::handles::{self, CallArgs, Handle, TimerHandle};
@@ -63,10 +63,15 @@ pub(crate) struct State {
     timer_cancelled_count: usize,
     closed: bool,
     stopping: bool,
+    /// Debug mode (the truth of `_debug`).
     debug: bool,
+    /// What `set_debug` was given, when not a bool (asyncio's `get_debug()` returns it).
+    debug_value: Option<Py<PyAny>>,
     thread_id: Option<u64>,
     current_handle: Option<Py<Handle>>,
     slow_callback_duration: f64,
+    /// `slow_callback_duration` as set, when not a float (compared as asyncio compares it).
+    slow_callback_value: Option<Py<PyAny>>,
     /// True while the loop thread is (about to be) blocked in the poll: only then does
     /// `call_soon_threadsafe` need to write the waker.
     polling: bool,
@@ -272,6 +277,28 @@ impl LoopCore {
 
     pub(crate) fn debug(&self, py: Python<'_>) -> bool {
         self.state.borrow(py).debug
+    }
+
+    /// `get_debug()`: what `set_debug` was given.
+    pub(crate) fn debug_value(&self, py: Python<'_>) -> Py<PyAny> {
+        let st = self.state.borrow(py);
+        match &st.debug_value {
+            Some(v) => v.clone_ref(py),
+            None => PyBool::new(py, st.debug).to_owned().into_any().unbind(),
+        }
+    }
+
+    /// Debug mode's slow-callback check: did a callback that took `dt` seconds reach
+    /// `slow_callback_duration`?
+    pub(crate) fn is_slow(&self, py: Python<'_>, dt: f64) -> PyResult<bool> {
+        let limit = {
+            let st = self.state.borrow(py);
+            match &st.slow_callback_value {
+                None => return Ok(dt >= st.slow_callback_duration),
+                Some(v) => v.clone_ref(py),
+            }
+        };
+        PyFloat::new(py, dt).ge(limit.bind(py))
     }
 
     fn after_setattr(slf: &Bound<'_, Self>, name: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -763,9 +790,11 @@ impl LoopCore {
                 closed: false,
                 stopping: false,
                 debug: false,
+                debug_value: None,
                 thread_id: None,
                 current_handle: None,
                 slow_callback_duration: 0.1,
+                slow_callback_value: None,
                 polling: false,
                 polls_to_skip: 0,
                 parked_any: false,
@@ -1106,13 +1135,22 @@ impl LoopCore {
 
     // --- state that asyncio keeps as attributes ------------------------------------------
 
+    /// What `set_debug` was given (asyncio's plain attribute: any object, used for its truth).
     #[getter(_debug)]
-    fn getter_attr_debug(&self, py: Python<'_>) -> bool {
-        self.debug(py)
+    fn getter_attr_debug(&self, py: Python<'_>) -> Py<PyAny> {
+        self.debug_value(py)
     }
     #[setter(_debug)]
-    fn setter_attr_debug(&self, py: Python<'_>, v: bool) {
-        self.state.borrow_mut(py).debug = v;
+    fn setter_attr_debug(&self, py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        let on = v.is_truthy()?;
+        let value = (!v.is_exact_instance_of::<PyBool>()).then(|| v.clone().unbind());
+        let old = {
+            let mut st = self.state.borrow_mut(py);
+            st.debug = on;
+            std::mem::replace(&mut st.debug_value, value)
+        };
+        drop(old);
+        Ok(())
     }
 
     #[getter(_closed)]
@@ -1143,13 +1181,28 @@ impl LoopCore {
         self.state.borrow(py).current_handle.as_ref().map(|h| h.clone_ref(py))
     }
 
+    /// asyncio's plain attribute: any object; debug mode compares a callback's duration with
+    /// it (a float here, anything else with Python's `>=`, which may raise as asyncio's does).
     #[getter(slow_callback_duration)]
-    fn getter_attrslow_callback_duration(&self, py: Python<'_>) -> f64 {
-        self.state.borrow(py).slow_callback_duration
+    fn getter_attrslow_callback_duration(&self, py: Python<'_>) -> Py<PyAny> {
+        let st = self.state.borrow(py);
+        match &st.slow_callback_value {
+            Some(v) => v.clone_ref(py),
+            None => PyFloat::new(py, st.slow_callback_duration).into_any().unbind(),
+        }
     }
     #[setter(slow_callback_duration)]
-    fn setter_attrslow_callback_duration(&self, py: Python<'_>, v: f64) {
-        self.state.borrow_mut(py).slow_callback_duration = v;
+    fn setter_attrslow_callback_duration(&self, py: Python<'_>, v: &Bound<'_, PyAny>) {
+        let (secs, value) = match v.cast_exact::<PyFloat>() {
+            Ok(f) => (f.value(), None),
+            Err(_) => (f64::NAN, Some(v.clone().unbind())),
+        };
+        let old = {
+            let mut st = self.state.borrow_mut(py);
+            st.slow_callback_duration = secs;
+            std::mem::replace(&mut st.slow_callback_value, value)
+        };
+        drop(old);
     }
 
     #[getter(_timer_cancelled_count)]

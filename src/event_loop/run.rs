@@ -335,13 +335,10 @@ fn run_debug(slf: &Bound<'_, LoopCore>, h: &Bound<'_, Handle>) -> PyResult<()> {
     let t0 = sys::monotonic_ns();
     let res = handles::run_handle(py, h);
     let dt = (sys::monotonic_ns() - t0) as f64 / 1e9;
-    let (prev, slow) = {
-        let mut st = core.state.borrow_mut(py);
-        (st.current_handle.take(), st.slow_callback_duration)
-    };
+    let prev = core.state.borrow_mut(py).current_handle.take();
     drop(prev);
     res?;
-    if dt >= slow {
+    if core.is_slow(py, dt)? {
         slf.call_method1(intern!(py, "_log_slow_callback"), (h, dt))?;
     }
     Ok(())
