@@ -308,6 +308,19 @@ def test_timer_handle_comparisons(loop):
         h.cancel()
 
 
+def test_timer_handle_with_nan_deadline_is_not_equal_to_itself(loop):
+    # asyncio's __eq__ compares the deadlines first, with no identity shortcut, and
+    # <= / >= mean "< or ==": with a NaN deadline all of them are false.
+    nan = float("nan")
+    for h in (loop.call_at(nan, lambda: None), loop.call_later(nan, lambda: None)):
+        assert not (h == h)
+        assert h != h
+        assert not (h <= h) and not (h >= h) and not (h < h)
+        assert hash(h) == hash(h)
+        h.cancel()
+    run_briefly(loop)
+
+
 def test_timer_handle_compared_with_other_types(loop):
     h = loop.call_at(10, lambda: None)
     assert h != 10
