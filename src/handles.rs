@@ -628,8 +628,16 @@ impl TimerHandle {
         self.scheduled.load(Ordering::Relaxed)
     }
 
-    fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
-        self.when_value(py).bind(py).hash()
+    fn __hash__(slf: &Bound<'_, Self>) -> PyResult<isize> {
+        let py = slf.py();
+        let this = slf.get();
+        if this.when_obj.is_none() && this.when.is_nan() {
+            // asyncio hashes its one NaN object, by identity (3.10+); a new float per call
+            // would give a new hash each time. The handle's identity is as stable.
+            let h = (slf.as_ptr() as usize).rotate_right(4) as isize;
+            return Ok(if h == -1 { -2 } else { h });
+        }
+        this.when_value(py).bind(py).hash()
     }
 
     fn __richcmp__(slf: &Bound<'_, Self>, other: &Bound<'_, PyAny>, op: CompareOp) -> PyResult<Py<PyAny>> {
@@ -650,10 +658,9 @@ impl TimerHandle {
     }
 }
 
+/// asyncio's `TimerHandle.__eq__`, with no identity shortcut: a handle whose `when()` is NaN is
+/// not equal to itself there either.
 fn timer_eq(a: &Bound<'_, TimerHandle>, b: &Bound<'_, TimerHandle>) -> PyResult<bool> {
-    if a.is(b) {
-        return Ok(true);
-    }
     let py = a.py();
     let (ha, hb) = (a.as_super().get(), b.as_super().get());
     if a.get().when != b.get().when || ha.is_cancelled() != hb.is_cancelled() {

@@ -18,6 +18,7 @@ mod transports;
 fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<event_loop::LoopCore>()?;
     event_loop::install_fastcall(m.py())?;
+    event_loop::install_clock(m.py())?;
     m.add_class::<event_loop::CachedCallSoon>()?;
     event_loop::install_cached_call_soon(m.py())?;
     sys::raise_heap_thresholds();

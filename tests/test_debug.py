@@ -29,6 +29,18 @@ def test_set_debug(loop):
     assert loop.get_debug() is False
 
 
+@pytest.mark.parametrize("value", [1, 0, None, "yes", ""], ids=repr)
+def test_set_debug_takes_any_object(loop, value):
+    # asyncio keeps what it is given; debug mode follows its truth.
+    loop.set_debug(value)
+    assert loop.get_debug() is value
+    h = loop.call_soon(_cb)
+    assert (h._source_traceback is not None) == bool(value)
+    h.cancel()
+    loop.set_debug(False)
+    assert loop.get_debug() is False
+
+
 def test_set_debug_while_running(loop):
     seen = []
 
@@ -126,6 +138,25 @@ def test_slow_callback_duration_default(loop):
     assert loop.slow_callback_duration == 0.1
     loop.slow_callback_duration = 0.5
     assert loop.slow_callback_duration == 0.5
+
+
+@pytest.mark.parametrize("value", [1, None, "x"], ids=repr)
+def test_slow_callback_duration_takes_any_object(loop, value):
+    loop.slow_callback_duration = value
+    assert loop.slow_callback_duration == value
+    assert type(loop.slow_callback_duration) is type(value)
+
+
+def test_slow_callback_duration_not_comparable_fails_the_run(loop):
+    # asyncio compares each callback's duration with it in debug mode: `float >= None` is a
+    # TypeError out of the loop's iteration.
+    loop.set_debug(True)
+    loop.slow_callback_duration = None
+    loop.call_soon(_cb)
+    with pytest.raises(TypeError, match="'>=' not supported"):
+        run_briefly(loop)
+    loop.slow_callback_duration = 0.1
+    run_briefly(loop)
 
 
 def test_slow_callback_warning_names_callback(loop, caplog):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import decimal
+import fractions
 import sys
 import time
+from unittest import mock
 
 import pytest
 from conftest import run_briefly, scheduled_timer_count
@@ -146,6 +150,40 @@ def test_delay_of_wrong_type_rejected(loop):
         loop.call_later("1", lambda: None)
 
 
+class _IndexOnly:
+    def __index__(self):
+        return 1
+
+
+@pytest.mark.parametrize(
+    "delay", [decimal.Decimal("0.01"), _IndexOnly(), "1"], ids=["Decimal", "index-only", "str"]
+)
+def test_call_later_adds_delay_to_time_as_python_does(loop, delay):
+    # asyncio computes `self.time() + delay`: float + Decimal, or + an object with only
+    # __index__, is a TypeError, with Python's message.
+    with pytest.raises(TypeError, match="unsupported operand type"):
+        loop.call_later(delay, lambda: None)
+
+
+def test_call_later_with_a_fraction_delay(loop):
+    seen = []
+    h = loop.call_later(fractions.Fraction(1, 100), seen.append, "fired")
+    assert isinstance(h.when(), float)
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert seen == ["fired"]
+
+
+def test_call_at_with_ints_beyond_float_range(loop):
+    seen = []
+    far = loop.call_at(10**400, seen.append, "far")
+    loop.call_at(-(10**400), seen.append, "past")
+    assert far.when() == 10**400
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert seen == ["past"]
+    far.cancel()
+    run_briefly(loop)
+
+
 def test_int_and_float_delays(loop):
     seen = []
     loop.call_later(0, seen.append, "int")
@@ -270,6 +308,19 @@ def test_timer_handle_comparisons(loop):
         h.cancel()
 
 
+def test_timer_handle_with_nan_deadline_is_not_equal_to_itself(loop):
+    # asyncio's __eq__ compares the deadlines first, with no identity shortcut, and
+    # <= / >= mean "< or ==": with a NaN deadline all of them are false.
+    nan = float("nan")
+    for h in (loop.call_at(nan, lambda: None), loop.call_later(nan, lambda: None)):
+        assert not (h == h)
+        assert h != h
+        assert not (h <= h) and not (h >= h) and not (h < h)
+        assert hash(h) == hash(h)
+        h.cancel()
+    run_briefly(loop)
+
+
 def test_timer_handle_compared_with_other_types(loop):
     h = loop.call_at(10, lambda: None)
     assert h != 10
@@ -322,6 +373,142 @@ def test_time_inside_callbacks_advances(loop):
 
     loop.run_until_complete(main())
     assert stamps[1] - stamps[0] >= 0.05 - 1e-3
+
+
+# --- clocks of other kinds: subclasses, patches ------------------------------------------
+
+
+def _loop_with_clock(loop_factory, clock):
+    """A loop of the kind under test whose class replaces ``time()`` with ``clock()``."""
+    first = loop_factory()
+    cls = type(first)
+    first.close()
+
+    class ClockLoop(cls):
+        def time(self):
+            return clock()
+
+    return ClockLoop()
+
+
+@pytest.mark.parametrize("offset", [1e10, -1e10])
+def test_subclass_clock_far_from_zero(loop_factory, offset):
+    # Beyond 2**63 ns (9.2e9 s) from zero: deadlines still order and fire on time.
+    loop = _loop_with_clock(loop_factory, lambda: offset + time.monotonic())
+    try:
+        t0 = time.monotonic()
+        fired = {}
+        loop.call_later(0.2, lambda: fired.setdefault("later", time.monotonic() - t0))
+        loop.call_at(loop.time() + 0.1, lambda: fired.setdefault("at", time.monotonic() - t0))
+        loop.run_until_complete(asyncio.sleep(0.3))
+        assert fired["at"] >= 0.1 - 1e-3, fired
+        assert fired["later"] >= 0.2 - 1e-3, fired
+        assert fired["at"] < fired["later"]
+    finally:
+        loop.close()
+
+
+def test_subclass_virtual_clock_with_huge_steps(loop_factory):
+    now = [1e12]
+    loop = _loop_with_clock(loop_factory, lambda: now[0])
+    try:
+        seen = []
+        loop.call_at(now[0] + 5e11, seen.append, "far")
+        loop.call_later(10.0, seen.append, "10 s")
+        run_briefly(loop)
+        assert seen == []
+        now[0] += 10.0
+        run_briefly(loop)
+        # asyncio's rule is `when < now + 1e-9`, in floats: at 1e12, equal is not yet due.
+        assert seen == []
+        now[0] += 0.001
+        run_briefly(loop)
+        assert seen == ["10 s"]
+        now[0] += 5e11
+        run_briefly(loop)
+        assert seen == ["10 s", "far"]
+    finally:
+        loop.close()
+
+
+PATCHES = ["attribute", "patch loop", "patch class"]
+
+
+@contextlib.contextmanager
+def _patched_time(loop, how, fake):
+    """``loop.time`` replaced by ``fake`` after the loop was made, the ways tests do it."""
+    if how == "attribute":
+        loop.time = fake
+        try:
+            yield
+        finally:
+            del loop.time
+    elif how == "instance dict":
+        vars(loop)["time"] = fake
+        try:
+            yield
+        finally:
+            del vars(loop)["time"]
+    elif how == "patch loop":
+        with mock.patch.object(loop, "time", fake):
+            yield
+    else:
+        with mock.patch.object(type(loop), "time", lambda self: fake()):
+            yield
+
+
+@pytest.mark.parametrize("how", [*PATCHES, "instance dict"])
+def test_call_at_follows_time_patched_after_creation(loop, how):
+    t0 = time.monotonic()
+    fired = []
+    with _patched_time(loop, how, lambda: time.monotonic() + 1000.0):
+        loop.call_at(loop.time() + 0.05, lambda: fired.append(time.monotonic() - t0))
+        loop.run_until_complete(asyncio.sleep(0.2))
+    assert len(fired) == 1 and fired[0] >= 0.05 - 1e-3, fired
+
+
+@pytest.mark.parametrize("how", PATCHES)
+def test_patched_frozen_clock_drives_timers(loop, how):
+    now = [loop.time() + 1000.0]
+    seen = []
+    with _patched_time(loop, how, lambda: now[0]):
+        h = loop.call_later(5, seen.append, "later")
+        assert h.when() == now[0] + 5
+        loop.call_at(now[0] + 10, seen.append, "at")
+        stale = loop.call_at(now[0] + 20, seen.append, "stale")
+        run_briefly(loop)
+        assert seen == []
+        now[0] += 5
+        run_briefly(loop)
+        assert seen == ["later"]
+        now[0] += 5
+        run_briefly(loop)
+        assert seen == ["later", "at"]
+    # Back on the loop's own clock: a deadline set on the fake clock is 1000 s away.
+    loop.call_later(0.01, seen.append, "real")
+    loop.run_until_complete(asyncio.sleep(0.05))
+    assert seen == ["later", "at", "real"]
+    stale.cancel()
+
+
+@pytest.mark.parametrize("how", PATCHES)
+def test_time_patched_while_running(loop, how):
+    now = [loop.time() + 1000.0]
+    seen = []
+
+    async def main():
+        with _patched_time(loop, how, lambda: now[0]):
+            loop.call_later(5, seen.append, "later")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert seen == []
+            now[0] += 5
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert seen == ["later"]
+
+    # No wait_for: its timeout, set on the real clock, is 1000 s overdue on the fake one.
+    loop.run_until_complete(main())
 
 
 # --- bookkeeping -------------------------------------------------------------------------

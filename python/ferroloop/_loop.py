@@ -267,7 +267,7 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         self._internal_fds = 0
         self._unix_server_sockets = {}  # 3.13's create_unix_server(cleanup_socket=...)
         self._owns_wakeup_fd = False
-        self._set_custom_clock(type(self).time is not _ferroloop.LoopCore.time)
+        self._check_clock()
         self.set_debug(coroutines._is_debug_mode())
 
     locals().update(_BORROWED_FUNCS)
@@ -422,6 +422,8 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
     def _run_forever_setup(self):
         self._check_closed()
         self._check_running()
+        # A `time` patched since the last look (the class, or the loop's __dict__ directly).
+        self._check_clock()
         self._set_coroutine_origin_tracking(self._debug)
         self._old_agen_hooks = sys.get_asyncgen_hooks()
         self._thread_id = threading.get_ident()

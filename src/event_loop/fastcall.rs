@@ -333,7 +333,7 @@ noargs_entry!(create_future_entry => |slf: &Borrowed<'_, '_, LoopCore>| {
 });
 noargs_entry!(get_debug_entry => |slf: &Borrowed<'_, '_, LoopCore>| {
     let py = slf.py();
-    Ok(pyo3::types::PyBool::new(py, slf.get().debug(py)).to_owned().into_ptr())
+    Ok(slf.get().debug_value(py).into_ptr())
 });
 
 entry!(call_soon_entry => call_soon);

@@ -18,12 +18,14 @@ mod run;
 pub mod timers;
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
-use pyo3::{intern, PyTraverseError};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyTuple};
+use pyo3::{intern, PyTraverseError, PyTypeInfo};
 
 use crate::handles::{self, CallArgs, Handle, TimerHandle};
 use crate::py::{self, GilCell};
@@ -35,7 +37,7 @@ use crate::transports::stream::StreamCore;
 pub(crate) use bound_cache::{install as install_cached_call_soon, CachedCallSoon};
 pub(crate) use fastcall::install as install_fastcall;
 use ready::ReadyQueue;
-use timers::TimerHeap;
+use timers::{Clock, TimerHeap};
 
 /// Queue length beyond which new handles (and their context copies) leave the GC's lists
 /// while the loop runs (`Handle::park`).
@@ -61,10 +63,15 @@ pub(crate) struct State {
     timer_cancelled_count: usize,
     closed: bool,
     stopping: bool,
+    /// Debug mode (the truth of `_debug`).
     debug: bool,
+    /// What `set_debug` was given, when not a bool (asyncio's `get_debug()` returns it).
+    debug_value: Option<Py<PyAny>>,
     thread_id: Option<u64>,
     current_handle: Option<Py<Handle>>,
     slow_callback_duration: f64,
+    /// `slow_callback_duration` as set, when not a float (compared as asyncio compares it).
+    slow_callback_value: Option<Py<PyAny>>,
     /// True while the loop thread is (about to be) blocked in the poll: only then does
     /// `call_soon_threadsafe` need to write the waker.
     polling: bool,
@@ -77,9 +84,17 @@ pub(crate) struct State {
     /// Signal numbers can arrive on the waker (`add_signal_handler`), so it must be polled
     /// even while the loop is busy.
     signal_handlers: bool,
-    /// A subclass overrides `time()`: deadlines and "now" then come from it (asyncio's loop
-    /// always asks `self.time()`; plain loops skip the Python call).
-    custom_clock: bool,
+    /// How timers are keyed (`timers::Clock`): `Custom` while `time()` is replaced, on the
+    /// class (a subclass, a patch of the class) or on this loop (`loop.time = ...`); deadlines
+    /// and "now" then come from it (asyncio's loop always asks `self.time()`; plain loops skip
+    /// the Python call). `call_later`/`call_at` look at the class each call (`sync_clock`),
+    /// `_check_clock` at both, at `run_forever` start and when `time` is set on the loop.
+    clock: Clock,
+    /// This loop has a `time` attribute of its own (`_check_clock`).
+    time_on_instance: bool,
+    /// The version tag of the loop's type when it was last found not to replace `time`, or
+    /// 0 (`sync_clock`).
+    time_checked_tag: u32,
     reactor: Option<Reactor<Py<PyAny>>>,
     /// `loop._task_factory` (`set_task_factory`).
     task_factory: Option<Py<PyAny>>,
@@ -137,11 +152,6 @@ pub struct LoopCore {
     state: GilCell<State>,
 }
 
-/// Seconds (float) to integer nanoseconds, rounding up so a timer never fires before its time.
-fn secs_to_ns(when: f64) -> i64 {
-    (when * 1e9).ceil() as i64
-}
-
 fn ns_to_secs(ns: i64) -> f64 {
     ns as f64 / 1e9
 }
@@ -151,20 +161,67 @@ fn closed_err() -> PyErr {
 }
 
 impl LoopCore {
-    /// "Now" on the loop's clock, in nanoseconds.
-    pub(crate) fn now_ns(slf: &Bound<'_, Self>) -> PyResult<i64> {
-        if slf.get().state.borrow(slf.py()).custom_clock {
-            Ok(secs_to_ns(Self::now_secs(slf)?))
-        } else {
-            Ok(sys::monotonic_ns())
+    /// "Now" as a timer key (timers keyed at or below it are due), with the clock it was read
+    /// on (calling `time()` can run code that changes the clock: the caller compares it with
+    /// the heap's).
+    pub(crate) fn now_key(slf: &Bound<'_, Self>) -> PyResult<(Clock, i64)> {
+        let clock = slf.get().state.borrow(slf.py()).clock;
+        match clock {
+            Clock::Monotonic => Ok((clock, sys::monotonic_ns())),
+            Clock::Custom => {
+                let now: f64 = slf.call_method0(intern!(slf.py(), "time"))?.extract()?;
+                Ok((clock, Clock::due_key(now)))
+            }
         }
     }
 
-    fn now_secs(slf: &Bound<'_, Self>) -> PyResult<f64> {
-        if slf.get().state.borrow(slf.py()).custom_clock {
-            slf.call_method0(intern!(slf.py(), "time"))?.extract()
-        } else {
-            Ok(ns_to_secs(sys::monotonic_ns()))
+    /// The clock to use now: `Custom` if `time` is replaced on this loop (as last found by
+    /// `_check_clock`) or on its class, switching the timers' keys if that changed.
+    ///
+    /// The class is looked at through its version tag, as CPython's method cache does: a
+    /// type's tag is set to 0 when it or any base is modified, a new one is never a reused
+    /// one, and a type only has one when its bases have. So an unchanged nonzero tag means
+    /// an unchanged `type(loop).time` (a few instructions, against 60 for `_PyType_Lookup`).
+    #[inline(always)]
+    fn sync_clock(slf: &Bound<'_, Self>) -> Clock {
+        // SAFETY: the type of a live object is a live type object; the GIL is held.
+        let tag = unsafe { (*ffi::Py_TYPE(slf.as_ptr())).tp_version_tag };
+        {
+            let st = slf.get().state.borrow(slf.py());
+            if tag != 0 && tag == st.time_checked_tag && !st.time_on_instance && st.clock == Clock::Monotonic {
+                return Clock::Monotonic;
+            }
+        }
+        Self::sync_clock_slow(slf)
+    }
+
+    #[inline(never)]
+    fn sync_clock_slow(slf: &Bound<'_, Self>) -> Clock {
+        let py = slf.py();
+        let core = slf.get();
+        let replaced = class_time_replaced(slf);
+        // Read after the lookup, which gives the type a tag if it had none.
+        // SAFETY: as in `sync_clock`.
+        let tag = if replaced { 0 } else { unsafe { (*ffi::Py_TYPE(slf.as_ptr())).tp_version_tag } };
+        let (clock, on_instance) = {
+            let mut st = core.state.borrow_mut(py);
+            st.time_checked_tag = tag;
+            (st.clock, st.time_on_instance)
+        };
+        let want = if on_instance || replaced { Clock::Custom } else { Clock::Monotonic };
+        if want != clock {
+            core.set_clock(py, want);
+        }
+        want
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn set_clock(&self, py: Python<'_>, clock: Clock) {
+        let mut st = self.state.borrow_mut(py);
+        if st.clock != clock {
+            st.clock = clock;
+            st.timers.rekey(|t| clock.key(t.get().when));
         }
     }
 
@@ -220,6 +277,35 @@ impl LoopCore {
 
     pub(crate) fn debug(&self, py: Python<'_>) -> bool {
         self.state.borrow(py).debug
+    }
+
+    /// `get_debug()`: what `set_debug` was given.
+    pub(crate) fn debug_value(&self, py: Python<'_>) -> Py<PyAny> {
+        let st = self.state.borrow(py);
+        match &st.debug_value {
+            Some(v) => v.clone_ref(py),
+            None => PyBool::new(py, st.debug).to_owned().into_any().unbind(),
+        }
+    }
+
+    /// Debug mode's slow-callback check: did a callback that took `dt` seconds reach
+    /// `slow_callback_duration`?
+    pub(crate) fn is_slow(&self, py: Python<'_>, dt: f64) -> PyResult<bool> {
+        let limit = {
+            let st = self.state.borrow(py);
+            match &st.slow_callback_value {
+                None => return Ok(dt >= st.slow_callback_duration),
+                Some(v) => v.clone_ref(py),
+            }
+        };
+        PyFloat::new(py, dt).ge(limit.bind(py))
+    }
+
+    fn after_setattr(slf: &Bound<'_, Self>, name: &Bound<'_, PyAny>) -> PyResult<()> {
+        if name.eq(intern!(slf.py(), "time"))? {
+            Self::_check_clock(slf)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn timer_handle_cancelled(&self, py: Python<'_>) {
@@ -326,7 +412,6 @@ impl LoopCore {
         let py = slf.py();
         let core = slf.get();
         let debug = core.check_schedule(py, callback, "call_at", false)?;
-        let when_ns = secs_to_ns(when);
         let base = Handle::new(
             py,
             callback.clone().unbind(),
@@ -338,7 +423,9 @@ impl LoopCore {
         let th = TimerHandle::new(when, when_obj);
         th.set_scheduled(true);
         let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
-        core.state.borrow_mut(py).timers.push(when_ns, obj.clone_ref(py));
+        let mut st = core.state.borrow_mut(py);
+        let key = st.clock.key(when);
+        st.timers.push(key, obj.clone_ref(py));
         Ok(obj)
     }
 
@@ -392,9 +479,23 @@ impl LoopCore {
         if delay.is_none() {
             return Err(PyTypeError::new_err("delay must not be None"));
         }
-        let delay: f64 = delay.extract()?;
-        let now = Self::now_secs(slf)?;
-        Self::schedule_timer(slf, now + delay, None, callback, args, context)
+        let py = slf.py();
+        // asyncio's `self.time() + delay`: a float or int delay is added here; anything else
+        // as Python adds it to the float (a `Decimal` is a TypeError, a `Fraction` fine).
+        let when = if Self::sync_clock(slf) == Clock::Monotonic {
+            let now = ns_to_secs(sys::monotonic_ns());
+            if let Ok(d) = delay.cast_exact::<PyFloat>() {
+                return Self::schedule_timer(slf, now + d.value(), None, callback, args, context);
+            }
+            if delay.is_exact_instance_of::<PyInt>() {
+                let d: f64 = delay.extract()?;
+                return Self::schedule_timer(slf, now + d, None, callback, args, context);
+            }
+            PyFloat::new(py, now).add(delay)?
+        } else {
+            slf.call_method0(intern!(py, "time"))?.add(delay)?
+        };
+        Self::schedule_timer(slf, when_secs(&when)?, Some(&when), callback, args, context)
     }
 
     pub(crate) fn call_at(
@@ -407,9 +508,52 @@ impl LoopCore {
         if when.is_none() {
             return Err(PyTypeError::new_err("when cannot be None"));
         }
-        let when_f: f64 = when.extract()?;
-        Self::schedule_timer(slf, when_f, Some(when), callback, args, context)
+        Self::sync_clock(slf);
+        Self::schedule_timer(slf, when_secs(when)?, Some(when), callback, args, context)
     }
+}
+
+/// A deadline as a float. An int beyond the float range (asyncio keeps it and compares it
+/// exactly) is +-inf, which orders the same against every clock reading.
+#[inline(always)]
+fn when_secs(when: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if let Ok(f) = when.cast_exact::<PyFloat>() {
+        return Ok(f.value());
+    }
+    match when.extract::<f64>() {
+        Ok(w) => Ok(w),
+        Err(e) if e.is_instance_of::<PyOverflowError>(when.py()) && when.is_instance_of::<PyInt>() => {
+            Ok(if when.gt(0)? { f64::INFINITY } else { f64::NEG_INFINITY })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `LoopCore.time` as found on the type: what `_PyType_Lookup(type(loop), "time")` returns
+/// unless a class replaces it. Set once at module initialisation (`install_clock`), holding a
+/// reference so the address is never reused.
+static LOOP_TIME: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
+
+pub(crate) fn install_clock(py: Python<'_>) -> PyResult<()> {
+    let tp = LoopCore::type_object(py);
+    // SAFETY: a live type object and an interned str, with the GIL held.
+    let found = unsafe { py::type_lookup(tp.as_type_ptr(), intern!(py, "time").as_ptr()) };
+    if found.is_null() {
+        return Err(PyRuntimeError::new_err("LoopCore.time is missing"));
+    }
+    // SAFETY: `found` is a live borrowed reference (from the type's dict); the new reference
+    // taken here is kept for the life of the process.
+    unsafe { ffi::Py_INCREF(found) };
+    LOOP_TIME.store(found, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Does the loop's class (a subclass, or a patch of `Loop.time`) replace `time`?
+fn class_time_replaced(slf: &Bound<'_, LoopCore>) -> bool {
+    let py = slf.py();
+    // SAFETY: the type of a live object, and an interned str, with the GIL held.
+    let found = unsafe { py::type_lookup(ffi::Py_TYPE(slf.as_ptr()), intern!(py, "time").as_ptr()) };
+    found != LOOP_TIME.load(Ordering::Relaxed)
 }
 
 /// The number behind a file object: an int as it is, else `fileno()` (asyncio resolves
@@ -646,14 +790,18 @@ impl LoopCore {
                 closed: false,
                 stopping: false,
                 debug: false,
+                debug_value: None,
                 thread_id: None,
                 current_handle: None,
                 slow_callback_duration: 0.1,
+                slow_callback_value: None,
                 polling: false,
                 polls_to_skip: 0,
                 parked_any: false,
                 signal_handlers: false,
-                custom_clock: false,
+                clock: Clock::Monotonic,
+                time_on_instance: false,
+                time_checked_tag: 0,
                 reactor: Some(reactor),
                 task_factory: None,
                 loop_kwargs: None,
@@ -749,9 +897,39 @@ impl LoopCore {
         }
     }
 
-    /// Told by the Python side when the class overrides `time()`.
-    fn _set_custom_clock(&self, py: Python<'_>, custom: bool) {
-        self.state.borrow_mut(py).custom_clock = custom;
+    /// Look for a replaced `time` on this loop (its `__dict__`) and on its class, and key the
+    /// timers by that clock (`Clock`). Called by `__init__`, at `run_forever` start, and when
+    /// `time` is set or deleted on the loop (`__setattr__`).
+    fn _check_clock(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let on_instance = match slf.getattr_opt(intern!(py, "__dict__"))? {
+            Some(d) => match d.cast::<PyDict>() {
+                Ok(d) => d.contains(intern!(py, "time"))?,
+                Err(_) => false,
+            },
+            None => false,
+        };
+        slf.get().state.borrow_mut(py).time_on_instance = on_instance;
+        Self::sync_clock(slf);
+        Ok(())
+    }
+
+    /// `object.__setattr__`, then `_check_clock` if the name is `time`: a test's
+    /// `loop.time = fake` or `mock.patch.object(loop, "time", ...)` takes effect at once.
+    fn __setattr__(slf: &Bound<'_, Self>, name: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        // SAFETY: live objects, the GIL held; a null value would mean delete, and is not one.
+        if unsafe { ffi::PyObject_GenericSetAttr(slf.as_ptr(), name.as_ptr(), value.as_ptr()) } < 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Self::after_setattr(slf, name)
+    }
+
+    fn __delattr__(slf: &Bound<'_, Self>, name: &Bound<'_, PyAny>) -> PyResult<()> {
+        // SAFETY: live objects, the GIL held; a null value asks for deletion.
+        if unsafe { ffi::PyObject_GenericSetAttr(slf.as_ptr(), name.as_ptr(), std::ptr::null_mut()) } < 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Self::after_setattr(slf, name)
     }
 
     /// Told by the Python side whether any `add_signal_handler` handler is installed.
@@ -957,13 +1135,22 @@ impl LoopCore {
 
     // --- state that asyncio keeps as attributes ------------------------------------------
 
+    /// What `set_debug` was given (asyncio's plain attribute: any object, used for its truth).
     #[getter(_debug)]
-    fn getter_attr_debug(&self, py: Python<'_>) -> bool {
-        self.debug(py)
+    fn getter_attr_debug(&self, py: Python<'_>) -> Py<PyAny> {
+        self.debug_value(py)
     }
     #[setter(_debug)]
-    fn setter_attr_debug(&self, py: Python<'_>, v: bool) {
-        self.state.borrow_mut(py).debug = v;
+    fn setter_attr_debug(&self, py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        let on = v.is_truthy()?;
+        let value = (!v.is_exact_instance_of::<PyBool>()).then(|| v.clone().unbind());
+        let old = {
+            let mut st = self.state.borrow_mut(py);
+            st.debug = on;
+            std::mem::replace(&mut st.debug_value, value)
+        };
+        drop(old);
+        Ok(())
     }
 
     #[getter(_closed)]
@@ -994,13 +1181,28 @@ impl LoopCore {
         self.state.borrow(py).current_handle.as_ref().map(|h| h.clone_ref(py))
     }
 
+    /// asyncio's plain attribute: any object; debug mode compares a callback's duration with
+    /// it (a float here, anything else with Python's `>=`, which may raise as asyncio's does).
     #[getter(slow_callback_duration)]
-    fn getter_attrslow_callback_duration(&self, py: Python<'_>) -> f64 {
-        self.state.borrow(py).slow_callback_duration
+    fn getter_attrslow_callback_duration(&self, py: Python<'_>) -> Py<PyAny> {
+        let st = self.state.borrow(py);
+        match &st.slow_callback_value {
+            Some(v) => v.clone_ref(py),
+            None => PyFloat::new(py, st.slow_callback_duration).into_any().unbind(),
+        }
     }
     #[setter(slow_callback_duration)]
-    fn setter_attrslow_callback_duration(&self, py: Python<'_>, v: f64) {
-        self.state.borrow_mut(py).slow_callback_duration = v;
+    fn setter_attrslow_callback_duration(&self, py: Python<'_>, v: &Bound<'_, PyAny>) {
+        let (secs, value) = match v.cast_exact::<PyFloat>() {
+            Ok(f) => (f.value(), None),
+            Err(_) => (f64::NAN, Some(v.clone().unbind())),
+        };
+        let old = {
+            let mut st = self.state.borrow_mut(py);
+            st.slow_callback_duration = secs;
+            std::mem::replace(&mut st.slow_callback_value, value)
+        };
+        drop(old);
     }
 
     #[getter(_timer_cancelled_count)]

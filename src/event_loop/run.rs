@@ -16,7 +16,8 @@ use std::io;
 use pyo3::intern;
 use pyo3::prelude::*;
 
-use super::{timers, LoopCore, Work, MAX_POLL_TIMEOUT_MS};
+use super::timers::{self, Clock};
+use super::{LoopCore, Work, MAX_POLL_TIMEOUT_MS};
 use crate::handles::{self, Handle, TimerHandle};
 use crate::reactor::{is_waker, Which};
 use crate::sockops::{self, SockOp};
@@ -36,11 +37,15 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
     // The clock is read only with timers scheduled: without, neither the poll timeout nor
     // step 4 needs it (a callback chain runs one iteration per callback).
     let has_timers = !core.state.borrow(py).timers.is_empty();
-    let now_ns = if has_timers { Some(LoopCore::now_ns(slf)?) } else { None };
+    let now = if has_timers { Some(LoopCore::now_key(slf)?) } else { None };
 
     // 1 + 2a: purge cancelled timers, compute the poll timeout.
     let (timeout_ms, poller, (mut buf, mut events)) = {
         let mut st = core.state.borrow_mut(py);
+        // "Now" read on another clock than the heap's (`time()` switched it): unknown, so
+        // poll without blocking and read it again in `run_ready`.
+        let clock_changed = now.is_some_and(|(c, _)| c != st.clock);
+        let now_ns = now.filter(|_| !clock_changed).map(|(_, t)| t);
         if has_timers {
             st.timer_peak = st.timer_peak.max(st.timers.len());
             if timers::should_compact(st.timers.len(), st.timer_cancelled_count) {
@@ -51,16 +56,10 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                 st.timer_cancelled_count = st.timer_cancelled_count.saturating_sub(garbage.len());
             }
         }
-        let timeout_ms: i32 = if !st.ready.is_empty() || st.stopping {
+        let timeout_ms: i32 = if !st.ready.is_empty() || st.stopping || clock_changed {
             0
         } else if let (Some(when_ns), Some(now_ns)) = (st.timers.peek_when(), now_ns) {
-            let delta = when_ns.saturating_sub(now_ns);
-            if delta <= 0 {
-                0
-            } else {
-                // Round up: waking early would just poll again.
-                (delta.saturating_add(999_999) / 1_000_000).min(MAX_POLL_TIMEOUT_MS) as i32
-            }
+            st.clock.timeout_ms(when_ns, now_ns, MAX_POLL_TIMEOUT_MS) as i32
         } else {
             -1
         };
@@ -84,7 +83,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             drop(st);
             release_timers(py, garbage);
             // No poll happened, so "now" is still now.
-            return run_ready(slf, now_ns);
+            return run_ready(slf, now);
         }
         let poller = reactor.poller();
         let buf = reactor.take_buf();
@@ -194,20 +193,22 @@ fn release_timers(py: Python<'_>, garbage: Vec<Py<TimerHandle>>) {
     }
 }
 
-/// Steps 4 and 5: due timers join the ready queue, then run what is queued. `now_ns` is the
-/// time already read this iteration, if no poll has happened since.
-fn run_ready(slf: &Bound<'_, LoopCore>, now_ns: Option<i64>) -> PyResult<()> {
+/// Steps 4 and 5: due timers join the ready queue, then run what is queued. `now` is the
+/// time already read this iteration (with its clock), if no poll has happened since.
+fn run_ready(slf: &Bound<'_, LoopCore>, now: Option<(Clock, i64)>) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
-    let now_ns = match now_ns {
+    let now = match now {
         Some(t) => Some(t),
         // No timers, no clock (Python code run since the last look may have added some).
         None if core.state.borrow(py).timers.is_empty() => None,
-        None => Some(LoopCore::now_ns(slf)?),
+        None => Some(LoopCore::now_key(slf)?),
     };
     let ntodo = {
         let mut st = core.state.borrow_mut(py);
-        if let Some(now_ns) = now_ns {
+        // A "now" read on another clock than the heap's (`time()` switched it) is ignored:
+        // the next iteration reads it again.
+        if let Some((_, now_ns)) = now.filter(|(c, _)| *c == st.clock) {
             while let Some(t) = st.timers.pop_due(now_ns) {
                 t.get().set_scheduled(false);
                 st.ready.push(Work::Handle(t.into_bound(py).into_super().unbind()));
@@ -334,13 +335,10 @@ fn run_debug(slf: &Bound<'_, LoopCore>, h: &Bound<'_, Handle>) -> PyResult<()> {
     let t0 = sys::monotonic_ns();
     let res = handles::run_handle(py, h);
     let dt = (sys::monotonic_ns() - t0) as f64 / 1e9;
-    let (prev, slow) = {
-        let mut st = core.state.borrow_mut(py);
-        (st.current_handle.take(), st.slow_callback_duration)
-    };
+    let prev = core.state.borrow_mut(py).current_handle.take();
     drop(prev);
     res?;
-    if dt >= slow {
+    if core.is_slow(py, dt)? {
         slf.call_method1(intern!(py, "_log_slow_callback"), (h, dt))?;
     }
     Ok(())

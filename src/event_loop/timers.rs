@@ -148,6 +148,16 @@ impl<T> TimerHeap<T> {
         self.heap = BinaryHeap::from(live);
     }
 
+    /// Give every entry the key `key(item)` (the clock changed: `Clock`), keeping each one's
+    /// sequence number, so ties still fire in scheduling order.
+    pub fn rekey(&mut self, key: impl Fn(&T) -> i64) {
+        let mut entries = std::mem::take(&mut self.heap).into_vec();
+        for e in &mut entries {
+            e.hi = key(&e.item) as u64 ^ SIGN;
+        }
+        self.heap = BinaryHeap::from(entries);
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.heap.iter().map(|e| &e.item)
     }
@@ -155,6 +165,91 @@ impl<T> TimerHeap<T> {
     pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
         self.heap.drain().map(|e| e.item)
     }
+}
+
+/// How deadlines become the heap's `i64` keys, and "now" with them.
+///
+/// - `Monotonic` (the loop's own `time()`): integer nanoseconds of `CLOCK_MONOTONIC`, a float
+///   deadline rounded up, so a timer never fires before its `when()`. "Now" is read without
+///   calling Python.
+/// - `Custom` (`time()` replaced by a subclass or a patch): the float itself, as an integer
+///   with the same order (`f64::total_cmp`'s mapping). Every value a Python clock can return
+///   orders as asyncio's float comparisons order it, with nothing to overflow: nanoseconds
+///   of a clock beyond 2**63 ns (9.2e9 s) would saturate, and every timer would be due.
+///   -0.0 is keyed as 0.0 (asyncio's floats compare them equal); NaN as -inf, due at once,
+///   as on the monotonic scale (where it converts to 0 ns). A timer is due by asyncio's
+///   rule, `when < now + resolution` in floats (`due_key`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Clock {
+    Monotonic,
+    Custom,
+}
+
+impl Clock {
+    #[inline(always)]
+    pub fn key(self, when: f64) -> i64 {
+        match self {
+            Clock::Monotonic => secs_to_ns(when),
+            Clock::Custom => float_key(when),
+        }
+    }
+
+    /// On a custom clock reading `now`, the key at or below which a timer is due: asyncio's
+    /// `when < now + clock_resolution`, computed in floats as asyncio does (so near 1e10,
+    /// where adding 1e-9 changes nothing, a deadline equal to "now" is not due yet).
+    pub fn due_key(now: f64) -> i64 {
+        float_key(now + RESOLUTION).saturating_sub(1)
+    }
+
+    /// How long a poll may wait for the deadline `when_key`, in milliseconds rounded up
+    /// (waking early would just poll again), at most `max_ms`; 0 when due.
+    pub fn timeout_ms(self, when_key: i64, now_key: i64, max_ms: i64) -> i64 {
+        match self {
+            Clock::Monotonic => {
+                let delta = when_key.saturating_sub(now_key);
+                if delta <= 0 {
+                    0
+                } else {
+                    (delta.saturating_add(999_999) / 1_000_000).min(max_ms)
+                }
+            }
+            Clock::Custom => {
+                let delta = key_float(when_key) - key_float(now_key);
+                if delta > 0.0 {
+                    // A float-to-int `as` saturates (+inf becomes i64::MAX).
+                    ((delta * 1e3).ceil() as i64).clamp(1, max_ms)
+                } else {
+                    0
+                }
+            }
+        }
+    }
+}
+
+/// asyncio's `_clock_resolution` (`time.get_clock_info("monotonic").resolution` on Linux).
+const RESOLUTION: f64 = 1e-9;
+
+/// Seconds (float) to integer nanoseconds, rounding up so a timer never fires before its
+/// time (saturating at the ends of `i64`; NaN becomes 0).
+#[inline(always)]
+pub fn secs_to_ns(when: f64) -> i64 {
+    (when * 1e9).ceil() as i64
+}
+
+/// `x`'s bits as an `i64` whose order is `f64::total_cmp`'s, after mapping -0.0 to 0.0 and
+/// NaN to -inf (see `Clock`).
+#[inline]
+fn float_key(x: f64) -> i64 {
+    let x = if x.is_nan() { f64::NEG_INFINITY } else { x + 0.0 };
+    let bits = x.to_bits() as i64;
+    // Negative floats: flip every bit but the sign, so larger magnitudes order lower.
+    bits ^ (((bits >> 63) as u64) >> 1) as i64
+}
+
+/// The float behind a `float_key` (the mask depends only on the sign bit, which it keeps).
+#[inline]
+fn key_float(key: i64) -> f64 {
+    f64::from_bits((key ^ (((key >> 63) as u64) >> 1) as i64) as u64)
 }
 
 /// asyncio's compaction rule, on counts.
@@ -397,6 +492,76 @@ mod tests {
         assert_eq!(got, want.iter().map(|w| w.1).collect::<Vec<_>>());
         h.push(i64::MIN, 9);
         assert_eq!(h.pop_due(i64::MIN), Some(9));
+    }
+
+    #[test]
+    fn float_keys_order_as_floats() {
+        let xs = [
+            f64::NEG_INFINITY,
+            -1e300,
+            -1e10 - 0.5,
+            -1e10,
+            -1.0,
+            -f64::MIN_POSITIVE,
+            0.0,
+            5e-324,
+            1e-9,
+            1.0,
+            9.3e9,
+            1e10,
+            1e10 + 0.1,
+            1e300,
+            f64::MAX,
+            f64::INFINITY,
+        ];
+        for w in xs.windows(2) {
+            assert!(float_key(w[0]) < float_key(w[1]), "{} < {}", w[0], w[1]);
+        }
+        for &x in &xs {
+            assert_eq!(key_float(float_key(x)), x);
+        }
+        assert_eq!(float_key(-0.0), float_key(0.0));
+        assert_eq!(float_key(f64::NAN), float_key(f64::NEG_INFINITY));
+        assert_eq!(float_key(-f64::NAN), float_key(f64::NEG_INFINITY));
+    }
+
+    #[test]
+    fn custom_clock_far_from_zero_keeps_distinct_deadlines() {
+        // The monotonic scale saturates there: every deadline and "now" become one key.
+        let now = 1e10 + 12.5;
+        assert_eq!(Clock::Monotonic.key(now), Clock::Monotonic.key(now + 0.3));
+        let c = Clock::Custom;
+        assert!(c.key(now) < c.key(now + 0.1) && c.key(now + 0.1) < c.key(now + 0.3));
+        // Float steps of 2e-6 s at 1e10: within a millisecond of 100.
+        assert!((100..=101).contains(&c.timeout_ms(c.key(now + 0.1), c.key(now), 86_400_000)));
+        assert_eq!(c.timeout_ms(c.key(now), c.key(now + 0.1), 86_400_000), 0);
+        assert!((100..=101).contains(&c.timeout_ms(c.key(now + 0.1), Clock::due_key(now), 86_400_000)));
+        // asyncio's `when < now + 1e-9`: equal is due near 0, not near 1e10.
+        assert!(c.key(5.0) <= Clock::due_key(5.0));
+        assert!(c.key(5.0 + 1e-9) > Clock::due_key(5.0));
+        assert!(c.key(now) > Clock::due_key(now));
+        assert!(c.key(now - 2e-6) <= Clock::due_key(now));
+        assert!(c.key(-1e300) <= Clock::due_key(0.0) && c.key(0.0) <= Clock::due_key(0.0));
+        assert!(c.key(f64::MAX) <= Clock::due_key(f64::INFINITY));
+        assert!(c.key(f64::INFINITY) > Clock::due_key(f64::INFINITY));
+        assert!(c.key(f64::NAN) <= Clock::due_key(-1e300));
+        assert_eq!(c.timeout_ms(c.key(f64::INFINITY), c.key(now), 86_400_000), 86_400_000);
+        assert_eq!(c.timeout_ms(c.key(-1e10 + 0.0001), c.key(-1e10), 86_400_000), 1);
+        let m = Clock::Monotonic;
+        assert_eq!(m.timeout_ms(m.key(1.0001), m.key(1.0), 86_400_000), 1);
+        assert_eq!(m.timeout_ms(m.key(1.0), m.key(2.0), 86_400_000), 0);
+    }
+
+    #[test]
+    fn rekey_reorders_and_keeps_ties_in_order() {
+        let mut h = TimerHeap::default();
+        for (i, w) in [5, 4, 3, 2, 1].into_iter().enumerate() {
+            h.push(w, i as i64);
+        }
+        // New keys: item order, with items 1 and 2 tied (push order must win).
+        h.rekey(|&item| if item == 2 { 1 } else { item });
+        let got: Vec<i64> = std::iter::from_fn(|| h.pop_due(i64::MAX)).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

@@ -509,6 +509,19 @@ extern "C" {
     // Part of CPython's C API (used by `socket.recv` itself), exported by every interpreter
     // this crate builds for; pyo3-ffi keeps its declaration private.
     fn _PyBytes_Resize(bytes: *mut *mut ffi::PyObject, newsize: ffi::Py_ssize_t) -> std::os::raw::c_int;
+    // The same: the lookup of a name through a type's MRO behind every attribute access (with
+    // the interpreter's method cache). A borrowed reference or NULL; never sets an exception.
+    fn _PyType_Lookup(tp: *mut ffi::PyTypeObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject;
+}
+
+/// `name` as found on the type `tp` (through its MRO), as a borrowed pointer, or NULL.
+///
+/// # Safety
+/// The GIL is held, `tp` is a live type object and `name` a live `str`.
+#[inline(always)]
+pub unsafe fn type_lookup(tp: *mut ffi::PyTypeObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: as the caller guarantees.
+    unsafe { _PyType_Lookup(tp, name) }
 }
 
 /// Fill a new `bytes` of `cap` bytes with `fill` (which returns how many bytes it wrote) and
