@@ -13,7 +13,7 @@ import warnings
 import weakref
 
 import pytest
-from conftest import run_briefly, run_forever_with
+from conftest import run, run_briefly, run_forever_with
 
 var = contextvars.ContextVar("var", default="default")
 
@@ -1126,3 +1126,42 @@ def test_call_soon_cache_is_installed_where_it_pays():
         assert lp.call_soon.__self__ is lp
     finally:
         lp.close()
+
+
+def test_threadsafe_flood_does_not_outrun_the_running_loop(loop):
+    """A thread calling ``call_soon_threadsafe`` in a tight loop while the loop runs: the loop
+    keeps up (asyncio's self-pipe write per call lets the loop's thread in; ferroloop pauses
+    the caller behind a long queue), so timers stay on time and the backlog stays bounded."""
+    calls = 0
+    runs = 0
+    stop = threading.Event()
+
+    def cb():
+        nonlocal runs
+        runs += 1
+        sum(range(20))  # a little work: running a callback costs more than queueing one
+
+    def producer():
+        nonlocal calls
+        while not stop.is_set():
+            loop.call_soon_threadsafe(cb)
+            calls += 1
+
+    async def main():
+        t = threading.Thread(target=producer)
+        t.start()
+        try:
+            lateness = []
+            for _ in range(5):
+                t0 = time.monotonic()
+                await asyncio.sleep(0.1)
+                lateness.append(time.monotonic() - t0 - 0.1)
+            backlog = calls - runs
+        finally:
+            stop.set()
+            await loop.run_in_executor(None, t.join)
+        return max(lateness), backlog
+
+    worst, backlog = run(loop, main())
+    assert worst < 0.5
+    assert backlog < 200_000

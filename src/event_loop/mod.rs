@@ -42,6 +42,10 @@ use timers::{Clock, TimerHeap};
 /// Queue length beyond which new handles (and their context copies) leave the GC's lists
 /// while the loop runs (`Handle::park`).
 const PARK_AFTER: usize = 32;
+/// Past this many waiting callbacks, `call_soon_threadsafe` from another thread than the
+/// running loop's pauses `THREADSAFE_PAUSE_US` with the GIL released (back-pressure).
+const THREADSAFE_BACKLOG: usize = 8_192;
+const THREADSAFE_PAUSE_US: u64 = 100;
 
 /// asyncio's `MAXIMUM_SELECT_TIMEOUT`: 24 hours.
 const MAX_POLL_TIMEOUT_MS: i64 = 24 * 3600 * 1000;
@@ -387,6 +391,13 @@ impl LoopCore {
         }
     }
 
+    /// The loop runs in another thread than the caller's, with more than
+    /// `THREADSAFE_BACKLOG` callbacks waiting.
+    fn backlogged_from_another_thread(&self, py: Python<'_>) -> bool {
+        let st = self.state.borrow(py);
+        st.ready.len() > THREADSAFE_BACKLOG && st.thread_id.is_some_and(|t| t != sys::thread_ident())
+    }
+
     /// Write the waker if the loop is blocked (or about to block) in the poll. One byte per
     /// blocked poll is enough: the flag is cleared by the first writer.
     fn wake_if_polling(&self, py: Python<'_>) {
@@ -447,7 +458,18 @@ impl LoopCore {
         context: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<Handle>> {
         let h = Self::queue_soon(slf, callback, args, context, "call_soon_threadsafe", true)?;
-        slf.get().wake_if_polling(slf.py());
+        let py = slf.py();
+        let core = slf.get();
+        core.wake_if_polling(py);
+        if core.backlogged_from_another_thread(py) {
+            // asyncio's call_soon_threadsafe writes to its self-pipe on every call, a system
+            // call that lets the loop's thread take the GIL; ours writes only to wake a blocked
+            // poll. So a thread calling it in a tight loop held the GIL for whole switch
+            // intervals and queued callbacks faster than the running loop could run them: the
+            // queue, and memory, grew without bound (gigabytes in seconds). Behind a long queue
+            // the calling thread lets go of the GIL for a moment, so the loop's thread runs.
+            py.detach(|| std::thread::sleep(std::time::Duration::from_micros(THREADSAFE_PAUSE_US)));
+        }
         Ok(h)
     }
 
