@@ -346,3 +346,34 @@ def test_forked_child_closing_its_loop_leaves_the_parents_registrations(loop):
         run(loop, srv.wait_closed())
         r.close()
         w.close()
+
+
+_OUT_OF_MEMORY_CODE = """
+import asyncio, resource, ferroloop
+loop = {factory}()
+resource.setrlimit(resource.RLIMIT_AS, (448 << 20, 448 << 20))
+n = 0
+try:
+    while True:
+        {call}
+        n += 1
+except MemoryError:
+    print("MemoryError after", n)
+try:
+    loop.close()
+except MemoryError:
+    pass
+print("survived")
+"""
+
+
+@pytest.mark.parametrize(
+    "call", ["loop.call_soon(int)", "loop.call_later(3600, int)"], ids=["call_soon", "call_later"]
+)
+def test_out_of_memory_is_a_memory_error(loop_kind, call):
+    """Queueing callbacks until memory runs out (an address-space limit) raises MemoryError,
+    as asyncio's deque / heapq do; the process does not abort, and the loop still closes."""
+    code = _OUT_OF_MEMORY_CODE.format(factory=FACTORY_SOURCE[loop_kind], call=call)
+    res = run_python(code, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "MemoryError after" in res.stdout and res.stdout.strip().endswith("survived")

@@ -20,7 +20,7 @@ pub mod timers;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use pyo3::exceptions::{PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
@@ -371,9 +371,13 @@ impl LoopCore {
     /// Queue a new handle. Behind a long queue of a running loop it and its context copy are
     /// parked (`Handle::park`); a short queue is left alone, since a GC pass walks it cheaply.
     #[inline(always)]
-    fn push_ready(&self, py: Python<'_>, h: &Py<Handle>) {
+    fn push_ready(&self, py: Python<'_>, h: &Py<Handle>) -> PyResult<()> {
         let mut st = self.state.borrow_mut(py);
-        st.ready.push(Work::Handle(h.clone_ref(py)));
+        if let Err(item) = st.ready.try_push(Work::Handle(h.clone_ref(py))) {
+            drop(st);
+            drop(item);
+            return Err(PyMemoryError::new_err(()));
+        }
         // Only while running: `run_forever` unparks what is left when it returns, so a loop
         // that is not running (and could be garbage) never holds parked handles.
         if st.ready.len() > PARK_AFTER && st.thread_id.is_some() {
@@ -381,6 +385,7 @@ impl LoopCore {
             drop(st);
             Handle::park(h.bind(py));
         }
+        Ok(())
     }
 
     /// Put every parked handle still queued back on the GC's lists.
@@ -436,7 +441,12 @@ impl LoopCore {
         let obj = Py::new(py, pyo3::PyClassInitializer::from(base).add_subclass(th))?;
         let mut st = core.state.borrow_mut(py);
         let key = st.clock.key(when);
-        st.timers.push(key, obj.clone_ref(py));
+        if let Err(item) = st.timers.try_push(key, obj.clone_ref(py)) {
+            drop(st);
+            drop(item);
+            obj.get().set_scheduled(false);
+            return Err(PyMemoryError::new_err(()));
+        }
         Ok(obj)
     }
 
@@ -487,7 +497,7 @@ impl LoopCore {
         let core = slf.get();
         let debug = core.check_schedule(py, callback, method, any_thread)?;
         let h = Self::new_handle(slf, callback, args, context, debug)?;
-        core.push_ready(py, &h);
+        core.push_ready(py, &h)?;
         Ok(h)
     }
 
@@ -607,6 +617,20 @@ fn checked_fd(fd: i64) -> PyResult<RawFd> {
         return Err(PyValueError::new_err(format!("Invalid file descriptor: {fd}")));
     }
     Ok(fd as RawFd)
+}
+
+/// Drop a closing loop's queued work (outside any borrow of the loop's state: destructors may
+/// run Python code): parked handles go back on the GC's lists first, and timers are marked
+/// unscheduled.
+fn drop_queues(py: Python<'_>, mut ready: ReadyQueue<Work>, mut timers: TimerHeap<Py<TimerHandle>>) {
+    for w in ready.drain() {
+        unpark(py, &w);
+        drop(w);
+    }
+    for t in timers.drain() {
+        t.get().set_scheduled(false);
+        drop(t);
+    }
 }
 
 /// A parked handle leaving the ready queue without running goes back on the GC's lists.
@@ -1020,18 +1044,17 @@ impl LoopCore {
             st.closed = true;
             // What refers back to the loop goes too, so plain reference counting frees it.
             let own = (st.loop_kwargs.take(), st.call_soon_bound.take());
-            let ready: Vec<_> = st.ready.drain().inspect(|w| unpark(py, w)).collect();
-            let timers: Vec<_> = st.timers.drain().collect();
+            // Taken whole, not copied: a queue that hit MemoryError must not need another.
+            let ready = std::mem::take(&mut st.ready);
+            let timers = std::mem::take(&mut st.timers);
             st.timer_cancelled_count = 0;
             let mut reactor = st.reactor.take();
             let entries = reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
             (ready, timers, entries, reactor, st.current_handle.take(), own)
         };
-        for t in timers.iter() {
-            t.get().set_scheduled(false);
-        }
         // Dropped here, outside the borrow: their destructors may run Python code.
-        drop((ready, timers, entries, reactor, current, own));
+        drop_queues(py, ready, timers);
+        drop((entries, reactor, current, own));
     }
 
     // --- readers and writers -------------------------------------------------------------
@@ -1277,13 +1300,14 @@ impl LoopCore {
         Python::attach(|py| {
             let (ready, timers, entries, current, factory) = {
                 let mut st = self.state.borrow_mut(py);
-                let ready: Vec<_> = st.ready.drain().inspect(|w| unpark(py, w)).collect();
-                let timers: Vec<_> = st.timers.drain().collect();
+                let ready = std::mem::take(&mut st.ready);
+                let timers = std::mem::take(&mut st.timers);
                 let entries = st.reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
                 let extra = (st.task_factory.take(), st.loop_kwargs.take(), st.call_soon_bound.take());
                 (ready, timers, entries, st.current_handle.take(), extra)
             };
-            drop((ready, timers, entries, current, factory));
+            drop_queues(py, ready, timers);
+            drop((entries, current, factory));
         });
     }
 }

@@ -40,6 +40,17 @@ impl<T> ReadyQueue<T> {
         self.q.push_back(item);
     }
 
+    /// `push`, or the item back when the queue cannot grow (out of memory: the caller raises
+    /// `MemoryError`, as asyncio's `deque.append` does, instead of the process aborting).
+    #[inline]
+    pub fn try_push(&mut self, item: T) -> Result<(), T> {
+        if self.q.len() == self.q.capacity() && self.q.try_reserve(1).is_err() {
+            return Err(item);
+        }
+        self.q.push_back(item);
+        Ok(())
+    }
+
     #[inline]
     pub fn pop(&mut self) -> Option<T> {
         self.q.pop_front()

@@ -103,6 +103,16 @@ impl<T> TimerHeap<T> {
         self.heap.push(Entry { hi: when_ns as u64 ^ SIGN, lo: seq, item });
     }
 
+    /// `push`, or the item back when the heap cannot grow (out of memory: see
+    /// `ReadyQueue::try_push`).
+    pub fn try_push(&mut self, when_ns: i64, item: T) -> Result<(), T> {
+        if self.heap.len() == self.heap.capacity() && self.heap.try_reserve(1).is_err() {
+            return Err(item);
+        }
+        self.push(when_ns, item);
+        Ok(())
+    }
+
     pub fn peek_when(&self) -> Option<i64> {
         self.heap.peek().map(Entry::when_ns)
     }
