@@ -362,3 +362,71 @@ def test_socket_closed_by_its_caller_is_not_used_through_a_reused_fd(loop):
             sink.recv(100)
     finally:
         sink.close()
+
+
+# --- several datagrams waiting ---------------------------------------------------------------
+
+
+async def _queued_to(loop, factory, count):
+    """A server endpoint with ``count`` datagrams already waiting in its socket."""
+    server, proto = await loop.create_datagram_endpoint(factory, local_addr=("127.0.0.1", 0))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(count):
+            s.sendto(b"%d" % i, server.get_extra_info("sockname"))
+    return server, proto
+
+
+def test_callbacks_scheduled_by_datagram_received_run_before_the_next_datagram(loop):
+    """asyncio reads one datagram per iteration: what ``datagram_received`` schedules with
+    ``call_soon`` runs before the next datagram is delivered, even with many waiting."""
+    order = []
+
+    class P(Collector):
+        def datagram_received(self, data, addr):
+            order.append(data.decode())
+            loop.call_soon(order.append, "after " + data.decode())
+
+    async def main():
+        server, _ = await _queued_to(loop, P, 6)
+        for _ in range(500):
+            if len(order) == 12:
+                break
+            await asyncio.sleep(0.002)
+        server.close()
+
+    run(loop, main())
+    assert order == [x for i in range(6) for x in (str(i), f"after {i}")]
+
+
+def test_closing_in_datagram_received_stops_delivery(loop):
+    async def main():
+        class P(Collector):
+            def datagram_received(self, data, addr):
+                super().datagram_received(data, addr)
+                self.transport.close()
+
+        server, proto = await _queued_to(loop, P, 5)
+        await asyncio.sleep(0.05)
+        return proto.queue.qsize()
+
+    assert run(loop, main()) == 1
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="datagram pause_reading() is new in 3.11")
+def test_pausing_in_datagram_received_stops_delivery_at_once(loop):
+    async def main():
+        class P(Collector):
+            def datagram_received(self, data, addr):
+                super().datagram_received(data, addr)
+                self.transport.pause_reading()
+
+        server, proto = await _queued_to(loop, P, 5)
+        await asyncio.sleep(0.05)
+        held = proto.queue.qsize()
+        server.resume_reading()
+        await asyncio.sleep(0.05)
+        after = proto.queue.qsize()
+        server.close()
+        return held, after
+
+    assert run(loop, main()) == (1, 2)

@@ -396,6 +396,30 @@ impl LoopCore {
         }
     }
 
+    /// Whether a reader may run again for `fd` inside the current callback, as if the next
+    /// iteration had begun and its poll had found only `fd` ready (`transports::datagram`
+    /// reads several datagrams per readiness event this way): nothing is queued, no stop is
+    /// pending, no stream writes are held, no timer is due (on the default clock), this is the
+    /// loop's thread, debug mode is off (its slow-callback timing is per callback), and `fd`
+    /// is still watched for reading.
+    pub(crate) fn may_read_again(&self, py: Python<'_>, fd: std::os::fd::RawFd) -> bool {
+        let st = self.state.borrow(py);
+        if !st.ready.is_empty()
+            || st.stopping
+            || st.closed
+            || st.debug
+            || !st.corked.is_empty()
+            || st.clock != Clock::Monotonic
+            || st.thread_id != Some(sys::thread_ident())
+        {
+            return false;
+        }
+        if st.timers.peek_when().is_some_and(|when| when <= sys::monotonic_ns()) {
+            return false;
+        }
+        st.reactor.as_ref().is_some_and(|r| r.registry.get(fd).is_some_and(|e| e.reader.is_some()))
+    }
+
     /// The loop runs in another thread than the caller's, with more than
     /// `THREADSAFE_BACKLOG` callbacks waiting.
     fn backlogged_from_another_thread(&self, py: Python<'_>) -> bool {

@@ -340,6 +340,11 @@ impl SockFd {
         self.sock.bind(py).call_method0("fileno").and_then(|f| f.extract()).unwrap_or(-1)
     }
 
+    /// The fd the transport took.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.fd
+    }
+
     pub fn sock(&self) -> &Py<PyAny> {
         &self.sock
     }
