@@ -109,6 +109,26 @@ impl Window {
         Ok(Some(self.phase))
     }
 
+    /// `advance`, then what both clients do on entering a phase: the measured window starts
+    /// with no request counted, and the drain restarts the stall clock (`last_progress`).
+    pub fn advance_counting(
+        &mut self,
+        now: Instant,
+        completed: &mut u64,
+        lat_ns: &mut Vec<u64>,
+        last_progress: &mut Instant,
+    ) -> Result<(), String> {
+        match self.advance(now)? {
+            Some(Phase::Measure) => {
+                *completed = 0;
+                lat_ns.clear();
+            }
+            Some(Phase::Drain) => *last_progress = Instant::now(),
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// The result: `completed` requests in the measured window, with their latencies (ns).
     pub fn report(&self, cfg: &Config, completed: u64, lat_ns: &mut [u64], verified: u64) -> Result<Json, String> {
         let wall = self.t_end.duration_since(self.t_measure).as_secs_f64();
@@ -222,14 +242,7 @@ pub fn run(cfg: &Config) -> Result<Json, String> {
         if stats.responses != before {
             last_progress = now;
         }
-        match win.advance(now)? {
-            Some(Phase::Measure) => {
-                stats.completed = 0;
-                stats.lat_ns.clear();
-            }
-            Some(Phase::Drain) => last_progress = Instant::now(),
-            _ => {}
-        }
+        win.advance_counting(now, &mut stats.completed, &mut stats.lat_ns, &mut last_progress)?;
         if win.phase == Phase::Drain && done_conns == conns.len() {
             break;
         }

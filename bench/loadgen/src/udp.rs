@@ -149,14 +149,7 @@ pub fn echo(cfg: &Config) -> Result<Json, String> {
                 send(i, p)?;
             }
         }
-        match win.advance(now)? {
-            Some(Phase::Measure) => {
-                stats.completed = 0;
-                stats.lat_ns.clear();
-            }
-            Some(Phase::Drain) => last_progress = Instant::now(),
-            _ => {}
-        }
+        win.advance_counting(now, &mut stats.completed, &mut stats.lat_ns, &mut last_progress)?;
         if win.phase == Phase::Drain && done_peers == peers.len() {
             break;
         }
