@@ -42,9 +42,21 @@ impl<T> ReadyQueue<T> {
 
     /// `push`, or the item back when the queue cannot grow (out of memory: the caller raises
     /// `MemoryError`, as asyncio's `deque.append` does, instead of the process aborting).
-    #[inline]
+    #[inline(always)]
     pub fn try_push(&mut self, item: T) -> Result<(), T> {
-        if self.q.len() == self.q.capacity() && self.q.try_reserve(1).is_err() {
+        if self.q.len() == self.q.capacity() {
+            return self.grow_and_push(item);
+        }
+        self.q.push_back(item);
+        Ok(())
+    }
+
+    /// `try_push` when the queue is full (out of line: the common push stays a few
+    /// instructions, as `push_back` inlined was).
+    #[cold]
+    #[inline(never)]
+    fn grow_and_push(&mut self, item: T) -> Result<(), T> {
+        if self.q.try_reserve(1).is_err() {
             return Err(item);
         }
         self.q.push_back(item);

@@ -105,12 +105,20 @@ impl<T> TimerHeap<T> {
 
     /// `push`, or the item back when the heap cannot grow (out of memory: see
     /// `ReadyQueue::try_push`).
+    #[inline]
     pub fn try_push(&mut self, when_ns: i64, item: T) -> Result<(), T> {
-        if self.heap.len() == self.heap.capacity() && self.heap.try_reserve(1).is_err() {
+        if self.heap.len() == self.heap.capacity() && self.reserve_failed() {
             return Err(item);
         }
         self.push(when_ns, item);
         Ok(())
+    }
+
+    /// Room for one more entry could not be made (out of line: rare).
+    #[cold]
+    #[inline(never)]
+    fn reserve_failed(&mut self) -> bool {
+        self.heap.try_reserve(1).is_err()
     }
 
     pub fn peek_when(&self) -> Option<i64> {
