@@ -113,6 +113,22 @@ class Group:
     transport: str = ""
 
 
+def _echo_row(g: Group, label, style, transport, size_label, size, bar, doc) -> Row:
+    """One echo row of group ``g`` (``bar`` None: informational)."""
+    return Row(
+        name=f"echo {label} {transport} {size_label}",
+        kind="echo",
+        group=g.name,
+        style=style,
+        transport=transport,
+        size=size,
+        size_label=size_label,
+        conns=ECHO_CONNS,
+        bar=bar,
+        doc=doc,
+    )
+
+
 def plan(idle_conns: int) -> list[Group]:
     """Every network group with all its rows, in run order."""
     groups = []
@@ -125,20 +141,8 @@ def plan(idle_conns: int) -> list[Group]:
                     f"{ECHO_CONNS} connections echo {size // 1024} KiB messages (closed loop) over "
                     f"{where} to a {label}-style server"
                 )
-                g.rows.append(
-                    Row(
-                        name=f"echo {label} {transport} {size_label}",
-                        kind="echo",
-                        group=g.name,
-                        style=style,
-                        transport=transport,
-                        size=size,
-                        size_label=size_label,
-                        conns=ECHO_CONNS,
-                        bar=echo_bar(style, transport, size_label),
-                        doc=doc,
-                    )
-                )
+                bar = echo_bar(style, transport, size_label)
+                g.rows.append(_echo_row(g, label, style, transport, size_label, size, bar, doc))
             groups.append(g)
     label, style = UDP_STYLE
     g = Group(f"echo {label} udp", "echo", style=style, transport="udp")
@@ -147,19 +151,7 @@ def plan(idle_conns: int) -> list[Group]:
             f"{ECHO_CONNS} UDP sockets echo {size // 1024} KiB datagrams (one out per socket) over "
             f"127.0.0.1 to a {label} server (create_datagram_endpoint); no bar"
         )
-        g.rows.append(
-            Row(
-                name=f"echo {label} udp {size_label}",
-                kind="echo",
-                group=g.name,
-                style=style,
-                transport="udp",
-                size=size,
-                size_label=size_label,
-                conns=ECHO_CONNS,
-                doc=doc,
-            )
-        )
+        g.rows.append(_echo_row(g, label, style, "udp", size_label, size, None, doc))
     groups.append(g)
     g = Group("http", "http")
     for c in HTTP_CONNS:
