@@ -291,8 +291,7 @@ fn socket_fd_layout(py: Python<'_>) -> Option<(usize, isize)> {
             // SAFETY: `a` and `b` are live `socket.socket` objects (a subclass of
             // `_socket.socket`, whose C struct starts with the object header and then the
             // `int` fd); the read stays inside that struct.
-            let read =
-                |s: &Bound<'_, PyAny>| unsafe { *s.as_ptr().cast::<u8>().offset(offset).cast::<std::ffi::c_int>() };
+            let read = |s: &Bound<'_, PyAny>| unsafe { fd_field(s.as_ptr(), offset) };
             let fa: std::ffi::c_int = a.call_method0("fileno")?.extract()?;
             let fb: std::ffi::c_int = b.call_method0("fileno")?.extract()?;
             let open_ok = read(&a) == fa && read(&b) == fb && fa != fb;
@@ -303,6 +302,16 @@ fn socket_fd_layout(py: Python<'_>) -> Option<(usize, isize)> {
         };
         probe().ok().flatten()
     })
+}
+
+/// The `int` at `offset` in `sock` (its fd, at `SOCKET_FD_LAYOUT`'s offset).
+///
+/// # Safety
+/// `sock` is a live `_socket.socket` instance and `offset` lies inside its C struct.
+#[inline(always)]
+unsafe fn fd_field(sock: *mut ffi::PyObject, offset: isize) -> std::ffi::c_int {
+    // SAFETY: the caller's promise.
+    unsafe { *sock.cast::<u8>().offset(offset).cast::<std::ffi::c_int>() }
 }
 
 impl SockFd {
@@ -323,7 +332,7 @@ impl SockFd {
         let now = match self.offset {
             // SAFETY: `sock` is a `_socket.socket` instance (checked in `new`), alive while we
             // hold it; `offset` is its `int` fd field (checked by `socket_fd_layout`).
-            Some(offset) => unsafe { *self.sock.as_ptr().cast::<u8>().offset(offset).cast::<std::ffi::c_int>() },
+            Some(offset) => unsafe { fd_field(self.sock.as_ptr(), offset) },
             None => self.asked(py),
         };
         if now == self.fd {

@@ -33,9 +33,9 @@ use crate::transports::addr::{InetAddr, SockAddr};
 #[pyclass(frozen, module = "ferroloop._ferroloop")]
 pub struct Acceptor {
     loop_: Py<LoopCore>,
-    /// The listening socket (accepts go to `fd` only while it still holds it: `SockFd`).
+    /// The listening socket and its fd (accepts use the fd only while the socket still holds
+    /// it: `SockFd`).
     sock: SockFd,
-    fd: RawFd,
     /// `(sock.family, sock.type, sock.proto)`: what Python's `accept()` gives the new socket.
     kind: Py<PyTuple>,
     protocol_factory: Py<PyAny>,
@@ -68,7 +68,6 @@ impl Acceptor {
             Self {
                 loop_: loop_.clone().unbind(),
                 sock: SockFd::new(sock, fd),
-                fd,
                 kind: kind.unbind(),
                 protocol_factory: protocol_factory.clone().unbind(),
                 server: server.clone().unbind(),
@@ -191,7 +190,7 @@ fn report(slf: &Bound<'_, Acceptor>, err: PyErr) -> PyResult<()> {
 #[pymethods]
 impl Acceptor {
     fn __repr__(&self) -> String {
-        format!("<ferroloop accept loop fd={}>", self.fd)
+        format!("<ferroloop accept loop fd={}>", self.sock.fd())
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {

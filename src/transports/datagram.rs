@@ -258,8 +258,8 @@ impl DatagramCore {
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(self.sock.sock())?;
         if let Some(peers) = self.peers.try_borrow_unguarded() {
-            visit.call(self.sock.sock())?;
             for obj in peers.objects() {
                 visit.call(obj)?;
             }

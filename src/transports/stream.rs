@@ -214,8 +214,8 @@ fn release(py: Python<'_>, objs: &mut Vec<Py<PyBytes>>) {
 #[pyclass(frozen, module = "ferroloop._ferroloop")]
 pub struct StreamCore {
     loop_: Py<LoopCore>,
-    fd: RawFd,
-    /// The socket object: system calls use `fd` only while it still holds it (`SockFd`).
+    /// The socket object and its fd: system calls use the fd only while the object still
+    /// holds it (`SockFd`).
     sock: SockFd,
     /// The socket's name when it is an IPv4 / IPv6 socket (`None`: another family, or
     /// `getsockname` failed; the Python transport then keeps its extras as Python objects).
@@ -291,9 +291,9 @@ impl StreamCore {
         let py = slf.py();
         let me = slf.get();
         if on {
-            me.loop_core().watch(py, me.fd, which, slf.clone().into_any().unbind())
+            me.loop_core().watch(py, me.sock.fd(), which, slf.clone().into_any().unbind())
         } else {
-            me.loop_core().unwatch(py, me.fd, which)
+            me.loop_core().unwatch(py, me.sock.fd(), which)
         }
     }
 
@@ -631,7 +631,6 @@ impl StreamCore {
         };
         Ok(Self {
             loop_: loop_.clone().unbind(),
-            fd,
             sock: SockFd::new(sock, fd),
             sockname,
             peername,
@@ -848,7 +847,7 @@ impl StreamCore {
 
     #[getter]
     fn fd(&self) -> RawFd {
-        self.fd
+        self.sock.fd()
     }
 
     /// Whether `sockname` / `peername` are kept here (an IPv4 / IPv6 socket).
