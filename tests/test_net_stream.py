@@ -2921,3 +2921,205 @@ def test_write_after_the_loop_closed_keeps_nothing(loop_factory):
     finally:
         a.close()
         b.close()
+
+
+# --- asyncio's StreamReaderProtocol ---------------------------------------------------------
+# ferroloop feeds an unpatched StreamReaderProtocol's StreamReader without running the Python
+# of data_received/feed_data (src/transports/stream_reader.rs). These check that what a
+# program replaces is still called, and that feed_data's own rules still hold.
+
+
+async def _stream_pair(net, **kw):
+    """``(server-side writer, client reader, client writer, close)`` of one stream connection;
+    ``await close()`` closes both ends."""
+    accepted = asyncio.get_running_loop().create_future()
+
+    async def handler(reader, writer):
+        accepted.set_result(writer)
+
+    await net.start_server(handler)
+    reader, writer = await net.open_connection(**kw)
+    server_writer = await asyncio.wait_for(accepted, TIMEOUT)
+    _TRACKED.extend([writer.transport, server_writer.transport])  # aborted if a test fails
+
+    async def close():
+        for w in (writer, server_writer):
+            w.close()
+        for w in (writer, server_writer):
+            try:
+                await asyncio.wait_for(w.wait_closed(), TIMEOUT)
+            except ConnectionError:
+                pass
+
+    return server_writer, reader, writer, close
+
+
+async def _until(cond, what):
+    for _ in range(400):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "protocol.data_received",
+        "StreamReaderProtocol.data_received",
+        "StreamReaderProtocol._stream_reader",
+        "reader.feed_data",
+        "StreamReader.feed_data",
+        "reader._wakeup_waiter",
+        "StreamReader._wakeup_waiter",
+    ],
+)
+def test_replaced_stream_reader_methods_are_called(loop, tcp_net, monkeypatch, where):
+    calls = []
+
+    async def main():
+        server_writer, reader, writer, close = await _stream_pair(tcp_net)
+        owner_name, attr = where.split(".")
+        owner = {
+            "protocol": writer._protocol,
+            "reader": reader,
+            "StreamReaderProtocol": asyncio.StreamReaderProtocol,
+            "StreamReader": asyncio.StreamReader,
+        }[owner_name]
+        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        if isinstance(original, property):
+
+            def fget(self):
+                calls.append(where)
+                return original.fget(self)
+
+            monkeypatch.setattr(owner, attr, property(fget))
+        else:
+
+            def wrapper(*args):
+                calls.append(where)
+                return original(*args)
+
+            monkeypatch.setattr(owner, attr, wrapper)
+        server_writer.write(b"hello")
+        assert await asyncio.wait_for(reader.readexactly(5), TIMEOUT) == b"hello"
+        assert calls, f"{where} was not called"
+        monkeypatch.undo()
+        await close()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("limit", [10, 10.5, 2**70], ids=["int", "float", "huge-int"])
+def test_stream_reader_pauses_reading_past_twice_its_limit(loop, tcp_net, limit):
+    async def main():
+        server_writer, reader, writer, close = await _stream_pair(tcp_net, limit=limit)
+        server_writer.write(b"x" * 25)
+        await _until(lambda: len(reader._buffer) >= 25, "25 bytes")
+        paused = 25 > 2 * limit
+        assert reader._paused is paused
+        assert writer.transport.is_reading() is not paused
+        assert await reader.readexactly(25) == b"x" * 25
+        assert not reader._paused
+        assert writer.transport.is_reading()
+        await close()
+
+    run(loop, main())
+
+
+def test_stream_reader_forgets_a_transport_that_cannot_pause(loop, tcp_net):
+    class CannotPause:
+        def __init__(self, transport):
+            self.transport = transport
+
+        def pause_reading(self):
+            raise NotImplementedError
+
+        def __getattr__(self, name):
+            return getattr(self.transport, name)
+
+    async def main():
+        server_writer, reader, writer, close = await _stream_pair(tcp_net, limit=4)
+        reader._transport = CannotPause(reader._transport)
+        server_writer.write(b"y" * 20)
+        assert await asyncio.wait_for(reader.readexactly(20), TIMEOUT) == b"y" * 20
+        assert reader._transport is None
+        assert not reader._paused
+        await close()
+
+    run(loop, main())
+
+
+def test_a_cancelled_stream_reader_waiter_is_only_dropped(loop, tcp_net):
+    async def main():
+        server_writer, reader, writer, close = await _stream_pair(tcp_net)
+        waiter = asyncio.get_running_loop().create_future()
+        waiter.cancel()
+        reader._waiter = waiter
+        server_writer.write(b"abc")
+        await _until(lambda: reader._buffer, "data")
+        assert reader._waiter is None
+        assert bytes(reader._buffer) == b"abc"
+        await close()
+
+    run(loop, main())
+
+
+def test_stream_reader_buffer_of_another_type_is_extended_by_its_own_method(loop, tcp_net):
+    class CountingBuffer(bytearray):
+        def extend(self, data):
+            self.extended.append(bytes(data))
+            super().extend(data)
+
+    async def main():
+        server_writer, reader, writer, close = await _stream_pair(tcp_net)
+        reader._buffer = CountingBuffer()
+        reader._buffer.extended = []
+        server_writer.write(b"counted")
+        assert await asyncio.wait_for(reader.readexactly(7), TIMEOUT) == b"counted"
+        assert b"".join(reader._buffer.extended) == b"counted"
+        await close()
+
+    run(loop, main())
+
+
+def test_data_for_a_collected_stream_reader_is_dropped(loop, tcp_net):
+    async def main():
+        lp = asyncio.get_running_loop()
+        accepted = lp.create_future()
+
+        async def handler(reader, writer):
+            accepted.set_result(writer)
+
+        await tcp_net.start_server(handler)
+        transport, protocol = await lp.create_connection(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), *tcp_net.addr
+        )
+        gc.collect()
+        assert protocol._stream_reader is None
+        server_writer = await asyncio.wait_for(accepted, TIMEOUT)
+        _TRACKED.extend([transport, server_writer.transport])
+        server_writer.write(b"nobody reads this")
+        await asyncio.sleep(0.05)
+        assert not transport.is_closing()
+        transport.close()
+        server_writer.close()
+
+    run(loop, main())
+
+
+def test_data_after_feed_eof_is_asyncios_assertion(loop, tcp_net, handler_calls):
+    async def main():
+        server_writer, reader, writer, close = await _stream_pair(tcp_net)
+        reader.feed_eof()
+        server_writer.write(b"late")
+        await _until(lambda: handler_calls, "the exception handler")
+        writer.close()
+        server_writer.close()
+        with pytest.raises(AssertionError):  # the reader's exception, as wait_closed() gives it
+            await asyncio.wait_for(writer.wait_closed(), TIMEOUT)
+        await asyncio.wait_for(server_writer.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+    assert [type(c.get("exception")) for c in handler_calls] == [AssertionError]
+    assert handler_calls[0]["message"] == "Fatal error: protocol.data_received() call failed."

@@ -526,6 +526,27 @@ extern "C" {
     // The same: the lookup of a name through a type's MRO behind every attribute access (with
     // the interpreter's method cache). A borrowed reference or NULL; never sets an exception.
     fn _PyType_Lookup(tp: *mut ffi::PyTypeObject, name: *mut ffi::PyObject) -> *mut ffi::PyObject;
+    // The same (exported by 3.10-3.13): the lookup behind `obj.name(...)` calls
+    // (`PyObject_VectorcallMethod`, LOAD_METHOD). 1 with the function found on the type when
+    // no instance attribute is in the way, 0 with the attribute itself otherwise, which is
+    // NULL with an exception set on failure.
+    fn _PyObject_GetMethod(
+        obj: *mut ffi::PyObject,
+        name: *mut ffi::PyObject,
+        method: *mut *mut ffi::PyObject,
+    ) -> std::os::raw::c_int;
+}
+
+/// What `obj.name(...)` would call: `(true, function found on the type)` to be called with
+/// `obj` first, `(false, attribute)` otherwise; `method` gets a new reference, or NULL with an
+/// exception set.
+///
+/// # Safety
+/// The GIL is held, `obj` is live, `name` is a live `str`, and `*method` is NULL.
+#[inline]
+pub unsafe fn get_method(obj: *mut ffi::PyObject, name: *mut ffi::PyObject, method: *mut *mut ffi::PyObject) -> bool {
+    // SAFETY: as the caller guarantees.
+    unsafe { _PyObject_GetMethod(obj, name, method) == 1 }
 }
 
 /// `name` as found on the type `tp` (through its MRO), as a borrowed pointer, or NULL.

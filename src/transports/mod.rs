@@ -5,4 +5,5 @@ pub mod accept;
 pub mod addr;
 pub mod datagram;
 pub mod stream;
+pub mod stream_reader;
 pub mod write_method;

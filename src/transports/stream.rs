@@ -35,6 +35,7 @@ use crate::py::{self, ByteView, GilCell, SockFd};
 use crate::reactor::Which;
 use crate::sys;
 use crate::transports::addr::{InetAddr, SockAddr};
+use crate::transports::stream_reader;
 
 /// asyncio's `max_size` for one read: the shared read buffer, and the most `sock_recv` reads
 /// through it.
@@ -312,6 +313,20 @@ impl StreamCore {
         }
     }
 
+    /// `protocol.data_received(data)` inside the transport's context; asyncio's own
+    /// `StreamReaderProtocol` is fed without its Python frames (`stream_reader::deliver`).
+    fn data_received(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> PyResult<()> {
+        let call = || match stream_reader::deliver(protocol, data) {
+            Some(r) => r,
+            None => py::call_method_fast(protocol, intern!(py, "data_received"), &[data.as_any()]).map(drop),
+        };
+        let ctx = self.st.borrow(py).context.as_ref().map(|c| c.clone_ref(py));
+        match ctx {
+            Some(ctx) => py::in_context(py, &ctx, call),
+            None => call(),
+        }
+    }
+
     /// Call `f` inside the transport's context.
     fn in_context<'py>(
         &self,
@@ -559,8 +574,8 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Ok(data) if data.as_bytes().is_empty() => {
                 me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py))
             }
-            Ok(data) => match me.call_protocol(py, protocol, intern!(py, "data_received"), &[data.as_any()]) {
-                Ok(_) => Ok(()),
+            Ok(data) => match me.data_received(py, protocol, &data) {
+                Ok(()) => Ok(()),
                 Err(e) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
             },
             Err(e) if sys::would_block(&e) => Ok(()),

@@ -1,0 +1,174 @@
+//! `asyncio.StreamReaderProtocol.data_received`, done here when nothing about it is replaced.
+//!
+//! An asyncio streams server (`start_server`, `open_connection`) gets a `StreamReaderProtocol`
+//! whose `data_received` hands each chunk to a `StreamReader`. In Python that is four frames per
+//! read: `data_received`, the `_stream_reader` property, `feed_data` and `_wakeup_waiter`, about
+//! 3,200 instructions on 3.11 for work the C API does in a fraction of that. `deliver` does
+//! the same steps, in the same order, on the same attributes, when:
+//! - the protocol is exactly `asyncio.StreamReaderProtocol` and its reader exactly
+//!   `asyncio.StreamReader`;
+//! - `data_received`, `_stream_reader`, `feed_data` and `_wakeup_waiter` are asyncio's own, as
+//!   found for these objects (class and instance: `mock.patch.object` on either is seen);
+//! - the reader is not at EOF and its `_buffer` is a `bytearray` (otherwise asyncio's code
+//!   raises, or does something unusual: it runs instead).
+//!
+//! Everything else calls `protocol.data_received(data)`. Methods of other objects the steps
+//! call (`waiter.cancelled()`, `waiter.set_result(None)`, `transport.pause_reading()`) are
+//! called by name, as asyncio's code does. What differs: a profiler or tracer does not see the
+//! four frames (docs/DESIGN.md, deviations).
+
+use pyo3::exceptions::PyNotImplementedError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyString, PyType};
+use pyo3::{intern, PyTypeInfo};
+
+use crate::py;
+
+/// asyncio's originals, looked up once.
+struct Originals {
+    protocol_type: Py<PyType>,
+    reader_type: Py<PyType>,
+    data_received: Py<PyAny>,
+    stream_reader: Py<PyAny>,
+    feed_data: Py<PyAny>,
+    wakeup_waiter: Py<PyAny>,
+}
+
+static ORIGINALS: PyOnceLock<Option<Originals>> = PyOnceLock::new();
+
+fn originals(py: Python<'_>) -> Option<&Originals> {
+    ORIGINALS
+        .get_or_init(py, || {
+            let load = || -> PyResult<Originals> {
+                let streams = py.import("asyncio.streams")?;
+                let protocol_type = streams.getattr("StreamReaderProtocol")?.cast_into::<PyType>()?;
+                let reader_type = streams.getattr("StreamReader")?.cast_into::<PyType>()?;
+                let own = |cls: &Bound<'_, PyType>, name: &str| -> PyResult<Py<PyAny>> {
+                    // From the class's own namespace: what asyncio defined, even if the class
+                    // attribute was replaced before this ran (a replaced one then never matches).
+                    Ok(cls.getattr("__dict__")?.get_item(name)?.unbind())
+                };
+                Ok(Originals {
+                    data_received: own(&protocol_type, "data_received")?,
+                    stream_reader: own(&protocol_type, "_stream_reader")?,
+                    feed_data: own(&reader_type, "feed_data")?,
+                    wakeup_waiter: own(&reader_type, "_wakeup_waiter")?,
+                    protocol_type: protocol_type.unbind(),
+                    reader_type: reader_type.unbind(),
+                })
+            };
+            load().ok()
+        })
+        .as_ref()
+}
+
+/// Whether `obj.name` is `original` called on `obj`: the function the attribute lookup finds,
+/// with nothing of the instance's own in the way.
+fn method_is(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyString>, original: &Py<PyAny>) -> bool {
+    let mut meth: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: `obj` and `name` are live; `meth` receives a new reference or NULL (with an
+    // exception set when the lookup failed).
+    let unbound = unsafe { py::get_method(obj.as_ptr(), name.as_ptr(), &mut meth) };
+    if meth.is_null() {
+        // SAFETY: the GIL is held; the failed lookup's exception is dropped (the caller falls
+        // back to the Python call, which raises it again).
+        unsafe { ffi::PyErr_Clear() };
+        return false;
+    }
+    let same = unbound && meth == original.as_ptr();
+    // SAFETY: drops the reference `get_method` returned.
+    unsafe { ffi::Py_DecRef(meth) };
+    same
+}
+
+/// Feed `data` (non-empty) to `protocol` as `protocol.data_received(data)` would, when the
+/// protocol is asyncio's `StreamReaderProtocol` as asyncio wrote it; `None` when the caller
+/// must make that call.
+pub(crate) fn deliver(protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> Option<PyResult<()>> {
+    let py = protocol.py();
+    let o = originals(py)?;
+    if !protocol.get_type().is(o.protocol_type.bind(py)) {
+        return None;
+    }
+    if !method_is(protocol, intern!(py, "data_received"), &o.data_received) {
+        return None;
+    }
+    // `_stream_reader` is a property (a data descriptor): the class decides, not the instance.
+    // SAFETY: the GIL is held; a live type and a str.
+    let prop = unsafe { py::type_lookup(o.protocol_type.as_ptr().cast(), intern!(py, "_stream_reader").as_ptr()) };
+    if prop != o.stream_reader.as_ptr() {
+        return None;
+    }
+    let wr = protocol.getattr(intern!(py, "_stream_reader_wr")).ok()?;
+    if wr.is_none() {
+        return Some(Ok(()));
+    }
+    // SAFETY: `wr` is a live object; an exact-type check reads only its type.
+    if unsafe { ffi::PyWeakref_CheckRefExact(wr.as_ptr()) } == 0 {
+        return None;
+    }
+    let reader = wr.call0().ok()?;
+    if reader.is_none() {
+        return Some(Ok(()));
+    }
+    if !reader.get_type().is(o.reader_type.bind(py))
+        || !method_is(&reader, intern!(py, "feed_data"), &o.feed_data)
+        || !method_is(&reader, intern!(py, "_wakeup_waiter"), &o.wakeup_waiter)
+    {
+        return None;
+    }
+    // `assert not self._eof`: anything but False runs asyncio's code (which raises, or under
+    // -O goes on).
+    let eof = reader.getattr(intern!(py, "_eof")).ok()?;
+    if !eof.is(PyBool::new(py, false)) {
+        return None;
+    }
+    let buffer = reader.getattr(intern!(py, "_buffer")).ok()?;
+    if !buffer.get_type().is(PyByteArray::type_object(py)) {
+        return None;
+    }
+    Some(feed(&reader, &buffer, data))
+}
+
+/// `StreamReader.feed_data` from `self._buffer.extend(data)` on, with `_wakeup_waiter` inline.
+fn feed(reader: &Bound<'_, PyAny>, buffer: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> PyResult<()> {
+    let py = reader.py();
+    // bytearray.extend of a bytes-like object is an in-place concatenation.
+    // SAFETY: both objects are live; returns a new reference (to `buffer`) or NULL with an
+    // exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PySequence_InPlaceConcat(buffer.as_ptr(), data.as_ptr())) }?;
+
+    let waiter = reader.getattr(intern!(py, "_waiter"))?;
+    if !waiter.is_none() {
+        reader.setattr(intern!(py, "_waiter"), py.None())?;
+        if !py::call_method_fast(&waiter, intern!(py, "cancelled"), &[])?.is_truthy()? {
+            py::call_method_fast(&waiter, intern!(py, "set_result"), &[py.None().bind(py)])?;
+        }
+    }
+
+    let transport = reader.getattr(intern!(py, "_transport"))?;
+    if transport.is_none() || reader.getattr(intern!(py, "_paused"))?.is_truthy()? {
+        return Ok(());
+    }
+    let len = reader.getattr(intern!(py, "_buffer"))?.len()?;
+    let limit = reader.getattr(intern!(py, "_limit"))?;
+    // `len(self._buffer) > 2 * self._limit`, natively for an int that fits.
+    let native = match limit.is_exact_instance_of::<PyInt>() {
+        true => limit.extract::<i64>().ok(),
+        false => None,
+    };
+    let over = match native {
+        Some(l) => (len as i128) > 2 * (l as i128),
+        None => len.into_pyobject(py)?.gt(2i32.into_pyobject(py)?.mul(&limit)?)?,
+    };
+    if !over {
+        return Ok(());
+    }
+    match py::call_method_fast(&transport, intern!(py, "pause_reading"), &[]) {
+        Ok(_) => reader.setattr(intern!(py, "_paused"), true),
+        Err(e) if e.is_instance_of::<PyNotImplementedError>(py) => reader.setattr(intern!(py, "_transport"), py.None()),
+        Err(e) => Err(e),
+    }
+}
