@@ -3123,3 +3123,65 @@ def test_data_after_feed_eof_is_asyncios_assertion(loop, tcp_net, handler_calls)
     run(loop, main())
     assert [type(c.get("exception")) for c in handler_calls] == [AssertionError]
     assert handler_calls[0]["message"] == "Fatal error: protocol.data_received() call failed."
+
+
+_PATCHED_BEFORE_FIRST_READ_CODE = """
+import asyncio, socket, functools
+import ferroloop
+
+calls = []
+
+
+def instrument(cls, name):
+    original = cls.__dict__[name]
+    if isinstance(original, property):
+        def fget(self):
+            calls.append(name)
+            return original.fget(self)
+        setattr(cls, name, property(fget))
+        return
+
+    @functools.wraps(original)  # __name__, __qualname__, __module__ all asyncio's
+    def wrapper(*args):
+        calls.append(name)
+        return original(*args)
+    setattr(cls, name, wrapper)
+
+
+instrument({cls}, {name!r})
+
+
+async def main():
+    a, b = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=a)
+    b.sendall(b"data")
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"data"
+    writer.close()
+    b.close()
+
+
+loop = {factory}()
+loop.run_until_complete(main())
+loop.close()
+print(calls.count({name!r}) > 0)
+"""
+
+
+@pytest.mark.parametrize(
+    "cls,name",
+    [
+        ("asyncio.StreamReaderProtocol", "data_received"),
+        ("asyncio.StreamReaderProtocol", "_stream_reader"),
+        ("asyncio.StreamReader", "feed_data"),
+        ("asyncio.StreamReader", "_wakeup_waiter"),
+    ],
+)
+def test_stream_reader_methods_replaced_before_the_first_read_are_called(loop_kind, cls, name):
+    """As an instrumentation library would, at import: ferroloop's first read must not take
+    the replacement for asyncio's own method. In a fresh interpreter, so no read came first."""
+    code = _PATCHED_BEFORE_FIRST_READ_CODE.format(
+        factory=FACTORY_SOURCE[loop_kind], cls=cls, name=name
+    )
+    res = run_python(code)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "True"

@@ -8,7 +8,9 @@
 //! - the protocol is exactly `asyncio.StreamReaderProtocol` and its reader exactly
 //!   `asyncio.StreamReader`;
 //! - `data_received`, `_stream_reader`, `feed_data` and `_wakeup_waiter` are asyncio's own, as
-//!   found for these objects (class and instance: `mock.patch.object` on either is seen);
+//!   found for these objects (class and instance: `mock.patch.object` on either is seen), and
+//!   were asyncio's code when first looked up (a replacement made before the first read, by an
+//!   instrumentation library at import say, turns this off for the process);
 //! - the reader is not at EOF and its `_buffer` is a `bytearray` (otherwise asyncio's code
 //!   raises, or does something unusual: it runs instead).
 //!
@@ -39,29 +41,50 @@ struct Originals {
 static ORIGINALS: PyOnceLock<Option<Originals>> = PyOnceLock::new();
 
 fn originals(py: Python<'_>) -> Option<&Originals> {
-    ORIGINALS
-        .get_or_init(py, || {
-            let load = || -> PyResult<Originals> {
-                let streams = py.import("asyncio.streams")?;
-                let protocol_type = streams.getattr("StreamReaderProtocol")?.cast_into::<PyType>()?;
-                let reader_type = streams.getattr("StreamReader")?.cast_into::<PyType>()?;
-                let own = |cls: &Bound<'_, PyType>, name: &str| -> PyResult<Py<PyAny>> {
-                    // From the class's own namespace: what asyncio defined, even if the class
-                    // attribute was replaced before this ran (a replaced one then never matches).
-                    Ok(cls.getattr("__dict__")?.get_item(name)?.unbind())
-                };
-                Ok(Originals {
-                    data_received: own(&protocol_type, "data_received")?,
-                    stream_reader: own(&protocol_type, "_stream_reader")?,
-                    feed_data: own(&reader_type, "feed_data")?,
-                    wakeup_waiter: own(&reader_type, "_wakeup_waiter")?,
-                    protocol_type: protocol_type.unbind(),
-                    reader_type: reader_type.unbind(),
-                })
-            };
-            load().ok()
-        })
-        .as_ref()
+    ORIGINALS.get_or_init(py, || load_originals(py).ok().flatten()).as_ref()
+}
+
+/// The four from the classes' namespaces, if each is still asyncio's own code: something may
+/// have replaced one before the first read (an instrumentation library at import), and then
+/// what the class holds is not what `deliver` does, so it never runs.
+fn load_originals<'py>(py: Python<'py>) -> PyResult<Option<Originals>> {
+    let streams = py.import("asyncio.streams")?;
+    let file = streams.getattr("__file__")?;
+    let protocol_type = streams.getattr("StreamReaderProtocol")?.cast_into::<PyType>()?;
+    let reader_type = streams.getattr("StreamReader")?.cast_into::<PyType>()?;
+    let function_type = py.import("types")?.getattr("FunctionType")?;
+    // A plain function whose code is `name` in asyncio/streams.py.
+    let asyncios = |f: &Bound<'_, PyAny>, name: &str| -> PyResult<bool> {
+        if !f.get_type().is(&function_type) {
+            return Ok(false);
+        }
+        let code = f.getattr("__code__")?;
+        Ok(code.getattr("co_filename")?.eq(&file)? && code.getattr("co_name")?.eq(name)?)
+    };
+    let own = |cls: &Bound<'py, PyType>, name: &str| cls.getattr("__dict__")?.get_item(name);
+    let data_received = own(&protocol_type, "data_received")?;
+    let stream_reader = own(&protocol_type, "_stream_reader")?;
+    let feed_data = own(&reader_type, "feed_data")?;
+    let wakeup_waiter = own(&reader_type, "_wakeup_waiter")?;
+    let property = py.import("builtins")?.getattr("property")?;
+    let plain_property = stream_reader.get_type().is(&property)
+        && stream_reader.getattr("fset")?.is_none()
+        && asyncios(&stream_reader.getattr("fget")?, "_stream_reader")?;
+    if !(plain_property
+        && asyncios(&data_received, "data_received")?
+        && asyncios(&feed_data, "feed_data")?
+        && asyncios(&wakeup_waiter, "_wakeup_waiter")?)
+    {
+        return Ok(None);
+    }
+    Ok(Some(Originals {
+        protocol_type: protocol_type.unbind(),
+        reader_type: reader_type.unbind(),
+        data_received: data_received.unbind(),
+        stream_reader: stream_reader.unbind(),
+        feed_data: feed_data.unbind(),
+        wakeup_waiter: wakeup_waiter.unbind(),
+    }))
 }
 
 /// Whether `obj.name` is `original` called on `obj`: the function the attribute lookup finds,
