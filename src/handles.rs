@@ -330,6 +330,28 @@ impl Handle {
         Ok(unsafe { Bound::from_borrowed_ptr(py, ctx) }.unbind())
     }
 
+    /// The fields of a copy (`__copy__`): the context shared, so neither owns it.
+    fn copy_value(&self, py: Python<'_>) -> PyResult<Self> {
+        let context = self.context_object(py)?;
+        let (cb, args) = self.callback_and_args(py)?;
+        let call = match (cb, args) {
+            (Some(cb), Some(args)) => Some((cb, CallArgs::tuple(args.bind(py)))),
+            _ => None,
+        };
+        Ok(Self {
+            call: GilCell::new(call),
+            context: GilCell::new(context),
+            own_context: false,
+            lazy: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
+            untracked: AtomicBool::new(false),
+            loop_: self.loop_.clone_ref(py),
+            cancelled: AtomicBool::new(self.is_cancelled()),
+            source_traceback: self.source_traceback.as_ref().map(|t| t.clone_ref(py)),
+            repr_cache: GilCell::new(self.repr_cache.borrow(py).as_ref().map(|r| r.clone_ref(py))),
+        })
+    }
+
     #[inline]
     pub(crate) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed)
@@ -444,13 +466,50 @@ pub(crate) fn run_handle(py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult
         None => return Ok(()),
     };
     let ctx = h.run_context(py)?;
-    // SAFETY: `ctx` is the handle's Context, alive while the caller holds the handle; the
-    // field is never replaced once it holds a Context.
+    // SAFETY: `ctx` is the handle's context object, alive while the caller holds the handle;
+    // the field is never replaced once it holds it. Entering anything but a `Context` fails
+    // without running the callback (`callback_failed` sees to that case).
     match unsafe { py::in_context_ptr(py, ctx, || args.call(&cb)) } {
         Ok(_) => Ok(()),
-        Err(err) if py::is_fatal(py, &err) => Err(err),
-        Err(err) => report_callback_error(py, handle, &cb, &args.to_tuple()?, err),
+        Err(err) => callback_failed(py, handle, ctx, &cb, &args, err),
     }
+}
+
+/// `run_handle`'s error path, out of line. A `context=` that is not a `contextvars.Context`
+/// could not be entered: asyncio's `Handle._run` calls `context.run(callback, *args)`
+/// whatever the context is, so a duck-typed one runs the callback there, and one without
+/// `run` fails with `AttributeError`, for the exception handler.
+#[cold]
+#[inline(never)]
+fn callback_failed<'py>(
+    py: Python<'py>,
+    handle: &Bound<'py, Handle>,
+    ctx: *mut pyo3::ffi::PyObject,
+    cb: &Bound<'py, PyAny>,
+    args: &BoundArgs<'py>,
+    err: PyErr,
+) -> PyResult<()> {
+    // SAFETY: `ctx` is alive (the caller's handle holds it) and the GIL is held.
+    let err = if unsafe { pyo3::ffi::PyContext_CheckExact(ctx) } == 0 {
+        // SAFETY: as above; we take our own reference.
+        let ctx = unsafe { Bound::from_borrowed_ptr(py, ctx) };
+        let duck_run = || -> PyResult<()> {
+            let mut all = vec![cb.clone()];
+            all.extend(args.to_tuple()?.iter());
+            ctx.getattr(intern!(py, "run"))?.call1(PyTuple::new(py, all)?)?;
+            Ok(())
+        };
+        match duck_run() {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        }
+    } else {
+        err
+    };
+    if py::is_fatal(py, &err) {
+        return Err(err);
+    }
+    report_callback_error(py, handle, cb, &args.to_tuple()?, err)
 }
 
 fn report_callback_error(
@@ -516,6 +575,33 @@ impl Handle {
         self.is_cancelled()
     }
 
+    /// asyncio's `_cancelled` is a plain attribute: set to true, the loop skips the handle
+    /// (and `cancel()` does nothing more), as `_run_once` does; the callback is kept.
+    #[setter(_cancelled)]
+    fn set_cancelled_attr(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.cancelled.store(value.is_truthy()?, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `copy.copy(handle)`, as asyncio's (slots copied): a new handle, in no queue, with the
+    /// same callback, arguments tuple, context, loop, state and source traceback.
+    fn __copy__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let h = slf.get();
+        let value = h.copy_value(py)?;
+        if let Ok(th) = slf.cast::<TimerHandle>() {
+            let t = th.get();
+            let timer = TimerHandle {
+                when: t.when,
+                when_obj: t.when_obj.as_ref().map(|w| w.clone_ref(py)),
+                scheduled: AtomicBool::new(t.is_scheduled()),
+            };
+            let init = PyClassInitializer::from(value).add_subclass(timer);
+            return Ok(Py::new(py, init)?.into_any());
+        }
+        Ok(raw::create(py, || value)?.into_any())
+    }
+
     #[getter]
     fn _loop(&self, py: Python<'_>) -> Py<PyAny> {
         self.loop_.clone_ref(py)
@@ -566,7 +652,7 @@ impl Handle {
     }
 }
 
-#[pyclass(frozen, extends = Handle, module = "ferroloop._ferroloop")]
+#[pyclass(frozen, subclass, extends = Handle, module = "ferroloop._ferroloop")]
 pub struct TimerHandle {
     /// The deadline, for ordering.
     pub(crate) when: f64,

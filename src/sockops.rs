@@ -33,7 +33,7 @@
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::{
-    PyBlockingIOError, PyInterruptedError, PyRuntimeError, PyStopIteration, PyTypeError, PyValueError,
+    PyBaseException, PyBlockingIOError, PyInterruptedError, PyRuntimeError, PyStopIteration, PyTypeError, PyValueError,
 };
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
@@ -514,7 +514,8 @@ impl SockOp {
         let fd = if me.st.borrow(py).direct {
             me.st.borrow(py).fd
         } else {
-            let fd: RawFd = sock.call_method0(intern!(py, "fileno"))?.extract()?;
+            let fileno = sock.call_method0(intern!(py, "fileno"))?;
+            let fd: RawFd = fileno.extract().map_err(|e| LoopCore::sock_fd_error(loop_, &fileno, e))?;
             me.st.borrow_mut(py).fd = fd;
             fd
         };
@@ -623,6 +624,58 @@ impl SockOp {
         drop((outcome, held));
         Ok(())
     }
+}
+
+/// The exception `throw(typ, val, tb)` raises, checked as CPython checks it: by the coroutine
+/// (`_gen_throw`), or by the future's iterator it waits on (`FutureIter_throw`: `waiting`),
+/// whose messages differ.
+fn thrown<'py>(
+    typ: &Bound<'py, PyAny>,
+    val: Option<&Bound<'py, PyAny>>,
+    tb: Option<&Bound<'py, PyAny>>,
+    waiting: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = typ.py();
+    let val = val.filter(|v| !v.is_none());
+    let tb = tb.filter(|t| !t.is_none());
+    if tb.is_some_and(|t| !t.is_instance_of::<pyo3::types::PyTraceback>()) {
+        return Err(PyTypeError::new_err(if waiting {
+            "throw() third argument must be a traceback"
+        } else {
+            "throw() third argument must be a traceback object"
+        }));
+    }
+    let class = typ.cast::<PyType>().ok().filter(|t| t.is_subclass_of::<PyBaseException>().unwrap_or(false));
+    let exc = if let Some(t) = class {
+        // PyErr_NormalizeException: the value if it is an instance, a tuple as the arguments,
+        // anything else as the one argument.
+        match val {
+            Some(v) if v.is_instance(t)? => v.clone(),
+            Some(v) => match v.cast::<PyTuple>() {
+                Ok(args) => t.call1(args)?,
+                Err(_) => t.call1((v,))?,
+            },
+            None => t.call0()?,
+        }
+    } else if typ.is_instance_of::<PyBaseException>() {
+        if val.is_some() {
+            return Err(PyTypeError::new_err("instance exception may not have a separate value"));
+        }
+        typ.clone()
+    } else if waiting {
+        return Err(PyTypeError::new_err(
+            "exceptions must be classes deriving BaseException or instances of such a class",
+        ));
+    } else {
+        let name = typ.get_type().name()?;
+        return Err(PyTypeError::new_err(format!(
+            "exceptions must be classes or instances deriving from BaseException, not {name}"
+        )));
+    };
+    if let Some(tb) = tb {
+        exc.setattr(intern!(py, "__traceback__"), tb)?;
+    }
+    Ok(exc)
 }
 
 /// Whether the loop's `_transports` may hold a transport for `fd`, in which case asyncio's
@@ -739,8 +792,13 @@ fn ready(slf: &Bound<'_, SockOp>) -> PyResult<()> {
 
 #[pymethods]
 impl SockOp {
-    fn __await__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
+    /// `await op`. A second awaiter of an operation that waits gets what `await` of a native
+    /// coroutine suspended in its own `await` raises.
+    fn __await__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        if matches!(slf.get().st.borrow(slf.py()).phase, Phase::Waiting | Phase::Completed) {
+            return Err(PyRuntimeError::new_err("coroutine is being awaited already"));
+        }
+        Ok(slf)
     }
 
     fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
@@ -751,6 +809,11 @@ impl SockOp {
         Self::step_py(Self::send_step(slf, value))
     }
 
+    /// As a native coroutine's `throw`: while the operation waits (a coroutine suspended in
+    /// `await fut`) the future's iterator checks the arguments, and any error, its own
+    /// `TypeError` too, ends the operation; otherwise the coroutine's checks come first and
+    /// leave it as it was. Thrown into a finished operation, an exception becomes asyncio's
+    /// "cannot reuse already awaited coroutine".
     #[pyo3(signature = (typ, val=None, tb=None))]
     fn throw(
         slf: &Bound<'_, Self>,
@@ -759,17 +822,21 @@ impl SockOp {
         tb: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
-        let exc = if let Ok(t) = typ.cast::<PyType>() {
-            match val {
-                Some(v) if v.is_instance(t)? => v.clone(),
-                Some(v) if !v.is_none() => t.call1((v,))?,
-                _ => t.call0()?,
+        let phase = slf.get().st.borrow(py).phase;
+        let waiting = matches!(phase, Phase::Waiting | Phase::Completed);
+        let exc = match thrown(typ, val, tb, waiting) {
+            Ok(exc) => exc,
+            Err(e) => {
+                if waiting {
+                    Self::abandon(slf)?;
+                }
+                return Err(e);
             }
-        } else {
-            typ.clone()
         };
-        if let Some(tb) = tb.filter(|t| !t.is_none()) {
-            exc.setattr(intern!(py, "__traceback__"), tb)?;
+        if phase == Phase::Done {
+            let err = PyRuntimeError::new_err("cannot reuse already awaited coroutine");
+            err.value(py).setattr(intern!(py, "__context__"), exc)?;
+            return Err(err);
         }
         Self::abandon(slf)?;
         Err(PyErr::from_value(exc))

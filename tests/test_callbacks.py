@@ -1165,3 +1165,94 @@ def test_threadsafe_flood_does_not_outrun_the_running_loop(loop):
     worst, backlog = run(loop, main())
     assert worst < 0.5
     assert backlog < 200_000
+
+
+# --- asyncio's Handle as a plain object --------------------------------------------------------
+
+
+class _RunOnly:
+    """A `context=` that is not a `contextvars.Context`, only something with `run()`."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, callback, *args):
+        self.calls.append((callback, args))
+        return callback(*args)
+
+
+@pytest.mark.parametrize("method", ["call_soon", "call_later", "call_soon_threadsafe"])
+def test_context_of_another_type_has_its_run_called(loop, handler_calls, method):
+    """asyncio's `Handle._run` calls `self._context.run(callback, *args)`, whatever the
+    context is: a duck-typed one runs the callback; one without `run` fails there, for the
+    exception handler."""
+    schedule = getattr(loop, method)
+    pre = (0,) if method == "call_later" else ()
+    ctx = _RunOnly()
+    seen = []
+    h = schedule(*pre, seen.append, "ran", context=ctx)
+    assert h._context is ctx
+    h2 = schedule(*pre, seen.append, "never", context=1)
+    schedule(*pre, lambda *a: seen.append(a), 1, 2, context=ctx)
+    run_briefly(loop, 2)
+    assert seen == ["ran", (1, 2)]
+    assert [c[1] for c in ctx.calls] == [("ran",), (1, 2)]
+    assert len(handler_calls) == 1
+    assert isinstance(handler_calls[0]["exception"], AttributeError)
+    assert handler_calls[0]["handle"] is h2
+
+
+def test_handle_cancelled_attribute_is_writable(loop):
+    """asyncio's loop skips a handle whose `_cancelled` was set to True (its callback is
+    kept, and cancel() then does nothing more)."""
+    seen = []
+    h = loop.call_soon(seen.append, 1)
+    t = loop.call_later(0, seen.append, 2)
+    h._cancelled = True
+    t._cancelled = True
+    assert h.cancelled() and h._cancelled is True and t.cancelled()
+    assert h._callback is not None
+    h.cancel()
+    assert h._callback is not None
+    loop.call_soon(seen.append, 3)
+    run_briefly(loop, 2)
+    assert seen == [3]
+
+
+def test_copy_of_a_handle(loop):
+    """`copy.copy()` of a handle works on asyncio's (it has slots): a handle in no queue with
+    the same callback, arguments and context."""
+    import copy
+
+    seen = []
+    ctx = contextvars.Context()
+    h = loop.call_soon(seen.append, "h", context=ctx)
+    c = copy.copy(h)
+    assert type(c) is type(h) and c is not h
+    assert c._callback is h._callback and c._args is h._args and c._context is ctx
+    assert c._loop is loop and not c.cancelled()
+    c.cancel()
+    assert c.cancelled() and not h.cancelled()
+    h2 = loop.call_soon(seen.append, "h2")
+    c2 = copy.copy(h2)
+    assert c2._context is h2._context
+    c2._run()
+    run_briefly(loop)
+    assert seen == ["h2", "h", "h2"]
+
+    t = loop.call_later(100, seen.append, "t")
+    ct = copy.copy(t)
+    assert type(ct) is type(t) and ct.when() == t.when() and ct == t
+    assert ct._scheduled == t._scheduled
+    t.cancel()
+
+
+def test_timer_handle_class_can_be_subclassed(loop):
+    """asyncio's TimerHandle, like its Handle, is an ordinary base class."""
+    t = loop.call_later(100, lambda: None)
+    h = loop.call_soon(lambda: None)
+    for handle in (t, h):
+        sub = type("Sub", (type(handle),), {})
+        assert issubclass(sub, type(handle))
+    t.cancel()
+    run_briefly(loop)

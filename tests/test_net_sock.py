@@ -1713,3 +1713,144 @@ def test_udp_many_senders_and_buffers(loop, inet):
     finally:
         for s in socks:
             s.close()
+
+
+# --- look-alike sockets and the coroutine protocol ---------------------------------------------
+
+
+class _NoFdSocket:
+    """A socket look-alike that is never ready and has no fd (`fileno()` gives -1)."""
+
+    def __init__(self, fileno=-1):
+        self._fileno = fileno
+
+    def fileno(self):
+        return self._fileno
+
+    def _wait(self, *args):
+        raise BlockingIOError
+
+    recv = recv_into = recvfrom = recvfrom_into = send = sendto = accept = _wait
+
+
+def _duck_calls(loop, sock):
+    calls = {
+        "sock_recv": lambda: loop.sock_recv(sock, 1),
+        "sock_recv_into": lambda: loop.sock_recv_into(sock, bytearray(1)),
+        "sock_sendall": lambda: loop.sock_sendall(sock, b"x"),
+        "sock_accept": lambda: loop.sock_accept(sock),
+    }
+    if HAS_RECVFROM:
+        calls["sock_recvfrom"] = lambda: loop.sock_recvfrom(sock, 1)
+        calls["sock_recvfrom_into"] = lambda: loop.sock_recvfrom_into(sock, bytearray(1))
+        calls["sock_sendto"] = lambda: loop.sock_sendto(sock, b"x", ("127.0.0.1", 9))
+    return calls
+
+
+def test_look_alike_socket_without_fd_must_wait(loop):
+    """asyncio's `_add_reader`/`_add_writer` reject the -1 before waiting."""
+    for make in _duck_calls(loop, _NoFdSocket()).values():
+        with pytest.raises(ValueError, match="^Invalid file descriptor: -1$"):
+            run(loop, make())
+
+
+def test_look_alike_socket_with_an_odd_fileno_must_wait(loop):
+    for fileno, exc, msg in [
+        (2**31, OverflowError, "^Python int too large to convert to C int$"),
+        ("3", ValueError, "^Invalid file object: '3'$"),
+        (-(2**70), ValueError, f"^Invalid file descriptor: {-(2**70)}$"),
+    ]:
+        with pytest.raises(exc, match=msg):
+            run(loop, loop.sock_recv(_NoFdSocket(fileno), 1))
+
+
+_NOT_AN_EXCEPTION = "exceptions must be classes or instances deriving from BaseException, not "
+# A coroutine waiting in `await fut` hands `throw()` to the future's iterator, which says:
+_NOT_AN_EXCEPTION_FUT = (
+    "exceptions must be classes deriving BaseException or instances of such a class"
+)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # throw(typ, val, tb), 3.12+
+def test_throw_checks_its_arguments_as_a_coroutine(loop, pair):
+    """A sock_* coroutine's `throw()` checks and raises as a native coroutine's does: before it
+    started (checks leave it unstarted), once waiting (its future's iterator checks, and any
+    error ends it), and once finished ("cannot reuse already awaited coroutine")."""
+    a, _ = pair
+    bad = [
+        ((int, "x"), TypeError, _NOT_AN_EXCEPTION + "type", _NOT_AN_EXCEPTION_FUT),
+        ((1,), TypeError, _NOT_AN_EXCEPTION + "int", _NOT_AN_EXCEPTION_FUT),
+        (
+            (ValueError("a"), "b"),
+            TypeError,
+            "instance exception may not have a separate value",
+            None,
+        ),
+        (
+            (ValueError, None, object()),
+            TypeError,
+            "throw() third argument must be a traceback object",
+            "throw() third argument must be a traceback",
+        ),
+    ]
+    for args, exc, fresh_msg, _ in bad:
+        coro = loop.sock_recv(a, 1)
+        with pytest.raises(exc) as info:
+            coro.throw(*args)
+        assert str(info.value) == fresh_msg
+        coro.close()
+
+    for args, exc, fresh_msg, waiting_msg in bad:
+
+        async def main(args=args, exc=exc, msg=waiting_msg or fresh_msg):
+            coro = loop.sock_recv(a, 1)
+            task = asyncio.ensure_future(coro)
+            await asyncio.sleep(0)
+            with pytest.raises(exc) as info:
+                coro.throw(*args)
+            assert str(info.value) == msg
+            with pytest.raises(RuntimeError, match="^cannot reuse already awaited coroutine$"):
+                coro.send(None)
+            # The task, woken by its cancellation, throws into a finished coroutine.
+            task.cancel()
+            (outcome,) = await asyncio.gather(task, return_exceptions=True)
+            assert isinstance(outcome, RuntimeError), outcome
+            assert str(outcome) == "cannot reuse already awaited coroutine"
+
+        run(loop, main())
+
+    coro = loop.sock_recv(a, 1)
+    with pytest.raises(ValueError, match="^v$"):
+        coro.throw(ValueError, "v")
+    with pytest.raises(KeyError) as info:
+        loop.sock_recv(a, 1).throw(KeyError, (1, 2))
+    assert info.value.args == (1, 2)
+    for args in [(ValueError,), (ValueError("a"), None)]:
+        with pytest.raises(RuntimeError, match="^cannot reuse already awaited coroutine$"):
+            coro.throw(*args)
+    with pytest.raises(TypeError, match=_NOT_AN_EXCEPTION + "int"):
+        coro.throw(1)
+    coro.close()
+
+
+def test_second_awaiter_of_a_waiting_sock_call(loop, pair):
+    """Awaiting a sock_* coroutine that a task already awaits fails at the `await`, as for a
+    native coroutine; the first awaiter is unaffected."""
+    a, b = pair
+
+    async def main():
+        coro = loop.sock_recv(a, 1)
+        first = asyncio.ensure_future(coro)
+        await asyncio.sleep(0)
+
+        async def second():
+            return await coro
+
+        with pytest.raises(RuntimeError, match="^coroutine is being awaited already$"):
+            await second()
+        b.send(b"z")
+        assert await first == b"z"
+        with pytest.raises(RuntimeError, match="^cannot reuse already awaited coroutine$"):
+            await second()
+
+    run(loop, main())

@@ -397,3 +397,58 @@ def test_ready_fds_are_polled_while_callbacks_keep_the_loop_busy(loop, pair):
     gaps = [seen[i + 1] - seen[i] for i in range(len(seen) - 1)]
     assert max(gaps) <= 3, seen
     assert len(seen) >= 12, seen
+
+
+# --- fd numbers as asyncio's selectors take them -------------------------------------------
+
+
+@pytest.mark.parametrize("fd", [2**31, 2**63, 2**100], ids=["2**31", "2**63", "2**100"])
+@pytest.mark.parametrize("method", ["remove_reader", "remove_writer"])
+def test_remove_of_an_fd_too_large_returns_false(loop, method, fd):
+    """No fd that large can be registered: asyncio's selector lookup misses it (no range check
+    but the sign), so removal finds nothing."""
+    assert getattr(loop, method)(fd) is False
+    assert getattr(loop, method)(FileLike(fd)) is False
+
+
+@pytest.mark.parametrize("fd", [2**31, 2**63, 2**100], ids=["2**31", "2**63", "2**100"])
+@pytest.mark.parametrize("method", ["add_reader", "add_writer"])
+def test_add_of_an_fd_too_large_overflows(loop, method, fd):
+    """asyncio's `epoll.register` takes a C int."""
+    for fileobj in (fd, FileLike(fd)):
+        with pytest.raises(OverflowError, match="^Python int too large to convert to C int$"):
+            getattr(loop, method)(fileobj, lambda: None)
+    assert loop.remove_reader(fd) is False and loop.remove_writer(fd) is False
+
+
+@pytest.mark.parametrize("method", ["add_reader", "add_writer", "remove_reader", "remove_writer"])
+def test_hugely_negative_fd(loop, method):
+    args = (lambda: None,) if method.startswith("add") else ()
+    fd = -(2**100)
+    with pytest.raises(ValueError, match=f"^Invalid file descriptor: {fd}$"):
+        getattr(loop, method)(fd, *args)
+
+
+def test_fd_too_large_on_a_closed_loop(loop):
+    loop.close()
+    assert loop.remove_reader(2**63) is False
+    with pytest.raises(RuntimeError, match="^Event loop is closed$"):
+        loop.add_reader(2**63, lambda: None)
+
+
+@pytest.mark.parametrize(
+    "convert", [str, float, lambda n: str(n).encode()], ids=["str", "float", "bytes"]
+)
+def test_fileno_converted_by_int(loop, pair, convert):
+    """asyncio takes `int(fileobj.fileno())`: a `fileno()` giving "7", 7.0 or b"7" names fd 7."""
+    a, b = pair
+    calls = []
+    loop.add_reader(FileLike(convert(a.fileno())), calls.append, "read")
+    b.send(b"x")
+    run_briefly(loop)
+    assert calls == ["read"]
+    assert loop.remove_reader(FileLike(convert(a.fileno()))) is True
+    assert loop.remove_reader(a) is False
+    assert loop.remove_writer(FileLike(convert(a.fileno()))) is False
+    with pytest.raises(ValueError, match="^Invalid file descriptor: -5$"):
+        loop.remove_reader(FileLike(convert(-5)))

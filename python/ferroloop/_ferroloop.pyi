@@ -5,7 +5,7 @@ from collections.abc import Callable, Generator
 from contextvars import Context
 from typing import Any, final
 
-from typing_extensions import disjoint_base
+from typing_extensions import Self, disjoint_base
 
 __all__ = [
     "LoopCore",
@@ -43,6 +43,8 @@ class Handle:
     def _args(self) -> tuple[Any, ...] | None: ...
     @property
     def _cancelled(self) -> bool: ...
+    @_cancelled.setter
+    def _cancelled(self, value: object) -> None: ...
     @property
     def _loop(self) -> Any: ...
     @property
@@ -51,8 +53,9 @@ class Handle:
     def _source_traceback(self) -> Any: ...
     @property
     def _repr(self) -> str | None: ...
+    def __copy__(self) -> Self: ...
 
-@final
+@disjoint_base
 class TimerHandle(Handle):
     def when(self) -> float: ...
     @property

@@ -209,7 +209,10 @@ class _SelectorView:
 
     def get_key(self, fileobj):
         fd = selectors._fileobj_to_fd(fileobj)
-        events = self._loop._fd_events(fd)
+        try:
+            events = self._loop._fd_events(fd)
+        except OverflowError:  # too large for an fd: never registered
+            events = None
         if events is None:
             raise KeyError(f"{fileobj!r} is not registered")
         return selectors.SelectorKey(fileobj, fd, events, None)

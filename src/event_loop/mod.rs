@@ -612,19 +612,21 @@ fn class_time_replaced(slf: &Bound<'_, LoopCore>) -> bool {
     found != LOOP_TIME.load(Ordering::Relaxed)
 }
 
-/// The number behind a file object: an int as it is, else `fileno()` (asyncio resolves
-/// objects before checking that the loop is open, and checks the range after).
-fn fileobj_number(fileobj: &Bound<'_, PyAny>) -> PyResult<i64> {
+/// The number behind a file object: an int as it is, else `int(fileobj.fileno())`, as
+/// asyncio's `_ensure_fd_no_transport` and `selectors._fileobj_to_fd` take it (so a `fileno()`
+/// that returns `"3"` or `3.0` names fd 3). asyncio resolves objects before checking that the
+/// loop is open, and checks the range after.
+fn fileobj_number<'py>(fileobj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyInt>> {
     let py = fileobj.py();
-    if fileobj.is_instance_of::<pyo3::types::PyInt>() {
-        return fileobj.extract();
+    if let Ok(n) = fileobj.cast::<PyInt>() {
+        return Ok(n.clone());
     }
     let r = fileobj
         .call_method0(intern!(py, "fileno"))
-        .and_then(|n| n.call_method0(intern!(py, "__index__")).or_else(|_| n.call_method0("__int__")))
-        .and_then(|n| n.extract::<i64>());
+        .and_then(|n| py.get_type::<PyInt>().call1((n,)))
+        .and_then(|n| n.cast_into::<PyInt>().map_err(PyErr::from));
     match r {
-        Ok(fd) => Ok(fd),
+        Ok(n) => Ok(n),
         Err(e)
             if e.is_instance_of::<pyo3::exceptions::PyAttributeError>(py)
                 || e.is_instance_of::<PyTypeError>(py)
@@ -636,11 +638,24 @@ fn fileobj_number(fileobj: &Bound<'_, PyAny>) -> PyResult<i64> {
     }
 }
 
-fn checked_fd(fd: i64) -> PyResult<RawFd> {
-    if fd < 0 || fd > i32::MAX as i64 {
-        return Err(PyValueError::new_err(format!("Invalid file descriptor: {fd}")));
+/// The fd a number names: `ValueError` for a negative one (`selectors._fileobj_to_fd`), `None`
+/// for one too large for a C `int`, which can never be registered: asyncio's lookups miss it
+/// (`remove_reader` returns False) and its `epoll.register` fails (`fd_too_large`).
+fn checked_fd(n: &Bound<'_, PyInt>) -> PyResult<Option<RawFd>> {
+    let negative = match n.extract::<i64>() {
+        Ok(v) if v >= 0 => return Ok(RawFd::try_from(v).ok()),
+        Ok(_) => true,
+        Err(_) => n.lt(0)?,
+    };
+    if negative {
+        return Err(PyValueError::new_err(format!("Invalid file descriptor: {}", n.str()?)));
     }
-    Ok(fd as RawFd)
+    Ok(None)
+}
+
+/// What asyncio's `epoll.register` raises for an fd too large for a C `int`.
+fn fd_too_large() -> PyErr {
+    PyOverflowError::new_err("Python int too large to convert to C int")
 }
 
 /// Drop a closing loop's queued work (outside any borrow of the loop's state: destructors may
@@ -669,9 +684,10 @@ fn is_idle_marker(py: Python<'_>, item: &Py<PyAny>) -> bool {
     item.bind(py).cast::<SockOp>().is_ok_and(|op| op.get().is_idle(py))
 }
 
-/// `selectors._fileobj_to_fd`: an int, or an object with `fileno()`; same errors.
-fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
-    checked_fd(fileobj_number(fileobj)?)
+/// `selectors._fileobj_to_fd`: an int, or an object with `fileno()`; same errors. `None` for a
+/// number too large to be an fd (`checked_fd`).
+fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<Option<RawFd>> {
+    checked_fd(&fileobj_number(fileobj)?)
 }
 
 impl LoopCore {
@@ -717,6 +733,11 @@ impl LoopCore {
             if st.closed {
                 return Err(closed_err());
             }
+            // asyncio's `_add_reader`: `selector.get_key(fd)` rejects a negative fd (a look-alike
+            // socket whose `fileno()` gives -1).
+            if fd < 0 {
+                return Err(PyValueError::new_err(format!("Invalid file descriptor: {fd}")));
+            }
             let reactor = st.reactor.as_ref().ok_or_else(closed_err)?;
             reactor.item(fd, which).map(|i| i.clone_ref(py))
         };
@@ -734,6 +755,26 @@ impl LoopCore {
             }
         }
         self.watch(py, fd, which, op.clone().into_any().unbind())
+    }
+
+    /// What asyncio raises when a `sock_*` operation has to wait on a socket whose `fileno()`
+    /// gave `fileno`, not an int a C `int` holds: `_ensure_fd_no_transport(fileno)`'s error,
+    /// "Event loop is closed", `selector.get_key`'s `ValueError`, or `epoll.register`'s
+    /// `OverflowError`. `fallback` when none applies.
+    pub(crate) fn sock_fd_error(slf: &Bound<'_, Self>, fileno: &Bound<'_, PyAny>, fallback: PyErr) -> PyErr {
+        let py = slf.py();
+        let core = slf.get();
+        if let Err(e) = slf.call_method1(intern!(py, "_ensure_fd_no_transport"), (fileno,)) {
+            return e;
+        }
+        if core.state.borrow(py).closed {
+            return closed_err();
+        }
+        match core.or_registered(py, fileno, fileobj_to_fd(fileno)) {
+            Err(e) => e,
+            Ok(None) => fd_too_large(),
+            Ok(Some(_)) => fallback,
+        }
     }
 
     /// The idle marker a finished read of `sock` left in the reader slot of `fd`, if it is
@@ -766,9 +807,20 @@ impl LoopCore {
 
     /// Resolve a file object to its registered fd, finding a closed object by identity the way
     /// `selectors` does.
+    /// `None`: a number too large to be an fd, so not registered.
     fn lookup_fd(&self, py: Python<'_>, fileobj: &Bound<'_, PyAny>) -> PyResult<Option<RawFd>> {
-        match fileobj_to_fd(fileobj) {
-            Ok(fd) => Ok(Some(fd)),
+        self.or_registered(py, fileobj, fileobj_to_fd(fileobj))
+    }
+
+    /// `resolved`, or for a `ValueError` the fd `fileobj` itself is registered under
+    /// (`selectors._fileobj_lookup`'s search by identity), else that error.
+    fn or_registered(
+        &self,
+        py: Python<'_>,
+        fileobj: &Bound<'_, PyAny>,
+        resolved: PyResult<Option<RawFd>>,
+    ) -> PyResult<Option<RawFd>> {
+        match resolved {
             Err(e) if e.is_instance_of::<PyValueError>(py) => {
                 let st = self.state.borrow(py);
                 let found = st.reactor.as_ref().and_then(|r| {
@@ -781,7 +833,7 @@ impl LoopCore {
                     None => Err(e),
                 }
             }
-            Err(e) => Err(e),
+            r => r,
         }
     }
 
@@ -802,7 +854,9 @@ impl LoopCore {
         if closed {
             return Err(closed_err());
         }
-        let fd = checked_fd(number)?;
+        // asyncio's `_add_reader`: `selector.get_key(fd)` (a negative fd is found by identity,
+        // or raises), then `register`, whose `epoll.register` rejects a number too large.
+        let fd = core.or_registered(py, fileobj, checked_fd(&number))?.ok_or_else(fd_too_large)?;
         let handle = Self::new_handle(slf, callback, CallArgs::tuple(args), None, debug)?;
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
