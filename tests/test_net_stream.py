@@ -2520,6 +2520,63 @@ def test_abort_while_sendfile_waits_for_the_buffer(loop, tcp_net, data_file):
     run(loop, main())
 
 
+def test_sendfile_aborted_with_its_transport_leaves_nothing_on_the_fd(
+    loop, tcp_net, tmp_path, handler_calls
+):
+    """A loop.sendfile() stuck on a paused peer, its transport aborted, the sendfile then
+    cancelled: asyncio's cancellation callback asks ``sock.fileno()``, -1 by then, so the
+    sendfile's writer stays registered on the fd number. ferroloop's transport drops what is
+    left on its fd when it closes its socket; before, the writer fired for the next socket
+    given that number, and with a transport on it raised RuntimeError ("File descriptor N is
+    used by transport") into the exception handler at every poll."""
+    import ferroloop
+
+    if not isinstance(loop, ferroloop.Loop):
+        pytest.skip(
+            "asyncio keeps the stale writer in its selector: the next transport on that fd "
+            "number fails in _add_reader (epoll_ctl MOD: FileNotFoundError) and reads nothing"
+        )
+    path = tmp_path / "big.bin"
+    path.write_bytes(payload(8 << 20, seed=11))
+
+    async def main():
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
+        )
+        old_fd = tr.get_extra_info("socket").fileno()
+        with open(path, "rb") as f:
+            task = asyncio.ensure_future(loop.sendfile(tr, f))
+            await asyncio.sleep(0.05)
+            assert not task.done()
+            tr.abort()
+            await pr.lost
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(task, 0.1)
+        with pytest.raises(OSError):
+            os.fstat(old_fd)  # the number is free: give it to a new socket
+        sock, b = socket.socketpair()
+        if b.fileno() == old_fd:
+            sock, b = b, sock
+        if sock.fileno() != old_fd:
+            os.dup2(sock.fileno(), old_fd)
+            sock.close()
+            sock = socket.socket(fileno=old_fd)
+        tr2, pr2 = await loop.connect_accepted_socket(Recorder, sock)
+        _TRACKED.append(tr2)
+        b.sendall(b"hello")
+        await _until(lambda: pr2.data == b"hello", "data on the new transport")
+        await asyncio.sleep(0.05)  # polls in which a stale writer would fire
+        tr2.close()
+        await pr2.lost
+        b.close()
+
+    run(loop, main())
+    # asyncio's own _call_connection_lost sets an exception on the sendfile's empty waiter,
+    # which is already done (the buffer was empty): InvalidStateError, on both loops.
+    assert [type(c.get("exception")).__name__ for c in handler_calls] == ["InvalidStateError"]
+
+
 # --- TLS upgrade -------------------------------------------------------------------------------
 
 

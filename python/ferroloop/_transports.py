@@ -404,6 +404,15 @@ class StreamTransport(transports._FlowControlMixin):
             if self._extra is None or "socket" not in self._extra:
                 # The socket extra stays available once the transport lets go of the socket.
                 self.get_extra_info("socket")
+            # A callback someone else left on this fd would outlive the socket and fire for the
+            # next one given its number: a loop.sendfile() aborted with the transport (asyncio's
+            # cancellation callback asks sock.fileno(), -1 by then). Only the transport's own
+            # fd, while the socket still holds it (a caller who closed it may have seen the
+            # number reused by a socket of its own).
+            fd = self._sock.fileno()
+            if fd != -1:
+                self._loop._remove_reader(fd)
+                self._loop._remove_writer(fd)
             self._sock.close()
             self._sock = None
             self._protocol = None
