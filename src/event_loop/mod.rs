@@ -648,9 +648,14 @@ fn checked_fd(n: &Bound<'_, PyInt>) -> PyResult<Option<RawFd>> {
         Err(_) => n.lt(0)?,
     };
     if negative {
-        return Err(PyValueError::new_err(format!("Invalid file descriptor: {}", n.str()?)));
+        return Err(invalid_fd(n.str()?));
     }
     Ok(None)
+}
+
+/// What `selectors._fileobj_to_fd` / `selector.get_key` raise for a negative fd.
+fn invalid_fd(fd: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(format!("Invalid file descriptor: {fd}"))
 }
 
 /// What asyncio's `epoll.register` raises for an fd too large for a C `int`.
@@ -736,7 +741,7 @@ impl LoopCore {
             // asyncio's `_add_reader`: `selector.get_key(fd)` rejects a negative fd (a look-alike
             // socket whose `fileno()` gives -1).
             if fd < 0 {
-                return Err(PyValueError::new_err(format!("Invalid file descriptor: {fd}")));
+                return Err(invalid_fd(fd));
             }
             let reactor = st.reactor.as_ref().ok_or_else(closed_err)?;
             reactor.item(fd, which).map(|i| i.clone_ref(py))

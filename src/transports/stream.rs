@@ -306,24 +306,24 @@ impl StreamCore {
         name: &Bound<'py, pyo3::types::PyString>,
         args: &[&Bound<'py, PyAny>],
     ) -> PyResult<Bound<'py, PyAny>> {
-        let ctx = self.st.borrow(py).context.as_ref().map(|c| c.clone_ref(py));
-        match ctx {
-            Some(ctx) => py::in_context(py, &ctx, || py::call_method_fast(protocol, name, args)),
-            None => py::call_method_fast(protocol, name, args),
-        }
+        self.within_context(py, || py::call_method_fast(protocol, name, args))
     }
 
     /// `protocol.data_received(data)` inside the transport's context; asyncio's own
     /// `StreamReaderProtocol` is fed without its Python frames (`stream_reader::deliver`).
     fn data_received(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> PyResult<()> {
-        let call = || match stream_reader::deliver(protocol, data) {
+        self.within_context(py, || match stream_reader::deliver(protocol, data) {
             Some(r) => r,
             None => py::call_method_fast(protocol, intern!(py, "data_received"), &[data.as_any()]).map(drop),
-        };
+        })
+    }
+
+    /// Run `f` inside the transport's context (the one reading started in), if it has one.
+    fn within_context<R>(&self, py: Python<'_>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
         let ctx = self.st.borrow(py).context.as_ref().map(|c| c.clone_ref(py));
         match ctx {
-            Some(ctx) => py::in_context(py, &ctx, call),
-            None => call(),
+            Some(ctx) => py::in_context(py, &ctx, f),
+            None => f(),
         }
     }
 

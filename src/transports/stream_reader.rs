@@ -175,6 +175,7 @@ fn feed(reader: &Bound<'_, PyAny>, buffer: &Bound<'_, PyAny>, data: &Bound<'_, P
     if transport.is_none() || reader.getattr(intern!(py, "_paused"))?.is_truthy()? {
         return Ok(());
     }
+    // `_buffer` read again, as `feed_data` does: the calls above may have replaced it.
     let len = reader.getattr(intern!(py, "_buffer"))?.len()?;
     let limit = reader.getattr(intern!(py, "_limit"))?;
     // `len(self._buffer) > 2 * self._limit`, natively for an int that fits.
