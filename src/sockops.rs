@@ -25,6 +25,9 @@
 //!   throws `CancelledError` in, which unregisters the operation if the slot is still its own.
 //!   A future resolved from outside (not a public API) ends the operation at the task's next
 //!   step, which returns the future's result, as asyncio's `await fut` does.
+//! - An exception thrown in by hand, or `close()`, while the future is not done ends the
+//!   coroutine, not the operation (`orphaned`): as asyncio's reader or writer, it still does
+//!   the I/O when the socket is ready and resolves the future with the result itself.
 //! - `sock_sendall` holds a `memoryview` of its data from the moment it waits until it ends,
 //!   as asyncio does, so a `bytearray` cannot be resized under it. Other operations hold the
 //!   caller's objects as given (asyncio does not pin `recv_into`'s buffer or `sendto`'s data).
@@ -128,6 +131,11 @@ struct OpState {
     drained: bool,
     /// Whether the socket is a byte stream, once known (carried from marker to marker).
     stream: Option<bool>,
+    /// The coroutine ended while the operation waited on a future nobody had resolved (an
+    /// exception thrown in, or `close()`, at asyncio's `await fut`). As in asyncio, the
+    /// operation stays registered and does its I/O when the socket is ready, then resolves the
+    /// future; every later step raises "cannot reuse already awaited coroutine".
+    orphaned: bool,
 }
 
 #[pyclass(frozen, module = "ferroloop._ferroloop")]
@@ -176,6 +184,7 @@ impl SockOp {
                 outcome: None,
                 drained: false,
                 stream: None,
+                orphaned: false,
             }),
         }
     }
@@ -235,7 +244,7 @@ impl SockOp {
         let py = slf.py();
         let me = slf.get();
         let sock = me.st.borrow(py).sock.as_ref().map(|s| s.clone_ref(py));
-        let Some(sock) = sock else { return Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")) };
+        let Some(sock) = sock else { return Err(reuse_error()) };
         let sock = sock.bind(py);
         let cached = py::cached(py)?;
         let direct = sock.get_type().is(cached.socket_type.bind(py));
@@ -491,7 +500,7 @@ impl SockOp {
                 }
                 Ok(Attempt::Done(py.None()))
             }
-            Kind::Spent => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+            Kind::Spent => Err(reuse_error()),
             Kind::Accept => match sock.call_method0(intern!(py, "accept")) {
                 Ok(pair) => {
                     let conn = pair.get_item(0)?;
@@ -553,7 +562,15 @@ impl SockOp {
     fn step(slf: &Bound<'_, Self>) -> PyResult<Step> {
         let py = slf.py();
         let me = slf.get();
-        let phase = me.st.borrow(py).phase;
+        let (phase, orphaned) = {
+            let st = me.st.borrow(py);
+            (st.phase, st.orphaned)
+        };
+        if orphaned {
+            // asyncio's task, woken by the future, sends into a finished coroutine.
+            Self::end_orphan(slf)?;
+            return Err(reuse_error());
+        }
         match phase {
             Phase::Init => {
                 let r = Self::start(slf);
@@ -566,7 +583,7 @@ impl SockOp {
                 // Resumed before the outcome.
                 let fut = me.st.borrow(py).fut.as_ref().map(|f| f.clone_ref(py));
                 let Some(f) = fut else {
-                    return Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine"));
+                    return Err(reuse_error());
                 };
                 let f = f.bind(py);
                 if f.call_method0(intern!(py, "done"))?.is_truthy()? {
@@ -588,10 +605,10 @@ impl SockOp {
                 match outcome {
                     Some(Ok(v)) => Ok(Step::Return(v)),
                     Some(Err(e)) => Err(e),
-                    None => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+                    None => Err(reuse_error()),
                 }
             }
-            Phase::Done => Err(PyRuntimeError::new_err("cannot reuse already awaited coroutine")),
+            Phase::Done => Err(reuse_error()),
         }
     }
 
@@ -611,6 +628,46 @@ impl SockOp {
         }
     }
 
+    /// Whether the operation waits on a future that is not done.
+    fn pending(slf: &Bound<'_, Self>) -> PyResult<bool> {
+        let py = slf.py();
+        let fut = {
+            let st = slf.get().st.borrow(py);
+            if st.phase != Phase::Waiting {
+                return Ok(false);
+            }
+            st.fut.as_ref().map(|f| f.clone_ref(py))
+        };
+        match fut {
+            Some(f) => Ok(!f.bind(py).call_method0(intern!(py, "done"))?.is_truthy()?),
+            None => Ok(false),
+        }
+    }
+
+    /// The coroutine ends from outside (an exception thrown in, or `close()`). Waiting on a
+    /// future that is not done, the operation is orphaned: asyncio's reader or writer stays
+    /// until the socket is ready. Otherwise (the future is done, cancelled by the task's
+    /// `cancel()` say, whose done callback unregisters in asyncio) it is abandoned.
+    fn end_coroutine(slf: &Bound<'_, Self>) -> PyResult<()> {
+        if Self::pending(slf)? {
+            slf.get().st.borrow_mut(slf.py()).orphaned = true;
+            Ok(())
+        } else {
+            Self::abandon(slf)
+        }
+    }
+
+    /// An orphaned operation is stepped or thrown into: once its future is done (resolved by
+    /// the I/O, or cancelled), nothing is left to do and it is abandoned; before that it stays
+    /// as it is.
+    fn end_orphan(slf: &Bound<'_, Self>) -> PyResult<()> {
+        if Self::pending(slf)? {
+            Ok(())
+        } else {
+            Self::abandon(slf)
+        }
+    }
+
     /// End a waiting operation from outside (an exception thrown in, or `close()`).
     fn abandon(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
@@ -624,6 +681,23 @@ impl SockOp {
         drop((outcome, held));
         Ok(())
     }
+}
+
+/// 3.12's `DeprecationWarning` for `throw(typ, val[, tb])`, from the caller's line.
+fn warn_throw_signature(py: Python<'_>) -> PyResult<()> {
+    let category = py.get_type::<pyo3::exceptions::PyDeprecationWarning>();
+    PyErr::warn(
+        py,
+        &category,
+        c"the (type, exc, tb) signature of throw() is deprecated, use the single-arg signature instead.",
+        1,
+    )
+}
+
+/// What a finished coroutine raises when stepped or thrown into (with no `__context__`, on
+/// 3.10-3.13 alike).
+fn reuse_error() -> PyErr {
+    PyRuntimeError::new_err("cannot reuse already awaited coroutine")
 }
 
 /// The exception `throw(typ, val, tb)` raises, checked as CPython checks it: by the coroutine
@@ -778,15 +852,26 @@ fn ready(slf: &Bound<'_, SockOp>) -> PyResult<()> {
         // It stays in the slot as the idle marker: learn whether the socket is a stream.
         me.mark_drained(py);
     }
-    {
+    let orphaned = {
         let mut st = me.st.borrow_mut(py);
-        st.outcome = Some(outcome);
         st.phase = Phase::Completed;
-    }
+        if !st.orphaned {
+            st.outcome = Some(outcome);
+            None
+        } else {
+            Some(outcome)
+        }
+    };
     if me.which == Which::Writer {
         SockOp::disarm(slf)?;
     }
-    fut.call_method1(intern!(py, "set_result"), (py.None(),))?;
+    match orphaned {
+        None => fut.call_method1(intern!(py, "set_result"), (py.None(),))?,
+        // The coroutine has ended: the future gets the outcome itself, as asyncio's does, and
+        // the task it wakes sends (or throws) into a finished coroutine.
+        Some(Ok(v)) => fut.call_method1(intern!(py, "set_result"), (v,))?,
+        Some(Err(e)) => fut.call_method1(intern!(py, "set_exception"), (e.into_value(py),))?,
+    };
     Ok(())
 }
 
@@ -795,7 +880,11 @@ impl SockOp {
     /// `await op`. A second awaiter of an operation that waits gets what `await` of a native
     /// coroutine suspended in its own `await` raises.
     fn __await__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
-        if matches!(slf.get().st.borrow(slf.py()).phase, Phase::Waiting | Phase::Completed) {
+        let busy = {
+            let st = slf.get().st.borrow(slf.py());
+            matches!(st.phase, Phase::Waiting | Phase::Completed) && !st.orphaned
+        };
+        if busy {
             return Err(PyRuntimeError::new_err("coroutine is being awaited already"));
         }
         Ok(slf)
@@ -811,39 +900,67 @@ impl SockOp {
 
     /// As a native coroutine's `throw`: while the operation waits (a coroutine suspended in
     /// `await fut`) the future's iterator checks the arguments, and any error, its own
-    /// `TypeError` too, ends the operation; otherwise the coroutine's checks come first and
+    /// `TypeError` too, ends the coroutine; otherwise the coroutine's checks come first and
     /// leave it as it was. Thrown into a finished operation, an exception becomes asyncio's
-    /// "cannot reuse already awaited coroutine".
-    #[pyo3(signature = (typ, val=None, tb=None))]
-    fn throw(
-        slf: &Bound<'_, Self>,
-        typ: &Bound<'_, PyAny>,
-        val: Option<&Bound<'_, PyAny>>,
-        tb: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Py<PyAny>> {
+    /// "cannot reuse already awaited coroutine". A coroutine that ends while its future is not
+    /// done leaves the operation orphaned (`end_coroutine`), as asyncio leaves its reader.
+    /// On 3.12+ more than one argument is deprecated: warned once by the coroutine, and once
+    /// more by the future's iterator while waiting (where an error from that warning ends
+    /// the coroutine, as any exception there does).
+    #[pyo3(signature = (typ, *rest))]
+    fn throw(slf: &Bound<'_, Self>, typ: &Bound<'_, PyAny>, rest: &Bound<'_, PyTuple>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
-        let phase = slf.get().st.borrow(py).phase;
-        let waiting = matches!(phase, Phase::Waiting | Phase::Completed);
+        if rest.len() > 2 {
+            return Err(PyTypeError::new_err(format!("throw expected at most 3 arguments, got {}", rest.len() + 1)));
+        }
+        let val = rest.get_item(0).ok();
+        let tb = rest.get_item(1).ok();
+        let (phase, orphaned) = {
+            let st = slf.get().st.borrow(py);
+            (st.phase, st.orphaned)
+        };
+        let finished = phase == Phase::Done || orphaned;
+        let waiting = matches!(phase, Phase::Waiting | Phase::Completed) && !orphaned;
+        if !rest.is_empty() && py.version_info() >= (3, 12) {
+            warn_throw_signature(py)?;
+            if waiting {
+                if let Err(e) = warn_throw_signature(py) {
+                    Self::end_coroutine(slf)?;
+                    return Err(e);
+                }
+            }
+        }
+        let (val, tb) = (val.as_ref(), tb.as_ref());
         let exc = match thrown(typ, val, tb, waiting) {
             Ok(exc) => exc,
             Err(e) => {
                 if waiting {
-                    Self::abandon(slf)?;
+                    Self::end_coroutine(slf)?;
+                } else if orphaned {
+                    Self::end_orphan(slf)?;
                 }
                 return Err(e);
             }
         };
-        if phase == Phase::Done {
-            let err = PyRuntimeError::new_err("cannot reuse already awaited coroutine");
-            err.value(py).setattr(intern!(py, "__context__"), exc)?;
-            return Err(err);
+        if finished {
+            if orphaned {
+                // The task's `CancelledError` after `cancel()`, say: the future is done.
+                Self::end_orphan(slf)?;
+            }
+            drop(exc);
+            return Err(reuse_error());
         }
-        Self::abandon(slf)?;
+        Self::end_coroutine(slf)?;
         Err(PyErr::from_value(exc))
     }
 
+    /// As a native coroutine's `close()`: a no-op once finished (an orphaned operation keeps
+    /// waiting for its socket).
     fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::abandon(slf)
+        if slf.get().st.borrow(slf.py()).orphaned {
+            return Self::end_orphan(slf);
+        }
+        Self::end_coroutine(slf)
     }
 
     #[getter]
@@ -859,7 +976,7 @@ impl SockOp {
     #[getter]
     fn cr_await(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         let st = self.st.borrow(py);
-        if st.phase == Phase::Waiting {
+        if st.phase == Phase::Waiting && !st.orphaned {
             st.fut.as_ref().map(|f| f.clone_ref(py))
         } else {
             None

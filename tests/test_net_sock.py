@@ -16,6 +16,7 @@ import socket
 import ssl
 import struct
 import sys
+import warnings
 
 import ferroloop
 import pytest
@@ -1852,5 +1853,199 @@ def test_second_awaiter_of_a_waiting_sock_call(loop, pair):
         assert await first == b"z"
         with pytest.raises(RuntimeError, match="^cannot reuse already awaited coroutine$"):
             await second()
+
+    run(loop, main())
+
+
+# --- a sock_* coroutine ended from outside while it waits -----------------------------------
+# asyncio's sock_* coroutines wait in `await fut` with a reader (writer) registered that does
+# the I/O and resolves `fut`. An exception thrown in, or `close()`, ends the coroutine there,
+# but the reader stays: it still does the I/O when the socket is ready, and the task that
+# awaited the coroutine then wakes to "cannot reuse already awaited coroutine".
+
+
+def _end(coro, how):
+    if how == "close":
+        coro.close()
+    elif how == "throw":
+        with pytest.raises(ValueError, match="^stop$"):
+            coro.throw(ValueError("stop"))
+    else:  # arguments the future's iterator rejects: that TypeError ends the coroutine too
+        with pytest.raises(TypeError):
+            coro.throw(1)
+
+
+@pytest.mark.parametrize("how", ["throw", "close", "bad-throw"])
+def test_recv_ended_from_outside_still_reads(loop, pair, how):
+    a, b = pair
+
+    async def main():
+        coro = loop.sock_recv(a, 100)
+        task = asyncio.ensure_future(coro)
+        await asyncio.sleep(0)
+        _end(coro, how)
+        assert coro.cr_await is None
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        b.send(b"hello")
+        (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        assert isinstance(outcome, RuntimeError), outcome
+        assert str(outcome) == "cannot reuse already awaited coroutine"
+        # The reader read what came, and is gone now.
+        with pytest.raises(BlockingIOError):
+            a.recv(100)
+        b.send(b"again")
+        assert await loop.sock_recv(a, 100) == b"again"
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("how", ["throw", "close"])
+def test_sendall_ended_from_outside_still_sends_everything(loop, pair, how):
+    a, b = pair
+    shrink(a, 8192)
+    data = payload(300_000)
+
+    async def main():
+        coro = loop.sock_sendall(a, data)
+        task = asyncio.ensure_future(coro)
+        await asyncio.sleep(0)
+        _end(coro, how)
+        got = bytearray()
+        while len(got) < len(data):
+            got += await loop.sock_recv(b, 65536)
+        assert got == data
+        (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        assert isinstance(outcome, RuntimeError), outcome
+        assert str(outcome) == "cannot reuse already awaited coroutine"
+
+    run(loop, main())
+
+
+def test_recv_ended_from_outside_then_cancelled_reads_nothing(loop, pair):
+    """Cancelling the task cancels the future: the reader goes, and later data stays."""
+    a, b = pair
+
+    async def main():
+        coro = loop.sock_recv(a, 100)
+        task = asyncio.ensure_future(coro)
+        await asyncio.sleep(0)
+        _end(coro, "throw")
+        task.cancel()
+        (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        assert isinstance(outcome, RuntimeError), outcome
+        b.send(b"hello")
+        await asyncio.sleep(0.01)
+        assert a.recv(100) == b"hello"
+
+    run(loop, main())
+
+
+def test_recv_ended_from_outside_resolves_its_future_with_the_data(loop, pair):
+    """Driven by hand: the future the coroutine yielded gets what the reader read."""
+    a, b = pair
+
+    async def main():
+        coro = loop.sock_recv(a, 100)
+        fut = coro.send(None)
+        assert isinstance(fut, asyncio.Future)
+        _end(coro, "throw")
+        with pytest.raises(RuntimeError, match="^cannot reuse already awaited coroutine$"):
+            coro.send(None)
+        resolved = loop.create_future()
+        fut.add_done_callback(lambda f: resolved.set_result(None))
+        b.send(b"hello")
+        await asyncio.wait_for(resolved, 5)
+        assert fut.result() == b"hello"
+        with pytest.raises(RuntimeError, match="^cannot reuse already awaited coroutine$"):
+            coro.send(None)
+        coro.close()
+
+    run(loop, main())
+
+
+def test_recv_ended_from_outside_passes_a_failure_to_its_future(loop, inet):
+    """A reset seen by the reader left behind goes to the future; thrown into the finished
+    coroutine (as the task would throw it) it gives "cannot reuse already awaited coroutine"."""
+    family, host = inet
+
+    async def main():
+        with socket.socket(family) as lsock:
+            lsock.bind((host, 0))
+            lsock.listen()
+            a = socket.socket(family)
+            a.setblocking(False)
+            await loop.sock_connect(a, lsock.getsockname())
+            b, _ = lsock.accept()
+            with a, b:
+                coro = loop.sock_recv(a, 100)
+                fut = coro.send(None)
+                task_done = loop.create_future()
+                fut.add_done_callback(lambda f: task_done.set_result(None))
+                _end(coro, "throw")
+                b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                b.close()
+                await asyncio.wait_for(task_done, 5)
+                assert isinstance(fut.exception(), ConnectionResetError), fut.exception()
+                with pytest.raises(RuntimeError) as info:
+                    coro.throw(fut.exception())
+                assert str(info.value) == "cannot reuse already awaited coroutine"
+                # As from a native coroutine (3.10-3.13): the thrown exception is not chained.
+                assert info.value.__context__ is None
+
+    run(loop, main())
+
+
+_THROW_DEPRECATED = (
+    "the (type, exc, tb) signature of throw() is deprecated, use the single-arg signature instead."
+)
+
+
+@pytest.mark.parametrize("state", ["fresh", "waiting", "finished"])
+def test_throw_with_several_arguments_warns_as_a_coroutine(loop, pair, state):
+    """3.12+: a coroutine warns once, and the future's iterator it waits on once more."""
+    a, b = pair
+    expected = 0 if sys.version_info < (3, 12) else (2 if state == "waiting" else 1)
+
+    async def main():
+        coro = loop.sock_recv(a, 1)
+        task = None
+        if state == "waiting":
+            task = asyncio.ensure_future(coro)
+            await asyncio.sleep(0)
+        elif state == "finished":
+            b.send(b"x")
+            assert await coro == b"x"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(RuntimeError if state == "finished" else ValueError):
+                coro.throw(ValueError, None)
+        warned = [w for w in caught if issubclass(w.category, DeprecationWarning)]
+        assert [str(w.message) for w in warned] == [_THROW_DEPRECATED] * expected
+        assert all(w.filename == __file__ for w in warned)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        coro.close()
+
+    run(loop, main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="throw(typ, val) warns from 3.12 on")
+def test_throw_deprecation_raised_as_an_error_leaves_the_coroutine(loop, pair):
+    """The coroutine's own warning comes before anything else: raised as an error, it leaves
+    a waiting operation waiting, and its task gets the data."""
+    a, b = pair
+
+    async def main():
+        coro = loop.sock_recv(a, 1)
+        task = asyncio.ensure_future(coro)
+        await asyncio.sleep(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            with pytest.raises(DeprecationWarning):
+                coro.throw(ValueError, None)
+        b.send(b"x")
+        assert await task == b"x"
 
     run(loop, main())
