@@ -1864,6 +1864,21 @@ def test_second_awaiter_of_a_waiting_sock_call(loop, pair):
 # awaited the coroutine then wakes to "cannot reuse already awaited coroutine".
 
 
+async def _waiting_recv(sock):
+    """A `sock_recv(sock, 100)` coroutine, and the task that runs it, now waiting."""
+    coro = asyncio.get_running_loop().sock_recv(sock, 100)
+    task = asyncio.ensure_future(coro)
+    await asyncio.sleep(0)
+    return coro, task
+
+
+async def _ends_reused(task):
+    """The task, woken by its future, steps a finished coroutine."""
+    (outcome,) = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(outcome, RuntimeError), outcome
+    assert str(outcome) == "cannot reuse already awaited coroutine"
+
+
 def _end(coro, how):
     if how == "close":
         coro.close()
@@ -1880,17 +1895,13 @@ def test_recv_ended_from_outside_still_reads(loop, pair, how):
     a, b = pair
 
     async def main():
-        coro = loop.sock_recv(a, 100)
-        task = asyncio.ensure_future(coro)
-        await asyncio.sleep(0)
+        coro, task = await _waiting_recv(a)
         _end(coro, how)
         assert coro.cr_await is None
         await asyncio.sleep(0.01)
         assert not task.done()
         b.send(b"hello")
-        (outcome,) = await asyncio.gather(task, return_exceptions=True)
-        assert isinstance(outcome, RuntimeError), outcome
-        assert str(outcome) == "cannot reuse already awaited coroutine"
+        await _ends_reused(task)
         # The reader read what came, and is gone now.
         with pytest.raises(BlockingIOError):
             a.recv(100)
@@ -1915,9 +1926,7 @@ def test_sendall_ended_from_outside_still_sends_everything(loop, pair, how):
         while len(got) < len(data):
             got += await loop.sock_recv(b, 65536)
         assert got == data
-        (outcome,) = await asyncio.gather(task, return_exceptions=True)
-        assert isinstance(outcome, RuntimeError), outcome
-        assert str(outcome) == "cannot reuse already awaited coroutine"
+        await _ends_reused(task)
 
     run(loop, main())
 
@@ -1927,13 +1936,10 @@ def test_recv_ended_from_outside_then_cancelled_reads_nothing(loop, pair):
     a, b = pair
 
     async def main():
-        coro = loop.sock_recv(a, 100)
-        task = asyncio.ensure_future(coro)
-        await asyncio.sleep(0)
+        coro, task = await _waiting_recv(a)
         _end(coro, "throw")
         task.cancel()
-        (outcome,) = await asyncio.gather(task, return_exceptions=True)
-        assert isinstance(outcome, RuntimeError), outcome
+        await _ends_reused(task)
         b.send(b"hello")
         await asyncio.sleep(0.01)
         assert a.recv(100) == b"hello"
@@ -2038,9 +2044,7 @@ def test_throw_deprecation_raised_as_an_error_leaves_the_coroutine(loop, pair):
     a, b = pair
 
     async def main():
-        coro = loop.sock_recv(a, 1)
-        task = asyncio.ensure_future(coro)
-        await asyncio.sleep(0)
+        coro, task = await _waiting_recv(a)
         with warnings.catch_warnings():
             warnings.simplefilter("error", DeprecationWarning)
             with pytest.raises(DeprecationWarning):
