@@ -411,12 +411,7 @@ impl SockOp {
             }
             Kind::Recv(n) => method(intern!(py, "recv"), &PyTuple::new(py, [n])?),
             Kind::RecvInto(buf) if direct => {
-                let view = ByteView::new(buf.bind(py), true).map_err(|_| {
-                    let tname = buf.bind(py).get_type().name().map(|n| n.to_string()).unwrap_or_default();
-                    PyTypeError::new_err(format!(
-                        "recv_into() argument 'buffer' must be read-write bytes-like object, not {tname}"
-                    ))
-                })?;
+                let view = ByteView::for_recv_into(buf.bind(py))?;
                 let len = view.len();
                 if len == 0 {
                     // As `socket.recv_into()` of an empty buffer: 0 at once, no syscall.

@@ -1288,6 +1288,21 @@ def test_recv_into_buffer_kinds(loop, pair, kind, ready):
     run(loop, main())
 
 
+@pytest.mark.parametrize("buf", [b"ab", 123, memoryview(b"ab"), "ab"])
+def test_recv_into_rejects_what_is_not_a_writable_buffer(loop, pair, buf):
+    """socket.recv_into()'s own TypeError, on the direct path and the waiting one."""
+    a, b = pair
+    msg = f"recv_into() argument 1 must be read-write bytes-like object, not {type(buf).__name__}"
+    for ready in (True, False):
+        if ready:
+            b.send(b"x")
+        with pytest.raises(TypeError) as info:
+            run(loop, loop.sock_recv_into(a, buf))
+        assert str(info.value) == msg
+        if ready:
+            assert a.recv(1) == b"x"
+
+
 @pytest.fixture
 def big_dgram_pair():
     """A Unix datagram socket pair that carries 384 KiB datagrams (one recv() each)."""

@@ -1920,6 +1920,7 @@ def test_protocol_exception_goes_to_handler(loop, tcp_net, handler_calls, where,
         assert str(exc) == "get_buffer() returned an empty buffer"
     elif where == "get_buffer_readonly":
         assert type(exc) is TypeError
+        assert str(exc) == "recv_into() argument 1 must be read-write bytes-like object, not bytes"
     else:
         assert type(exc) is Boom and str(exc) == where
 

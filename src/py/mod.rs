@@ -486,6 +486,17 @@ impl<'py> ByteView<'py> {
         Ok(Self { buf, len, export: Export::Buffer(view) })
     }
 
+    /// A writable view of `obj` as `socket.recv_into()` takes its buffer: anything that is
+    /// not a read-write bytes-like object gets its `TypeError` (the same text on 3.10-3.13).
+    pub fn for_recv_into(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+        Self::new(obj, true).map_err(|_| match obj.get_type().name() {
+            Ok(name) => pyo3::exceptions::PyTypeError::new_err(format!(
+                "recv_into() argument 1 must be read-write bytes-like object, not {name}"
+            )),
+            Err(e) => e,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -543,15 +543,9 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Ok(_) => {}
             Err(e) => return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed."),
         }
-        let view = match ByteView::new(&buf, true) {
+        let view = match ByteView::for_recv_into(&buf) {
             Ok(v) => v,
-            Err(_) => {
-                let e = PyTypeError::new_err(format!(
-                    "recv_into() argument 'buffer' must be read-write bytes-like object, not {}",
-                    buf.get_type().name()?
-                ));
-                return me.fatal_error(py, e, "Fatal read error on socket transport");
-            }
+            Err(e) => return me.fatal_error(py, e, "Fatal read error on socket transport"),
         };
         // SAFETY: the exported writable view stays valid until `view` is dropped below.
         let r = unsafe { sys::recv_raw(me.sock.get(py), view.as_mut_ptr(), view.len()) };
