@@ -563,7 +563,7 @@ impl SockOp {
         };
         if orphaned {
             // asyncio's task, woken by the future, sends into a finished coroutine.
-            Self::end_orphan(slf)?;
+            Self::end_coroutine(slf)?;
             return Err(reuse_error());
         }
         match phase {
@@ -639,24 +639,14 @@ impl SockOp {
         }
     }
 
-    /// The coroutine ends from outside (an exception thrown in, or `close()`). Waiting on a
-    /// future that is not done, the operation is orphaned: asyncio's reader or writer stays
-    /// until the socket is ready. Otherwise (the future is done, cancelled by the task's
-    /// `cancel()` say, whose done callback unregisters in asyncio) it is abandoned.
+    /// The coroutine ends from outside (an exception thrown in, or `close()`), or an orphaned
+    /// one is stepped or thrown into. While its future is not done, the operation is (or
+    /// stays) orphaned: asyncio's reader or writer stays until the socket is ready. Once the
+    /// future is done (resolved by the I/O, or cancelled by the task's `cancel()`, whose done
+    /// callback unregisters in asyncio) nothing is left to do, and it is abandoned.
     fn end_coroutine(slf: &Bound<'_, Self>) -> PyResult<()> {
         if Self::pending(slf)? {
             slf.get().st.borrow_mut(slf.py()).orphaned = true;
-            Ok(())
-        } else {
-            Self::abandon(slf)
-        }
-    }
-
-    /// An orphaned operation is stepped or thrown into: once its future is done (resolved by
-    /// the I/O, or cancelled), nothing is left to do and it is abandoned; before that it stays
-    /// as it is.
-    fn end_orphan(slf: &Bound<'_, Self>) -> PyResult<()> {
-        if Self::pending(slf)? {
             Ok(())
         } else {
             Self::abandon(slf)
@@ -929,10 +919,8 @@ impl SockOp {
         let exc = match thrown(typ, val, tb, waiting) {
             Ok(exc) => exc,
             Err(e) => {
-                if waiting {
+                if waiting || orphaned {
                     Self::end_coroutine(slf)?;
-                } else if orphaned {
-                    Self::end_orphan(slf)?;
                 }
                 return Err(e);
             }
@@ -940,7 +928,7 @@ impl SockOp {
         if finished {
             if orphaned {
                 // The task's `CancelledError` after `cancel()`, say: the future is done.
-                Self::end_orphan(slf)?;
+                Self::end_coroutine(slf)?;
             }
             drop(exc);
             return Err(reuse_error());
@@ -952,9 +940,6 @@ impl SockOp {
     /// As a native coroutine's `close()`: a no-op once finished (an orphaned operation keeps
     /// waiting for its socket).
     fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
-        if slf.get().st.borrow(slf.py()).orphaned {
-            return Self::end_orphan(slf);
-        }
         Self::end_coroutine(slf)
     }
 
