@@ -3183,6 +3183,50 @@ def test_data_after_feed_eof_is_asyncios_assertion(loop, tcp_net, handler_calls)
     assert handler_calls[0]["message"] == "Fatal error: protocol.data_received() call failed."
 
 
+def test_data_for_a_reader_whose_buffer_is_exported_is_a_fatal_error(loop, tcp_net, handler_calls):
+    """`feed_data`'s `self._buffer.extend(data)` cannot resize a bytearray while a memoryview
+    holds it: BufferError, reported as a failed data_received(), and the transport closes."""
+
+    async def main():
+        server_writer, reader, writer, close = await _stream_pair(tcp_net)
+        server_writer.write(b"first")
+        assert await asyncio.wait_for(reader.read(2), TIMEOUT) == b"fi"
+        view = memoryview(reader._buffer)
+        server_writer.write(b"second")
+        await _until(lambda: handler_calls, "the exception handler")
+        assert bytes(view) == b"rst"
+        view.release()
+        assert writer.transport.is_closing()
+        with pytest.raises(BufferError):  # the reader's exception, as asyncio sets it
+            await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        server_writer.close()
+        with pytest.raises(BufferError):
+            await asyncio.wait_for(writer.wait_closed(), TIMEOUT)
+        await asyncio.wait_for(server_writer.wait_closed(), TIMEOUT)
+
+    run(loop, main())
+    assert [type(c.get("exception")) for c in handler_calls] == [BufferError]
+    assert handler_calls[0]["message"] == "Fatal error: protocol.data_received() call failed."
+
+
+def test_stream_reader_gets_every_byte_of_reads_of_many_sizes(loop, tcp_net):
+    """Reads of a few bytes to past the 16 KiB the transport reads straight into a bytes (and
+    back), fed to an asyncio StreamReader in order."""
+    payload = bytes(random.Random(7).getrandbits(8) for _ in range(64 * 1024))
+    sizes = [1, 7, 1024, 16 * 1024, 16 * 1024 + 1, 40000, 3, 65536, 2]
+
+    async def main():
+        server_writer, reader, writer, close = await _stream_pair(tcp_net)
+        for size in sizes:
+            chunk = payload[:size]
+            server_writer.write(chunk)
+            assert await asyncio.wait_for(reader.readexactly(size), TIMEOUT) == chunk
+        await close()
+
+    run(loop, main())
+
+
 _PATCHED_BEFORE_FIRST_READ_CODE = """
 import asyncio, socket, functools
 import ferroloop

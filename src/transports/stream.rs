@@ -310,10 +310,10 @@ impl StreamCore {
     }
 
     /// `protocol.data_received(data)` inside the transport's context; asyncio's own
-    /// `StreamReaderProtocol` is fed without its Python frames (`stream_reader::deliver`).
+    /// `StreamReaderProtocol` is fed without its Python frames (`stream_reader::target`).
     fn data_received(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> PyResult<()> {
-        self.within_context(py, || match stream_reader::deliver(protocol, data) {
-            Some(r) => r,
+        self.within_context(py, || match stream_reader::target(protocol) {
+            Some(target) => target.feed(data.as_bytes()),
             None => py::call_method_fast(protocol, intern!(py, "data_received"), &[data.as_any()]).map(drop),
         })
     }
@@ -496,8 +496,7 @@ pub(crate) fn with_read_buf<R>(limit: usize, f: impl FnOnce(&mut [u8]) -> R) -> 
 /// One `recv` of at most `limit` (capped at `MAX_READ`) bytes into a new `bytes`.
 pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Result<Bound<'_, PyBytes>> {
     let limit = limit.min(MAX_READ);
-    let direct = limit > BIG_READ && limit <= DIRECT_READ_MAX.load(Ordering::Relaxed) && LAST_READ_BIG.get();
-    let r = if direct {
+    let r = if reads_direct(limit) {
         // SAFETY: `ptr` is writable for `cap` bytes for the duration of the call.
         py::bytes_filled_by(py, limit, |ptr, cap| unsafe { sys::recv_raw(fd, ptr, cap) })
     } else {
@@ -511,6 +510,37 @@ pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Re
         LAST_READ_BIG.set(b.as_bytes().len() > BIG_READ);
     }
     r
+}
+
+/// Whether `recv_bytes(.., limit)` reads straight into a new `bytes` (`limit` at most
+/// `MAX_READ`).
+fn reads_direct(limit: usize) -> bool {
+    limit > BIG_READ && limit <= DIRECT_READ_MAX.load(Ordering::Relaxed) && LAST_READ_BIG.get()
+}
+
+/// One `recv` into the thread's read buffer, copied from there into the `bytearray` of an
+/// asyncio `StreamReader` (`target`, found before the read) instead of a new `bytes`; then
+/// the rest of `feed_data`, in the transport's context. What `recv_bytes` and
+/// `data_received` do, less a `bytes` object and a copy of the data.
+fn recv_into_reader(slf: &Bound<'_, StreamCore>, target: stream_reader::Target<'_>) -> PyResult<()> {
+    let py = slf.py();
+    let me = slf.get();
+    let fd = me.sock.get(py);
+    let r = with_read_buf(TRANSPORT_READ, |buf| {
+        sys::recv(fd, buf).map(|n| (n, if n > 0 { target.extend(&buf[..n]) } else { Ok(()) }))
+    });
+    if let Ok((n, _)) = &r {
+        LAST_READ_BIG.set(*n > BIG_READ);
+    }
+    match r {
+        Ok((0, _)) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
+        Ok((_, fed)) => match fed.and_then(|()| me.within_context(py, || target.after_extend())) {
+            Ok(()) => Ok(()),
+            Err(e) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
+        },
+        Err(e) if sys::would_block(&e) => Ok(()),
+        Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
+    }
 }
 
 /// Readable: one `recv`, handed to the protocol.
@@ -563,6 +593,11 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
     } else {
+        if !reads_direct(TRANSPORT_READ) {
+            if let Some(target) = stream_reader::target(protocol) {
+                return recv_into_reader(slf, target);
+            }
+        }
         let r = recv_bytes(py, me.sock.get(py), TRANSPORT_READ);
         match r {
             Ok(data) if data.as_bytes().is_empty() => {

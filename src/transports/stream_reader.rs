@@ -3,8 +3,8 @@
 //! An asyncio streams server (`start_server`, `open_connection`) gets a `StreamReaderProtocol`
 //! whose `data_received` hands each chunk to a `StreamReader`. In Python that is four frames per
 //! read: `data_received`, the `_stream_reader` property, `feed_data` and `_wakeup_waiter`, about
-//! 3,200 instructions on 3.11 for work the C API does in a fraction of that. `deliver` does
-//! the same steps, in the same order, on the same attributes, when:
+//! 3,200 instructions on 3.11 for work the C API does in a fraction of that. `target` and
+//! `Target::feed` do the same steps, in the same order, on the same attributes, when:
 //! - the protocol is exactly `asyncio.StreamReaderProtocol` and its reader exactly
 //!   `asyncio.StreamReader`;
 //! - `data_received`, `_stream_reader`, `feed_data` and `_wakeup_waiter` are asyncio's own, as
@@ -13,6 +13,9 @@
 //!   instrumentation library at import say, turns this off for the process);
 //! - the reader is not at EOF and its `_buffer` is a `bytearray` (otherwise asyncio's code
 //!   raises, or does something unusual: it runs instead).
+//!
+//! The stream transport checks `target` before it reads, and extends the reader's `bytearray`
+//! straight from its read buffer: no `bytes` is made for the data (`read_ready`).
 //!
 //! Everything else calls `protocol.data_received(data)`. Methods of other objects the steps
 //! call (`waiter.cancelled()`, `waiter.set_result(None)`, `transport.pause_reading()`) are
@@ -23,7 +26,7 @@ use pyo3::exceptions::PyNotImplementedError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyString, PyType};
+use pyo3::types::{PyBool, PyByteArray, PyInt, PyString, PyType};
 use pyo3::{intern, PyTypeInfo};
 
 use crate::py;
@@ -46,7 +49,7 @@ fn originals(py: Python<'_>) -> Option<&Originals> {
 
 /// The four from the classes' namespaces, if each is still asyncio's own code: something may
 /// have replaced one before the first read (an instrumentation library at import), and then
-/// what the class holds is not what `deliver` does, so it never runs.
+/// what the class holds is not what `target` stands for, so it never applies.
 fn load_originals<'py>(py: Python<'py>) -> PyResult<Option<Originals>> {
     let streams = py.import("asyncio.streams")?;
     let file = streams.getattr("__file__")?;
@@ -106,10 +109,10 @@ fn method_is(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyString>, original: &Py<P
     same
 }
 
-/// Feed `data` (non-empty) to `protocol` as `protocol.data_received(data)` would, when the
-/// protocol is asyncio's `StreamReaderProtocol` as asyncio wrote it; `None` when the caller
-/// must make that call.
-pub(crate) fn deliver(protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> Option<PyResult<()>> {
+/// Where `protocol.data_received(data)` would put the data, when the protocol is asyncio's
+/// `StreamReaderProtocol` as asyncio wrote it; `None` when the caller must make that call.
+/// Reads attributes only: nothing changes until `Target::feed`.
+pub(crate) fn target<'py>(protocol: &Bound<'py, PyAny>) -> Option<Target<'py>> {
     let py = protocol.py();
     let o = originals(py)?;
     if !protocol.get_type().is(o.protocol_type.bind(py)) {
@@ -126,7 +129,7 @@ pub(crate) fn deliver(protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) ->
     }
     let wr = protocol.getattr(intern!(py, "_stream_reader_wr")).ok()?;
     if wr.is_none() {
-        return Some(Ok(()));
+        return Some(Target::Nobody);
     }
     // SAFETY: `wr` is a live object; an exact-type check reads only its type.
     if unsafe { ffi::PyWeakref_CheckRefExact(wr.as_ptr()) } == 0 {
@@ -134,7 +137,7 @@ pub(crate) fn deliver(protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) ->
     }
     let reader = wr.call0().ok()?;
     if reader.is_none() {
-        return Some(Ok(()));
+        return Some(Target::Nobody);
     }
     if !reader.get_type().is(o.reader_type.bind(py))
         || !method_is(&reader, intern!(py, "feed_data"), &o.feed_data)
@@ -152,17 +155,55 @@ pub(crate) fn deliver(protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) ->
     if !buffer.get_type().is(PyByteArray::type_object(py)) {
         return None;
     }
-    Some(feed(&reader, &buffer, data))
+    Some(Target::Reader { reader, buffer })
 }
 
-/// `StreamReader.feed_data` from `self._buffer.extend(data)` on, with `_wakeup_waiter` inline.
-fn feed(reader: &Bound<'_, PyAny>, buffer: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> PyResult<()> {
-    let py = reader.py();
-    // bytearray.extend of a bytes-like object is an in-place concatenation.
-    // SAFETY: both objects are live; returns a new reference (to `buffer`) or NULL with an
-    // exception set.
-    unsafe { Bound::from_owned_ptr_or_err(py, ffi::PySequence_InPlaceConcat(buffer.as_ptr(), data.as_ptr())) }?;
+/// What `StreamReaderProtocol.data_received` does with data, found by `target`.
+pub(crate) enum Target<'py> {
+    /// No reader (never set, or collected): the data is dropped, as asyncio's code drops it.
+    Nobody,
+    /// `reader.feed_data(data)`, with `reader._buffer` (an exact `bytearray`).
+    Reader { reader: Bound<'py, PyAny>, buffer: Bound<'py, PyAny> },
+}
 
+impl<'py> Target<'py> {
+    /// `feed_data(data)` for non-empty `data`: `extend` then `after_extend`. Callers holding
+    /// the data in a Rust buffer call the two apart (the `extend` while they hold it), which
+    /// saves the `bytes` object `data_received` would be given.
+    pub(crate) fn feed(&self, data: &[u8]) -> PyResult<()> {
+        self.extend(data)?;
+        self.after_extend()
+    }
+
+    /// `self._buffer.extend(data)`. Runs no Python code.
+    pub(crate) fn extend(&self, data: &[u8]) -> PyResult<()> {
+        let Target::Reader { buffer, .. } = self else { return Ok(()) };
+        // SAFETY: `buffer` is an exact bytearray (checked by `target`). Resizing fails with
+        // BufferError while it is exported, as `extend` does; after a successful resize it
+        // holds `old + data.len()` bytes, and the copy fills the new tail. `data` cannot
+        // overlap it: it is not memory of a Python object.
+        unsafe {
+            let old = ffi::PyByteArray_Size(buffer.as_ptr());
+            if ffi::PyByteArray_Resize(buffer.as_ptr(), old + data.len() as ffi::Py_ssize_t) != 0 {
+                return Err(PyErr::fetch(buffer.py()));
+            }
+            let at = ffi::PyByteArray_AsString(buffer.as_ptr()).cast::<u8>().add(old as usize);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), at, data.len());
+        }
+        Ok(())
+    }
+
+    /// The rest of `StreamReader.feed_data` after `self._buffer.extend(data)`, with
+    /// `_wakeup_waiter` inline.
+    pub(crate) fn after_extend(&self) -> PyResult<()> {
+        let Target::Reader { reader, .. } = self else { return Ok(()) };
+        after_extend(reader)
+    }
+}
+
+/// `StreamReader.feed_data` from `self._wakeup_waiter()` on, inline.
+fn after_extend(reader: &Bound<'_, PyAny>) -> PyResult<()> {
+    let py = reader.py();
     let waiter = reader.getattr(intern!(py, "_waiter"))?;
     if !waiter.is_none() {
         reader.setattr(intern!(py, "_waiter"), py.None())?;
