@@ -507,9 +507,14 @@ pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Re
         None => with_read_buf(limit, |buf| sys::recv(fd, buf).map(|n| PyBytes::new(py, &buf[..n]))),
     };
     if let Ok(b) = &r {
-        LAST_READ_BIG.set(b.as_bytes().len() > BIG_READ);
+        note_read(b.as_bytes().len());
     }
     r
+}
+
+/// Remember whether this thread's last read was large (`reads_direct`).
+fn note_read(n: usize) {
+    LAST_READ_BIG.set(n > BIG_READ);
 }
 
 /// Whether `recv_bytes(.., limit)` reads straight into a new `bytes` (`limit` at most
@@ -519,28 +524,21 @@ fn reads_direct(limit: usize) -> bool {
 }
 
 /// One `recv` into the thread's read buffer, copied from there into the `bytearray` of an
-/// asyncio `StreamReader` (`target`, found before the read) instead of a new `bytes`; then
-/// the rest of `feed_data`, in the transport's context. What `recv_bytes` and
-/// `data_received` do, less a `bytes` object and a copy of the data.
-fn recv_into_reader(slf: &Bound<'_, StreamCore>, target: stream_reader::Target<'_>) -> PyResult<()> {
-    let py = slf.py();
-    let me = slf.get();
+/// asyncio `StreamReader` (`target`, found before the read) instead of a new `bytes`; then the
+/// rest of `feed_data`, in the transport's context. What `recv_bytes` and `data_received` do,
+/// less a `bytes` object and a copy of the data. `Ok(None)` at EOF.
+fn recv_into_reader(
+    py: Python<'_>,
+    me: &StreamCore,
+    target: &stream_reader::Target<'_>,
+) -> std::io::Result<Option<PyResult<()>>> {
     let fd = me.sock.get(py);
-    let r = with_read_buf(TRANSPORT_READ, |buf| {
-        sys::recv(fd, buf).map(|n| (n, if n > 0 { target.extend(&buf[..n]) } else { Ok(()) }))
-    });
-    if let Ok((n, _)) = &r {
-        LAST_READ_BIG.set(*n > BIG_READ);
-    }
-    match r {
-        Ok((0, _)) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
-        Ok((_, fed)) => match fed.and_then(|()| me.within_context(py, || target.after_extend())) {
-            Ok(()) => Ok(()),
-            Err(e) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
-        },
-        Err(e) if sys::would_block(&e) => Ok(()),
-        Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
-    }
+    let fed = with_read_buf(TRANSPORT_READ, |buf| -> std::io::Result<_> {
+        let n = sys::recv(fd, buf)?;
+        note_read(n);
+        Ok((n > 0).then(|| target.extend(&buf[..n])))
+    })?;
+    Ok(fed.map(|fed| fed.and_then(|()| me.within_context(py, || target.after_extend()))))
 }
 
 /// Readable: one `recv`, handed to the protocol.
@@ -593,20 +591,18 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
     } else {
-        if !reads_direct(TRANSPORT_READ) {
-            if let Some(target) = stream_reader::target(protocol) {
-                return recv_into_reader(slf, target);
-            }
-        }
-        let r = recv_bytes(py, me.sock.get(py), TRANSPORT_READ);
+        // asyncio's `StreamReaderProtocol` is found before the read, unless the read goes
+        // straight into a `bytes` anyway. `Ok(None)`: EOF; else what delivering the data gave.
+        let target = if reads_direct(TRANSPORT_READ) { None } else { stream_reader::target(protocol) };
+        let r = match &target {
+            Some(target) => recv_into_reader(py, me, target),
+            None => recv_bytes(py, me.sock.get(py), TRANSPORT_READ)
+                .map(|data| (!data.as_bytes().is_empty()).then(|| me.data_received(py, protocol, &data))),
+        };
         match r {
-            Ok(data) if data.as_bytes().is_empty() => {
-                me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py))
-            }
-            Ok(data) => match me.data_received(py, protocol, &data) {
-                Ok(()) => Ok(()),
-                Err(e) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
-            },
+            Ok(None) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
+            Ok(Some(Ok(()))) => Ok(()),
+            Ok(Some(Err(e))) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
             Err(e) if sys::would_block(&e) => Ok(()),
             Err(e) => me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport"),
         }
