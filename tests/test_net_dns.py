@@ -136,6 +136,28 @@ def test_getaddrinfo_matches_socket(loop):
     assert isinstance(sample[1], socket.SocketKind)
 
 
+class _BadIndex:
+    """An int-like whose conversion fails: the error is the caller's to see."""
+
+    def __index__(self):
+        raise ZeroDivisionError("no index")
+
+
+def test_getaddrinfo_of_arguments_that_are_not_ints_matches_socket(loop):
+    """family/type/proto/flags that are not ints (a float, a str, None, an object whose
+    ``__index__`` raises): the outcome is ``socket.getaddrinfo``'s, as asyncio passes them on,
+    for IP literals too (ferroloop resolves those on the loop thread)."""
+    bad = [1.5, "0", None, _BadIndex(), True]
+    cases = [
+        (host, 80, {name: value})
+        for host in ("127.0.0.1", "::1", "localhost")
+        for name in ("family", "type", "proto", "flags")
+        for value in bad
+    ]
+    _, oks = _compare_getaddrinfo(loop, cases)
+    assert 0 < oks < len(cases)  # some answer (True is an int), most fail
+
+
 def test_getaddrinfo_in_debug_mode(loop):
     """Debug mode logs slow lookups (asyncio's _getaddrinfo_debug) but returns the same."""
     loop.set_debug(True)

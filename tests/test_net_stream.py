@@ -536,6 +536,30 @@ def test_extra_info_client_side(loop, net, asked):
     run(loop, main())
 
 
+def test_extra_info_of_an_unhashable_name_is_a_type_error(loop, net):
+    """asyncio looks the name up in its extras dict: an unhashable name (a list, a dict) is a
+    ``TypeError``, a writable memoryview a ``ValueError``, before or after any other name was
+    asked for; an unknown hashable name gives the default."""
+
+    async def main():
+        tr, pr, _ = await net.connected()
+        for ask_first in (False, True):
+            if ask_first:
+                tr.get_extra_info("peername")
+            for name, exc in (
+                ([1], TypeError),
+                ({}, TypeError),
+                (memoryview(bytearray(1)), ValueError),
+            ):
+                with pytest.raises(exc):
+                    tr.get_extra_info(name)
+            assert tr.get_extra_info(("not", "there"), 7) == 7
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
 def test_extra_info_with_given_extra(loop, tcp_net):
     """A transport made with an ``extra`` dict keeps that dict's other keys and its
     peername, as asyncio's does (``_make_socket_transport`` called directly)."""
@@ -2080,6 +2104,45 @@ def test_server_close_keeps_live_connections(loop, net):
     run(loop, main())
 
 
+def test_server_closed_by_a_callback_ahead_of_its_accept_accepts_nothing(loop, net):
+    """One poll reports a pipe's reader, then the listening socket (a connection waits in its
+    queue; epoll reports fds in the order they became ready), and the pipe's reader closes the
+    server. asyncio's ``remove_reader`` cancels the accept that poll queued: nothing is
+    accepted and nothing reaches the exception handler (an accept on the closed socket would
+    fail with EBADF). The next server (which may get the same fd) accepts as usual."""
+
+    async def main():
+        r, w = os.pipe()
+        try:
+            for _ in range(3):
+                factory, servers = collector(Recorder)
+                srv = await net.server(factory)
+
+                def close_server(srv=srv):
+                    loop.remove_reader(r)
+                    os.read(r, 1)
+                    srv.close()
+
+                loop.add_reader(r, close_server)
+                os.write(w, b"x")
+                with net.plain_socket():  # connected: it waits in the listen queue
+                    await asyncio.sleep(0.01)
+                    assert not srv.is_serving()
+                    assert servers == []
+                await srv.wait_closed()
+        finally:
+            os.close(r)
+            os.close(w)
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        tr, pr = await net.connect(Recorder)
+        await net.server_side(servers)
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
 @pytest.mark.skipif(not PY313, reason="Server.close_clients()/abort_clients() are new in 3.13")
 @pytest.mark.parametrize("how", ["close_clients", "abort_clients"])
 def test_server_close_or_abort_clients(loop, net, how):
@@ -2099,6 +2162,27 @@ def test_server_close_or_abort_clients(loop, net, how):
         await srv.wait_closed()
         for p in servers:
             await p.lost
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("backlog", [0, -1])
+def test_create_server_takes_a_backlog_of_zero_or_less(loop, loop_kind, net, backlog):
+    """``socket.listen()`` takes a backlog of 0 or less (as 0), and so does create_server.
+    asyncio's accept loop then takes ``range(backlog)`` connections per event, none: its
+    server never accepts and its loop spins on the readable socket. ferroloop's accepts, as
+    uvloop's does (docs/DESIGN.md, "Deviations from asyncio")."""
+
+    async def main():
+        factory, servers = collector(Recorder)
+        srv = await net.server(factory, backlog=backlog)
+        assert srv.is_serving()
+        if loop_kind == "asyncio":
+            return
+        tr, pr = await net.connect(Recorder)
+        await net.server_side(servers)
+        tr.close()
+        await pr.lost
 
     run(loop, main())
 

@@ -382,9 +382,9 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         """asyncio's ``getaddrinfo``, except that IP literals with a numeric (or no) port are
         resolved here on the loop thread: with ``AI_NUMERICHOST | AI_NUMERICSERV`` the C library
         answers without any lookup, or fails at once for a name, which then goes to the
-        executor as in asyncio. ``AI_CANONNAME`` requests and debug mode (which logs the
-        lookup's duration) always take asyncio's path."""
-        if not self._debug and not flags & socket.AI_CANONNAME:
+        executor as in asyncio. ``AI_CANONNAME`` requests, flags that are not an ``int`` and
+        debug mode (which logs the lookup's duration) always take asyncio's path."""
+        if not self._debug and isinstance(flags, int) and not flags & socket.AI_CANONNAME:
             try:
                 return socket.getaddrinfo(host, port, family, type, proto, flags | _NUMERIC_ONLY)
             except (socket.gaierror, UnicodeError):

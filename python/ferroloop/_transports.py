@@ -154,6 +154,8 @@ class StreamTransport(transports._FlowControlMixin):
         elif name == "peername":
             value = self._core.peername
         else:
+            if extra is None:
+                hash(name)  # asyncio's dict lookup: an unhashable name is a TypeError
             return default
         if extra is None:
             self._extra = extra = {}

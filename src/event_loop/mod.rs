@@ -798,13 +798,16 @@ impl LoopCore {
         (op.get().is_idle(py) && op.get().same_socket(py, sock, fd)).then_some(op)
     }
 
+    /// Whether the fd's reader or writer slot holds `item` (work queued by a poll may run after
+    /// its registration was removed or replaced, as a cancelled handle in asyncio's ready queue).
+    pub(crate) fn holds(&self, py: Python<'_>, fd: RawFd, which: Which, item: &Bound<'_, PyAny>) -> bool {
+        let st = self.state.borrow(py);
+        st.reactor.as_ref().and_then(|r| r.item(fd, which)).is_some_and(|i| i.bind(py).is(item))
+    }
+
     /// Take a `sock_*` operation out of the fd's slot, if the slot still holds it.
     pub(crate) fn disarm_sock(&self, py: Python<'_>, fd: RawFd, which: Which, op: &Bound<'_, SockOp>) -> PyResult<()> {
-        let ours = {
-            let st = self.state.borrow(py);
-            st.reactor.as_ref().and_then(|r| r.item(fd, which)).is_some_and(|i| i.bind(py).is(op))
-        };
-        if ours {
+        if self.holds(py, fd, which, op.as_any()) {
             self.unwatch(py, fd, which)?;
         }
         Ok(())
@@ -1197,7 +1200,7 @@ impl LoopCore {
         protocol_factory: &Bound<'_, PyAny>,
         sock: &Bound<'_, PyAny>,
         server: &Bound<'_, PyAny>,
-        backlog: usize,
+        backlog: isize,
     ) -> PyResult<()> {
         Acceptor::start(slf, protocol_factory, sock, server, backlog)
     }

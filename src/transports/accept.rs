@@ -51,7 +51,7 @@ impl Acceptor {
         protocol_factory: &Bound<'_, PyAny>,
         sock: &Bound<'_, PyAny>,
         server: &Bound<'_, PyAny>,
-        backlog: usize,
+        backlog: isize,
     ) -> PyResult<()> {
         let py = loop_.py();
         let fd: RawFd = sock.call_method0(intern!(py, "fileno"))?.extract()?;
@@ -72,7 +72,9 @@ impl Acceptor {
                 protocol_factory: protocol_factory.clone().unbind(),
                 server: server.clone().unbind(),
                 context: py::copy_context(py)?,
-                backlog: backlog.max(1),
+                // At least one per event, as uvloop: asyncio's batch of `range(backlog)` never
+                // accepts for a backlog of 0 or less, and its loop spins on the readable socket.
+                backlog: backlog.max(1) as usize,
             },
         )?;
         loop_.get().watch(py, fd, Which::Reader, acceptor.into_any())
@@ -145,10 +147,15 @@ fn accept_one(slf: &Bound<'_, Acceptor>, conn_fd: std::os::fd::OwnedFd, addr: Pe
     Ok(())
 }
 
-/// The listening socket is readable: accept a batch.
+/// The listening socket is readable: accept a batch, unless the server stopped accepting
+/// after the poll queued the batch (a callback ahead of it in the same iteration closed the
+/// server): asyncio's `remove_reader` cancels its queued `_accept_connection` handle.
 pub(crate) fn run(slf: &Bound<'_, Acceptor>) -> PyResult<()> {
     let py = slf.py();
     let me = slf.get();
+    if !me.loop_.get().holds(py, me.sock.fd(), Which::Reader, slf.as_any()) {
+        return Ok(());
+    }
     for _ in 0..me.backlog {
         match sys::accept(me.sock.get(py)) {
             Ok((conn_fd, addr)) => {
