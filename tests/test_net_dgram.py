@@ -331,6 +331,27 @@ def test_transport_classes(loop, loop_kind):
     assert (inet_cls is selector_events._SelectorDatagramTransport) == (loop_kind == "asyncio")
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="asyncio 3.10/3.11 make a second transport for the fd (the check is 3.12's)",
+)
+def test_no_second_transport_for_a_socket_an_open_transport_holds(loop):
+    """3.12+: ``create_datagram_endpoint(sock=)`` of a socket an open transport holds is
+    asyncio's ``RuntimeError``."""
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a.bind(("127.0.0.1", 0))
+
+    async def main():
+        t, p = await loop.create_datagram_endpoint(Collector, sock=a)
+        with pytest.raises(RuntimeError, match=r"^File descriptor .* is used by transport"):
+            await loop.create_datagram_endpoint(Collector, sock=a)
+        assert not t.is_closing()
+        t.close()
+        await asyncio.sleep(0.01)
+
+    run(loop, main())
+
+
 def test_socket_closed_by_its_caller_is_not_used_through_a_reused_fd(loop):
     """The caller closes the socket it gave to ``create_datagram_endpoint(sock=)`` and a new
     socket gets the same fd number: ``sendto`` fails with EBADF (to ``error_received``), as

@@ -2299,6 +2299,31 @@ def test_create_server_sock_is_the_servers_socket(loop, net):
     run(loop, main())
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 12),
+    reason="asyncio 3.10/3.11 make a second transport for the fd (the check is 3.12's)",
+)
+def test_no_second_transport_for_a_socket_an_open_transport_holds(loop, net):
+    """3.12+: ``connect_accepted_socket`` of a socket whose fd an open transport holds is
+    asyncio's ``RuntimeError``; the first transport goes on working."""
+
+    async def main():
+        factory, servers = collector(Echo)
+        await net.server(factory)
+        a = net.plain_socket()
+        a.setblocking(False)
+        tr, pr = await loop.connect_accepted_socket(Recorder, a)
+        with pytest.raises(RuntimeError, match=r"^File descriptor .* is used by transport"):
+            await loop.connect_accepted_socket(Recorder, a)
+        tr.write(b"still mine")
+        await pr.wait_bytes(10)
+        assert pr.data == b"still mine"
+        tr.close()
+        await pr.lost
+
+    run(loop, main())
+
+
 def test_connect_accepted_socket(loop, net):
     async def main():
         if net.family == "unix":

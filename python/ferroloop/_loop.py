@@ -237,6 +237,10 @@ _SELECTOR_START_SERVING = asyncio.SelectorEventLoop._start_serving
 _FORMAT_TAKES_DEBUG = "debug" in format_helpers._format_callback_source.__code__.co_varnames
 
 
+# 3.12+'s asyncio refuses a transport for a socket whose fd another open transport holds
+# (`_make_socket_transport` / `_make_datagram_transport` call `_ensure_fd_no_transport`).
+_ONE_TRANSPORT_PER_FD = sys.version_info >= (3, 12)
+
 # getaddrinfo flags under which the C library never consults a resolver.
 _NUMERIC_ONLY = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 
@@ -282,6 +286,8 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
     ):
         # peer: an accepted socket's address as a _ferroloop.SockAddr (ours, not asyncio's).
         if _RUST_TRANSPORTS:
+            if _ONE_TRANSPORT_PER_FD:
+                self._ensure_fd_no_transport(sock)
             return _transports.StreamTransport(self, sock, protocol, waiter, extra, server, peer)
         if peer is not None:
             extra = {"peername": peer.value}
@@ -291,6 +297,8 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         # UDP over IPv4 / IPv6: asyncio's transport with Rust reads and sends
         # (`_transports.DatagramTransport`); other families keep asyncio's.
         if _RUST_TRANSPORTS and sock.family in (socket.AF_INET, socket.AF_INET6):
+            if _ONE_TRANSPORT_PER_FD:
+                self._ensure_fd_no_transport(sock)
             return _transports.DatagramTransport(self, sock, protocol, address, waiter, extra)
         return _SELECTOR_DATAGRAM_TRANSPORT(self, sock, protocol, address, waiter, extra)
 
