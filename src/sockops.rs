@@ -265,6 +265,10 @@ impl SockOp {
             let mut st = me.st.borrow_mut(py);
             st.direct = true;
             st.fd = fd;
+        } else if matches!(me.st.borrow(py).kind, Kind::Accept) {
+            // asyncio's `_sock_accept` asks `fileno()` before `accept()` (a look-alike whose
+            // `fileno()` raises fails with that error).
+            sock.call_method0(intern!(py, "fileno"))?;
         }
         Self::prepare(slf)?;
         if direct && Self::wait_first(slf, sock)? {

@@ -14,6 +14,7 @@ import errno
 import gc
 import hashlib
 import io
+import math
 import os
 import random
 import shutil
@@ -1004,6 +1005,30 @@ def test_write_buffer_limits(loop, tcp_net):
         assert tr.get_write_buffer_size() == 0
         tr.close()
         assert await pr.lost is None
+
+    run(loop, main())
+
+
+def test_infinite_high_water_mark_never_pauses(loop, tcp_net):
+    """``set_write_buffer_limits(high=math.inf, low=...)`` is taken, as asyncio takes any
+    real numbers, and a writer far past any size is not paused (ferroloop's limits report
+    the largest size for it: docs/DESIGN.md, "Deviations from asyncio")."""
+
+    async def main():
+        tr, pr, srv = await tcp_net.connected(
+            server=recorder(pause_on_made=True, small_buffers=True),
+            client=recorder(small_buffers=True),
+        )
+        tr.set_write_buffer_limits(high=math.inf, low=16)
+        low, high = tr.get_write_buffer_limits()
+        assert low == 16 and high >= 2**63 - 1
+        tr.write(b"x" * (4 << 20))
+        assert tr.get_write_buffer_size() > 0
+        assert pr.pauses == 0
+        srv.transport.resume_reading()
+        await srv.wait_bytes(4 << 20)
+        tr.close()
+        await pr.lost
 
     run(loop, main())
 

@@ -47,7 +47,8 @@ _MAX_LIMIT = 2**63 - 1
 
 
 def _byte_limit(value):
-    return min(math.floor(value), _MAX_LIMIT)
+    # `inf` (no limit, which asyncio takes) has no floor: it is the largest size.
+    return _MAX_LIMIT if value >= _MAX_LIMIT else math.floor(value)
 
 
 class _TransportSocket(trsock.TransportSocket):
