@@ -211,6 +211,22 @@ def _nonblocking(sock):
     return sock
 
 
+def _slots(args, kwargs):
+    """Each argument in turn, with its label: ``(index, None, "[i]")`` for a positional one,
+    ``(None, name, "(name=)")`` for a keyword one."""
+    return [(i, None, f"[{i}]") for i in range(len(args))] + [(None, k, f"({k}=)") for k in kwargs]
+
+
+def _replaced(args, kwargs, pos, key, value):
+    """Copies of ``args`` and ``kwargs`` with one argument (``_slots``) set to ``value``."""
+    args, kwargs = list(args), dict(kwargs)
+    if key is None:
+        args[pos] = value
+    else:
+        kwargs[key] = value
+    return args, kwargs
+
+
 def _release(result):
     """Close or cancel what a call that succeeded made."""
     items = result if isinstance(result, tuple) else (result,)
@@ -236,11 +252,10 @@ async def _outcome(loop, fn, args, kwargs):
     finally:
         loop.set_exception_handler(None)
         loop.set_task_factory(None)
-        for sig in (signal.SIGUSR1,):
-            try:
-                loop.remove_signal_handler(sig)
-            except Exception:
-                pass
+        try:
+            loop.remove_signal_handler(signal.SIGUSR1)
+        except Exception:
+            pass
 
 
 def _outcomes(factory, name, tmp):
@@ -255,23 +270,16 @@ def _outcomes(factory, name, tmp):
     async def main():
         out = {}
         ctx = Ctx(tmp)
+        fn = getattr(loop, name)
         try:
-            args, kwargs = build(ctx)
-            out["good arguments"] = await _outcome(loop, getattr(loop, name), args, kwargs)
+            good_args, good_kwargs = build(ctx)
+            out["good arguments"] = await _outcome(loop, fn, good_args, good_kwargs)
             ctx.close()
-            args, kwargs = build(ctx)
-            slots = [(i, None) for i in range(len(args))] + [(None, k) for k in kwargs]
-            for pos, key in slots:
-                for vname in bad_values():
-                    args, kwargs = build(ctx)
-                    values = bad_values()
-                    ctx.opened.extend(v for v in values.values() if isinstance(v, socket.socket))
-                    if key is None:
-                        args[pos] = values[vname]
-                    else:
-                        kwargs[key] = values[vname]
-                    fn = getattr(loop, name)
-                    where = f"[{pos}]" if key is None else f"({key}=)"
+            for pos, key, where in _slots(good_args, good_kwargs):
+                for vname, value in bad_values().items():
+                    if isinstance(value, socket.socket):
+                        ctx.keep(value)
+                    args, kwargs = _replaced(*build(ctx), pos, key, value)
                     out[f"{name}{where} {vname}"] = await _outcome(loop, fn, args, kwargs)
                     ctx.close()
                     await asyncio.sleep(0)
@@ -370,15 +378,9 @@ def _transport_outcomes(factory, family, method):
 
     async def main():
         out = {"good arguments": await one(list(good_args), dict(good_kwargs))}
-        slots = [(i, None) for i in range(len(good_args))] + [(None, k) for k in good_kwargs]
-        for pos, key in slots:
+        for pos, key, where in _slots(good_args, good_kwargs):
             for vname, value in bad_values().items():
-                args, kwargs = list(good_args), dict(good_kwargs)
-                if key is None:
-                    args[pos] = value
-                else:
-                    kwargs[key] = value
-                where = f"[{pos}]" if key is None else f"({key}=)"
+                args, kwargs = _replaced(good_args, good_kwargs, pos, key, value)
                 out[f"{method}{where} {vname}"] = await one(args, kwargs)
                 if isinstance(value, socket.socket):
                     value.close()
