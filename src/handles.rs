@@ -39,10 +39,22 @@ impl CallArgs {
         Self { obj: args.clone().into_any().unbind(), one: false }
     }
 
-    /// No arguments (the empty tuple).
+    /// No arguments (the empty tuple). The tuple is asked for once and kept: `PyTuple_New(0)`
+    /// returns the interpreter's one empty tuple anyway, at the cost of a call per handle.
     #[inline]
     pub(crate) fn empty(py: Python<'_>) -> Self {
-        Self { obj: PyTuple::empty(py).into_any().unbind(), one: false }
+        static EMPTY: std::sync::atomic::AtomicPtr<pyo3::ffi::PyObject> =
+            std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+        let mut p = EMPTY.load(Ordering::Relaxed);
+        if p.is_null() {
+            // Kept for the life of the process (the reference is never released); with the GIL
+            // held two threads cannot both get here at once.
+            p = PyTuple::empty(py).into_ptr();
+            EMPTY.store(p, Ordering::Relaxed);
+        }
+        // SAFETY: `p` is a live tuple (the reference kept above keeps it alive); we take a new
+        // reference for the handle.
+        Self { obj: unsafe { Bound::from_borrowed_ptr(py, p) }.unbind(), one: false }
     }
 
     /// The single argument `arg`.
@@ -94,7 +106,7 @@ impl<'py> BoundArgs<'py> {
         // SAFETY: as in `to_tuple`.
         let args = unsafe { self.obj.cast_unchecked::<PyTuple>() };
         if args.is_empty() {
-            cb.call0()
+            py::call_no_args(cb, args)
         } else {
             cb.call1(args)
         }

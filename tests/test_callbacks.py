@@ -367,6 +367,57 @@ def test_handle_with_one_argument(loop, handler_calls, method):
     assert handler_calls[0]["handle"] is h3
 
 
+class _CallableObject:
+    """A callable whose type has no vectorcall: it is called through `tp_call`."""
+
+    def __init__(self, seen, exc=None):
+        self.seen = seen
+        self.exc = exc
+
+    def __call__(self, *args):
+        self.seen.append((args, var.get()))
+        if self.exc is not None:
+            raise self.exc
+
+
+def test_callable_object_callbacks(loop, handler_calls):
+    """An object with `__call__` as the callback, with and without arguments, in its handle's
+    context; an error reaches the exception handler with the handle."""
+    seen = []
+    ctx = contextvars.copy_context()
+    ctx.run(var.set, "in ctx")
+    loop.call_soon(_CallableObject(seen))
+    loop.call_soon(_CallableObject(seen), 1)
+    loop.call_soon(_CallableObject(seen), context=ctx)
+    loop.call_later(0, _CallableObject(seen), 2, 3)
+    h = loop.call_soon(_CallableObject(seen, ValueError("cb")))
+    run_briefly(loop)
+    run_briefly(loop)
+    # The timer is due at the first iteration, and queued behind what call_soon queued.
+    assert seen == [
+        ((), "default"),
+        ((1,), "default"),
+        ((), "in ctx"),
+        ((), "default"),
+        ((2, 3), "default"),
+    ]
+    assert len(handler_calls) == 1
+    assert isinstance(handler_calls[0]["exception"], ValueError)
+    assert handler_calls[0]["handle"] is h
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_callable_object_callback_base_exception_propagates(loop, exc):
+    seen = []
+    loop.call_soon(_CallableObject(seen, exc()))
+    loop.call_soon(_CallableObject(seen))
+    with pytest.raises(exc):
+        loop.run_forever()
+    assert seen == [((), "default")]
+    run_briefly(loop)  # the second callback is still queued, and runs
+    assert seen == [((), "default"), ((), "default")]
+
+
 def test_handle_repr_shows_args_in_debug(loop):
     # Python 3.12+ shows the arguments only in debug mode.
     loop.set_debug(True)

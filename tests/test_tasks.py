@@ -87,6 +87,52 @@ def test_create_future_type(loop):
     fut.cancel()
 
 
+class _MyFuture(asyncio.Future):
+    pass
+
+
+class _MyTask(asyncio.Task):
+    pass
+
+
+@pytest.mark.parametrize("how", ["replaced", "module __getattr__"])
+def test_create_future_and_task_use_what_the_modules_hold_now(loop, monkeypatch, how):
+    """asyncio's create_future/create_task look up `futures.Future` and `tasks.Task` at each
+    call: a class put there later is used, also when it comes from a module `__getattr__`
+    (PEP 562) because the name was removed."""
+    if how == "replaced":
+        monkeypatch.setattr(asyncio.futures, "Future", _MyFuture)
+        monkeypatch.setattr(asyncio.tasks, "Task", _MyTask)
+    else:
+        monkeypatch.delattr(asyncio.futures, "Future")
+        monkeypatch.delattr(asyncio.tasks, "Task")
+
+        def getattr_for(name, cls):
+            def module_getattr(attr):
+                if attr == name:
+                    return cls
+                raise AttributeError(attr)
+
+            return module_getattr
+
+        monkeypatch.setattr(
+            asyncio.futures, "__getattr__", getattr_for("Future", _MyFuture), raising=False
+        )
+        monkeypatch.setattr(
+            asyncio.tasks, "__getattr__", getattr_for("Task", _MyTask), raising=False
+        )
+
+    async def coro():
+        return 5
+
+    fut = loop.create_future()
+    task = loop.create_task(coro())
+    assert type(fut) is _MyFuture
+    assert type(task) is _MyTask
+    assert loop.run_until_complete(task) == 5
+    fut.cancel()
+
+
 # --- task factories ----------------------------------------------------------------------
 
 

@@ -234,7 +234,7 @@ impl LoopCore {
     /// `getpid()` syscall on 3.11 (its running-loop lookup).
     pub(crate) fn new_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        let cls = py::cached(py)?.futures_module.bind(py).getattr(intern!(py, "Future"))?;
+        let cls = py::module_attr(py::cached(py)?.futures_module.bind(py), intern!(py, "Future"))?;
         cls.call((), Some(&Self::loop_kwargs(slf)?))
     }
 
@@ -976,7 +976,7 @@ impl LoopCore {
             let kwargs = kwargs.unwrap_or_else(|| PyDict::new(py));
             return slf.call_method1(intern!(py, "_create_task_slow"), (coro, name, context, kwargs));
         }
-        let task = py::cached(py)?.tasks_module.bind(py).getattr(intern!(py, "Task"))?;
+        let task = py::module_attr(py::cached(py)?.tasks_module.bind(py), intern!(py, "Task"))?;
         let loop_kwargs = Self::loop_kwargs(slf)?;
         if name.is_none() && context.is_none() {
             // The common case: keywords from the loop's own dict (see `new_future`).
