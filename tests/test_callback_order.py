@@ -116,9 +116,7 @@ class Program:
         """The tasks in `slots` spawned after task number `num`: a task waits only for later
         ones, so no two tasks wait for each other (asyncio's cancellation of such a cycle
         recurses without end)."""
-        return [
-            self.tasks[s] for s in slots if s in self.tasks and self.order[self.tasks[s]] > num
-        ]
+        return [self.tasks[s] for s in slots if s in self.tasks and self.order[self.tasks[s]] > num]
 
     async def step(self, kind, args, depth, me, num):
         log, loop = self.log.append, self.loop
