@@ -29,7 +29,7 @@ from conftest import FACTORIES
 PY311 = sys.version_info >= (3, 11)
 var = contextvars.ContextVar("order_var", default=0)
 
-#: Steps a program body may take (some twice, to weight them).
+#: Steps a program body may take (some more than once, to weight them).
 STEPS = (
     "log sleep0 sleep0 sleep0 soon soon soon_args soon_ctx later0 at_past threadsafe "
     "cancel_handle spawn spawn spawn await_task cancel_task fut_new fut_result fut_exception "
