@@ -158,8 +158,9 @@ pub fn call_method_fast<'py>(
 /// `Task`'s step wrapper that every task wake-up without a value queues, an instance with
 /// `__call__`) is called through its `tp_call` with `empty` straight away, as Cython's calls
 /// do: `PyObject_CallNoArgs` would go through `_PyObject_MakeTpCall` (recursion check,
-/// argument tuple, result check), about 60 instructions more per call on 3.11. Python code
-/// the call reaches makes its own recursion check. Other callables go by vectorcall.
+/// argument tuple, result check), about 100 instructions more per call on 3.11 (callgrind).
+/// Python code the call reaches makes its own recursion check. Other callables go by
+/// vectorcall.
 #[inline(always)]
 pub fn call_no_args<'py>(cb: &Bound<'py, PyAny>, empty: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyAny>> {
     let py = cb.py();
