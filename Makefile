@@ -12,6 +12,10 @@ PY312 ?= $(call pyfor,12)
 PY313 ?= $(call pyfor,13)
 PYbench ?= $(PY311)
 TEST_PYTHONS ?= 311 313 310 312
+# The servers and libraries the README names (tests/frameworks/), each in a venv of its own.
+FRAMEWORK_PYTHONS ?= 311 313
+PYfw311 ?= $(PY311)
+PYfw313 ?= $(PY313)
 
 VENV ?= .venv
 DEV_DEPS := "maturin>=1.7,<2" "pytest>=8" pytest-timeout ruff mypy
@@ -31,7 +35,8 @@ help:  ## list the targets
 	 $$py -m venv .venv-$*; \
 	 .venv-$*/bin/pip install -q --disable-pip-version-check -U pip; \
 	 .venv-$*/bin/pip install -q --disable-pip-version-check $(DEV_DEPS) \
-	   $(if $(filter bench,$*),-r bench/requirements.txt)
+	   $(if $(filter bench,$*),-r bench/requirements.txt) \
+	   $(if $(filter fw%,$*),-r tests/frameworks/requirements.txt)
 	@touch $@
 
 .PRECIOUS: .venv-%/.ok
@@ -46,6 +51,12 @@ develop-%: .venv-%/.ok
 	@echo "--- build ferroloop (test build) for .venv-$*"
 	$(TEST_BUILD_ENV) CARGO_TARGET_DIR=target/test$* VIRTUAL_ENV=$(CURDIR)/.venv-$* \
 	  PATH=$(CURDIR)/.venv-$*/bin:$$PATH .venv-$*/bin/maturin develop --release -q
+
+# develop-fw<name>: the framework venv imports the build that develop-<name> made (a .pth to
+# python/, as maturin develop writes), so nothing is built twice.
+develop-fw%: develop-% .venv-fw%/.ok
+	.venv-fw$*/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+	  | xargs -I{} cp .venv-$*/lib/python3.$(patsubst 3%,%,$*)/site-packages/ferroloop.pth {}/
 
 # The benchmark build: full release profile (fat LTO), installed as a wheel into its own venv.
 .PHONY: build-bench
@@ -64,7 +75,7 @@ bench: build-bench  ## build (release), then run the benchmark comparison (quick
 	.venv-bench/bin/python bench/run.py --quick
 
 .PHONY: test
-test: lint test-rust $(addprefix test-,$(TEST_PYTHONS))  ## build and run every test (lints, Rust units, pytest and CPython conformance on 3.10-3.13)
+test: lint test-rust $(addprefix test-,$(TEST_PYTHONS)) $(addprefix test-fw,$(FRAMEWORK_PYTHONS))  ## build and run every test (lints, Rust units, pytest and CPython conformance on 3.10-3.13, the frameworks on 3.11/3.13)
 	@echo "=== all tests passed"
 
 # --- pieces -----------------------------------------------------------------
@@ -90,6 +101,10 @@ test-%: develop-%  ## pytest + stub check + CPython conformance on one interpret
 	.venv-$*/bin/python -m mypy.stubtest ferroloop._ferroloop --allowlist tests/stubtest_allowlist.txt
 	@echo "=== Python $* : CPython test_asyncio conformance"
 	.venv-$*/bin/python tests/cpython/run_conformance.py
+
+test-fw%: develop-fw%  ## uvicorn, gunicorn, hypercorn, granian, sanic, aiohttp, anyio's own suite and pytest-asyncio on both loops (311, 313)
+	@echo "=== Python $* : servers and libraries (tests/frameworks)"
+	.venv-fw$*/bin/python -m pytest -q -p no:asyncio -p no:anyio tests/frameworks
 
 .PHONY: fmt
 fmt:  ## format Rust and Python sources
