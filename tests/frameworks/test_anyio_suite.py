@@ -15,15 +15,12 @@ anyio's tests race on a busy machine (one was seen failing once on asyncio's own
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import re
-import subprocess
 import sys
-import tarfile
-import xml.etree.ElementTree as ET
 from collections import Counter
 
 import pytest
+from _suites import fetch_sdist, node_id, outcomes, run_pytest
 
 VERSION = importlib.metadata.version("anyio")
 
@@ -62,19 +59,8 @@ PARAM = re.compile(r"\[(.*)\]$")
 
 
 def _fetch_suite(where):
-    """anyio's sdist of the installed version, unpacked under ``where``; returns its root."""
-    got = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check"]
-        + ["--no-deps", "--no-binary", ":all:", "-d", str(where), f"anyio=={VERSION}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert got.returncode == 0, f"could not fetch anyio {VERSION}'s sdist:\n{got.stderr}"
-    (archive,) = where.glob("anyio-*.tar.gz")
-    with tarfile.open(archive) as tar:
-        tar.extractall(where, filter="data")
-    root = where / f"anyio-{VERSION}"
+    """anyio's sdist, unpacked, with ferroloop added to its conftest; returns its root."""
+    root = fetch_sdist("anyio", where)
     conftest = root / "tests" / "conftest.py"
     text = conftest.read_text()
     assert ANCHOR in text, "anyio's tests/conftest.py changed: update ANCHOR in this file"
@@ -82,31 +68,10 @@ def _fetch_suite(where):
     return root
 
 
-def _run(root, args, report, timeout):
-    env = dict(os.environ)
-    for name in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTEST_ADDOPTS"):
-        env.pop(name, None)
-    try:
-        return subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-            + ["--junitxml", str(report), *args],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as e:
-        # A hang in anyio's suite (a loop that never delivers an event leaves its server
-        # threads waiting): fail with what it printed, not after the outer timeout.
-        pytest.fail(f"anyio's suite did not finish in {timeout} s:\n{(e.stdout or '')[-4000:]}")
-
-
-def _outcomes(report):
-    """{(test id without its variant, variant): "passed" | "failed" | "skipped"}."""
+def _by_variant(report):
+    """{(test id with "*" for its variant, variant): outcome} for the asyncio variants."""
     out = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        name = case.get("name")
+    for (classname, name), outcome in outcomes(report).items():
         match = PARAM.search(name)
         if not match:
             continue
@@ -115,51 +80,35 @@ def _outcomes(report):
         if variant is None:
             continue
         parts[parts.index(variant)] = "*"
-        key = f"{case.get('classname')}::{name[: match.start()]}[{'-'.join(parts)}]"
-        if case.find("skipped") is not None:
-            outcome = "skipped"
-        elif case.find("failure") is not None or case.find("error") is not None:
-            outcome = "failed"
-        else:
-            outcome = "passed"
-        # A test that passed and then failed its teardown has two entries; failure wins.
-        if out.get((key, variant)) != "failed":
-            out[(key, variant)] = outcome
+        out[(f"{classname}::{name[: match.start()]}[{'-'.join(parts)}]", variant)] = outcome
     return out
 
 
 def _node_id(root, key, variant):
-    """The pytest node id of one variant of ``key`` (classname uses dots for the path)."""
     classname, name = key.split("::", 1)
-    parts = classname.split(".")
-    # classname is "tests.test_x.TestClass" or "tests.test_x"; find where the module ends.
-    for i in range(len(parts), 0, -1):
-        path = "/".join(parts[:i]) + ".py"
-        if (root / path).exists():
-            return "::".join([path, *parts[i:], name.replace("*", variant)])
-    raise AssertionError(f"no file for {classname}")
+    return node_id(root, classname, name.replace("*", variant))
 
 
 @pytest.mark.timeout(1100)
 def test_anyio_suite_passes_on_ferroloop_wherever_it_passes_on_asyncio(tmp_path):
     root = _fetch_suite(tmp_path)
     report = tmp_path / "report.xml"
-    done = _run(root, ["-k", "asyncio and not uvloop", "tests"], report, timeout=480)
+    done = run_pytest(root, ["-k", "asyncio and not uvloop", "tests"], report, timeout=480)
     assert done.returncode in (0, 1), f"pytest did not run the suite:\n{done.stdout[-4000:]}"
-    outcomes = _outcomes(report)
+    results = _by_variant(report)
 
-    counts = Counter((variant, outcome) for (_, variant), outcome in outcomes.items())
+    counts = Counter((variant, outcome) for (_, variant), outcome in results.items())
     summary = ", ".join(f"{v} {o} {n}" for (v, o), n in sorted(counts.items()))
     print(f"anyio {VERSION}: {summary}")
 
     differ = []
-    for (key, variant), outcome in outcomes.items():
+    for (key, variant), outcome in results.items():
         if variant in REFERENCE and outcome == "failed":
-            if outcomes.get((key, REFERENCE[variant])) == "passed":
+            if results.get((key, REFERENCE[variant])) == "passed":
                 differ.append((key, variant))
     both_failed = sum(
         1
-        for (key, variant), outcome in outcomes.items()
+        for (key, variant), outcome in results.items()
         if variant in REFERENCE and outcome == "failed" and (key, variant) not in differ
     )
     print(f"failed on ferroloop and on asyncio's loop alike (the machine): {both_failed}")
@@ -170,14 +119,17 @@ def test_anyio_suite_passes_on_ferroloop_wherever_it_passes_on_asyncio(tmp_path)
         for key, variant in differ:
             ids += [_node_id(root, key, variant), _node_id(root, key, REFERENCE[variant])]
         again = tmp_path / "again.xml"
-        rerun = _run(root, ids, again, timeout=240)
-        second = _outcomes(again)
+        rerun = run_pytest(root, ids, again, timeout=240)
+        second = _by_variant(again)
+        first = differ
         differ = [
             (key, variant)
-            for key, variant in differ
+            for key, variant in first
             if second.get((key, variant)) == "failed"
             and second.get((key, REFERENCE[variant])) == "passed"
         ]
+        for key, variant in set(first) - set(differ):
+            print(f"failed on {variant} once, passed when run again: {key}")
     assert not differ, "anyio tests that pass on asyncio's loop and fail on ferroloop:\n" + (
         "\n".join(f"  {k.replace('*', v)}" for k, v in differ) + "\n" + rerun.stdout[-8000:]
     )
@@ -187,6 +139,6 @@ def test_anyio_suite_passes_on_ferroloop_wherever_it_passes_on_asyncio(tmp_path)
     for variant, reference in REFERENCE.items():
         if sys.version_info < (3, 12) and variant.endswith("eager"):
             continue
-        ran = sum(1 for (_, v) in outcomes if v == variant)
-        assert ran > 0.9 * sum(1 for (_, v) in outcomes if v == reference), summary
+        ran = sum(1 for (_, v) in results if v == variant)
+        assert ran > 0.9 * sum(1 for (_, v) in results if v == reference), summary
         assert counts[(variant, "passed")] > ran // 2, summary

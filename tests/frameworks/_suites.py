@@ -1,0 +1,96 @@
+"""Running another project's own test suite (from its sdist) on asyncio's loop and on ferroloop.
+
+Used by test_anyio_suite.py and test_uvloop_suite.py. The sdist of the installed version is
+fetched from PyPI (tests are not in wheels), pytest runs the suite in a subprocess with a JUnit
+report, and the outcomes of the ferroloop runs are compared with asyncio's, test by test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import ssl
+import subprocess
+import sys
+import tarfile
+import urllib.request
+import xml.etree.ElementTree as ET
+
+import pytest
+
+
+def fetch_sdist(name, where):
+    """The sdist of the installed ``name``, unpacked under ``where``; returns its root.
+
+    Fetched from PyPI's simple index (its JSON form) and checked against the index's sha256.
+    Not with ``pip download``, which builds an sdist to read its metadata (uvloop's build
+    compiles libuv: minutes)."""
+    version = importlib.metadata.version(name)
+    filename = f"{name}-{version}.tar.gz"
+    context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT"))
+    index = urllib.request.Request(
+        f"https://pypi.org/simple/{name}/",
+        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+    )
+    with urllib.request.urlopen(index, timeout=60, context=context) as r:
+        files = {f["filename"]: f for f in json.load(r)["files"]}
+    assert filename in files, f"PyPI lists no {filename}"
+    with urllib.request.urlopen(files[filename]["url"], timeout=120, context=context) as r:
+        data = r.read()
+    assert hashlib.sha256(data).hexdigest() == files[filename]["hashes"]["sha256"], filename
+    archive = where / filename
+    archive.write_bytes(data)
+    with tarfile.open(archive) as tar:
+        tar.extractall(where, filter="data")
+    return where / f"{name}-{version}"
+
+
+def run_pytest(cwd, args, report, timeout, env=None):
+    """pytest ``args`` in ``cwd``, writing a JUnit report; fails the calling test on a hang."""
+    full_env = dict(os.environ)
+    for name in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTEST_ADDOPTS"):
+        full_env.pop(name, None)
+    full_env.update(env or {})
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            + ["--junitxml", str(report), *args],
+            cwd=cwd,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        # A hang in the suite (a loop that never delivers an event leaves a test's server
+        # thread waiting): fail with what it printed, not after the outer timeout.
+        pytest.fail(f"the suite did not finish in {timeout} s:\n{(e.stdout or '')[-4000:]}")
+
+
+def outcomes(report):
+    """{(classname, test name): "passed" | "failed" | "skipped"} from a JUnit report."""
+    out = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        key = (case.get("classname"), case.get("name"))
+        if case.find("skipped") is not None:
+            outcome = "skipped"
+        elif case.find("failure") is not None or case.find("error") is not None:
+            outcome = "failed"
+        else:
+            outcome = "passed"
+        # A test that passed and then failed its teardown has two entries; failure wins.
+        if out.get(key) != "failed":
+            out[key] = outcome
+    return out
+
+
+def node_id(root, classname, name):
+    """The pytest node id of a JUnit test case (its classname has dots for the path)."""
+    parts = classname.split(".")
+    for i in range(len(parts), 0, -1):
+        path = "/".join(parts[:i]) + ".py"
+        if (root / path).exists():
+            return "::".join([path, *parts[i:], name])
+    raise AssertionError(f"no file for {classname}")
