@@ -11,12 +11,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
 import tarfile
 import urllib.request
 import xml.etree.ElementTree as ET
+from urllib.parse import urljoin
 
 import pytest
 
@@ -24,22 +26,34 @@ import pytest
 def fetch_sdist(name, where):
     """The sdist of the installed ``name``, unpacked under ``where``; returns its root.
 
-    Fetched from PyPI's simple index (its JSON form) and checked against the index's sha256.
+    Fetched from the package index pip uses (``PIP_INDEX_URL``, else PyPI), through its simple
+    API (JSON, or the HTML form a mirror may serve), and checked against the index's sha256.
     Not with ``pip download``, which builds an sdist to read its metadata (uvloop's build
     compiles libuv: minutes)."""
     version = importlib.metadata.version(name)
     filename = f"{name}-{version}.tar.gz"
     context = ssl.create_default_context(cafile=os.environ.get("PIP_CERT"))
+    base = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
     index = urllib.request.Request(
-        f"https://pypi.org/simple/{name}/",
-        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+        f"{base}/{name}/",
+        headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"},
     )
     with urllib.request.urlopen(index, timeout=60, context=context) as r:
-        files = {f["filename"]: f for f in json.load(r)["files"]}
-    assert filename in files, f"PyPI lists no {filename}"
-    with urllib.request.urlopen(files[filename]["url"], timeout=120, context=context) as r:
+        page_url, kind, body = r.geturl(), r.headers.get("content-type", ""), r.read()
+    if "json" in kind:
+        found = [
+            (f["url"], f["hashes"].get("sha256"))
+            for f in json.loads(body)["files"]
+            if f["filename"] == filename
+        ]
+    else:
+        links = re.findall(r'href="([^"#]+)#sha256=([0-9a-f]{64})"[^>]*>([^<]+)<', body.decode())
+        found = [(url, digest) for url, digest, text in links if text.strip() == filename]
+    assert found, f"the index {base} lists no {filename}"
+    url, digest = found[0]
+    with urllib.request.urlopen(urljoin(page_url, url), timeout=120, context=context) as r:
         data = r.read()
-    assert hashlib.sha256(data).hexdigest() == files[filename]["hashes"]["sha256"], filename
+    assert hashlib.sha256(data).hexdigest() == digest, f"{filename}: sha256 differs"
     archive = where / filename
     archive.write_bytes(data)
     with tarfile.open(archive) as tar:
