@@ -14,7 +14,9 @@ PYbench ?= $(PY311)
 TEST_PYTHONS ?= 311 313 310 312
 # The servers and libraries the README names (tests/frameworks/), each in a venv of its own.
 FRAMEWORK_PYTHONS ?= 311 313
+PYfw310 ?= $(PY310)
 PYfw311 ?= $(PY311)
+PYfw312 ?= $(PY312)
 PYfw313 ?= $(PY313)
 
 VENV ?= .venv
@@ -102,7 +104,7 @@ test-%: develop-%  ## pytest + stub check + CPython conformance on one interpret
 	@echo "=== Python $* : CPython test_asyncio conformance"
 	.venv-$*/bin/python tests/cpython/run_conformance.py
 
-test-fw%: develop-fw%  ## uvicorn, gunicorn, hypercorn, granian, sanic, aiohttp, anyio's own suite and pytest-asyncio on both loops (311, 313)
+test-fw%: develop-fw%  ## uvicorn, gunicorn, hypercorn, granian, sanic, aiohttp, pytest-asyncio, anyio's and uvloop's suites on both loops (310-313)
 	@echo "=== Python $* : servers and libraries (tests/frameworks)"
 	.venv-fw$*/bin/python -m pytest -q -p no:asyncio -p no:anyio tests/frameworks
 
