@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -76,6 +77,11 @@ def run_pytest(cwd, args, report, timeout, env=None):
             capture_output=True,
             text=True,
             timeout=timeout,
+            # The suites' signal tests send SIGINT to interpreters they start. A shell that ran
+            # us in the background (no job control) ignores SIGINT, every child inherits that,
+            # and Python then installs no KeyboardInterrupt handler: such a test waits out its
+            # child's long sleep. Suites get SIGINT's default back, as in a terminal.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     except subprocess.TimeoutExpired as e:
         # A hang in the suite (a loop that never delivers an event leaves a test's server

@@ -8,7 +8,8 @@ uvloop (the tests are not in the wheel), runs the ``Test_AIO_*`` classes once as
 once with their loop made by ``ferroloop.new_event_loop``, and requires every test that passes
 on asyncio's loop to pass on ferroloop.
 
-For the ferroloop run, uvloop's ``is_asyncio_loop()`` answers yes: its branches for "a loop
+For the ferroloop run, the signal tests' child interpreters make a ferroloop loop too, and
+uvloop's ``is_asyncio_loop()`` answers yes: its branches for "a loop
 that is not asyncio's" test uvloop's own extensions (``sendto`` without an address on a
 connected socket, say), and asyncio, which ferroloop follows, is what those tests skip them for.
 The ``Test_UV_*`` classes test uvloop itself and are not run.
@@ -36,6 +37,12 @@ if os.environ.get("FERROLOOP_SUITE_LOG"):
 
     _testbase.AIOTestCase.new_loop = new_loop
     _testbase.BaseTestCase.is_asyncio_loop = lambda self: True
+
+    def pytest_collection_modifyitems(items):
+        # test_signals runs its loop in a child interpreter, made by the source text NEW_LOOP.
+        for item in items:
+            if getattr(item.cls, "NEW_LOOP", None) == "asyncio.new_event_loop()":
+                item.cls.NEW_LOOP = "__import__('ferroloop').new_event_loop()"
 """
 
 # uvloop's own pytest options (its pyproject.toml, which is not copied), and only its asyncio
