@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -195,18 +196,36 @@ def run_briefly(loop, n: int = 1):
         loop.run_forever()
 
 
+def child_env(extra=None) -> dict:
+    """The environment for a child interpreter: this one's, without asyncio's debug and dev
+    modes or pytest options meant for this run, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTEST_ADDOPTS")
+    }
+    env.update(extra or {})
+    return env
+
+
+def sigint_default():
+    """A ``preexec_fn`` that starts the child as a terminal would: SIGINT at its default.
+
+    A shell without job control starts background commands with SIGINT ignored, and an
+    ignored SIGINT is inherited; Python then installs no KeyboardInterrupt handler at start-up
+    and a child would sleep through a test's Ctrl+C. Resetting it in the child before exec
+    makes a test independent of how the test run itself was started.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_python(code: str, *, env=None, args=(), timeout: float = 20, **kw):
     """Run ``code`` in a fresh interpreter (the one running the tests) from the project root.
     Returns the CompletedProcess (text mode, stdout and stderr captured)."""
-    full_env = dict(os.environ)
-    full_env.pop("PYTHONASYNCIODEBUG", None)
-    full_env.pop("PYTHONDEVMODE", None)
-    if env:
-        full_env.update(env)
     return subprocess.run(
         [sys.executable, *args, "-c", textwrap.dedent(code)],
         cwd=ROOT,
-        env=full_env,
+        env=child_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

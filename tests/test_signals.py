@@ -12,7 +12,15 @@ import threading
 import time
 
 import pytest
-from conftest import FACTORY_SOURCE, LOOP_KINDS, ROOT, run_briefly, run_forever_with
+from conftest import (
+    FACTORY_SOURCE,
+    LOOP_KINDS,
+    ROOT,
+    child_env,
+    run_briefly,
+    run_forever_with,
+    sigint_default,
+)
 
 pytestmark = pytest.mark.skipif(
     threading.current_thread() is not threading.main_thread(),
@@ -240,22 +248,15 @@ ENTRIES = [
 
 
 def _spawn_child(code, *args):
-    """Start the child as a terminal would: SIGINT at its default disposition.
-
-    A shell without job control starts background commands with SIGINT ignored, and an
-    ignored SIGINT is inherited; Python then installs no KeyboardInterrupt handler at start-up
-    and the child would sleep through the test's Ctrl+C. Resetting it in the child before exec
-    makes the test independent of how the test run itself was started.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE")}
+    """Start the child as a terminal would: SIGINT at its default disposition."""
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         cwd=ROOT,
-        env=env,
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_default,
     )
 
 

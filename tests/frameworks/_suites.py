@@ -1,8 +1,9 @@
 """Running another project's own test suite (from its sdist) on asyncio's loop and on ferroloop.
 
 Used by test_anyio_suite.py and test_uvloop_suite.py. The sdist of the installed version is
-fetched from PyPI (tests are not in wheels), pytest runs the suite in a subprocess with a JUnit
-report, and the outcomes of the ferroloop runs are compared with asyncio's, test by test.
+fetched from the package index (tests are not in wheels), pytest runs the suite in a
+subprocess with a JUnit report, and the outcomes of the ferroloop runs are compared with
+asyncio's, test by test.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import importlib.metadata
 import json
 import os
 import re
-import signal
 import ssl
 import subprocess
 import sys
@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 from urllib.parse import urljoin
 
 import pytest
+from conftest import child_env, sigint_default
 
 
 def fetch_sdist(name, where):
@@ -64,24 +65,18 @@ def fetch_sdist(name, where):
 
 def run_pytest(cwd, args, report, timeout, env=None):
     """pytest ``args`` in ``cwd``, writing a JUnit report; fails the calling test on a hang."""
-    full_env = dict(os.environ)
-    for name in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTEST_ADDOPTS"):
-        full_env.pop(name, None)
-    full_env.update(env or {})
     try:
         return subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
             + ["--junitxml", str(report), *args],
             cwd=cwd,
-            env=full_env,
+            env=child_env(env),
             capture_output=True,
             text=True,
             timeout=timeout,
-            # The suites' signal tests send SIGINT to interpreters they start. A shell that ran
-            # us in the background (no job control) ignores SIGINT, every child inherits that,
-            # and Python then installs no KeyboardInterrupt handler: such a test waits out its
-            # child's long sleep. Suites get SIGINT's default back, as in a terminal.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            # The suites' signal tests send SIGINT to interpreters they start (uvloop's waited
+            # out its child's 200 s sleep when the test run was started in the background).
+            preexec_fn=sigint_default,
         )
     except subprocess.TimeoutExpired as e:
         # A hang in the suite (a loop that never delivers an event leaves a test's server

@@ -11,12 +11,12 @@ passed on both loops, and ran on the loop its parameter names.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import child_env
 
 CONFTEST = """
 import asyncio
@@ -144,9 +144,7 @@ def test_pytest_asyncio_runs_user_tests_on_each_loop_factory(tmp_path):
     (tmp_path / "conftest.py").write_text(textwrap.dedent(CONFTEST))
     (tmp_path / "test_user.py").write_text(textwrap.dedent(USER_TESTS))
     log = tmp_path / "loops.jsonl"
-    env = dict(os.environ, LOOP_LOG=str(log))
-    for name in ("PYTHONASYNCIODEBUG", "PYTHONDEVMODE", "PYTEST_ADDOPTS"):
-        env.pop(name, None)
+    env = child_env({"LOOP_LOG": str(log)})
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:anyio"]
         + ["-W", "error", "-o", "asyncio_default_fixture_loop_scope=function"]

@@ -46,6 +46,7 @@ import time
 import ferroloop
 import pytest
 from apps.servers_asgi import CHUNKS, LIFESPAN_SHUTDOWN, stream_chunk
+from conftest import child_env
 from websockets.sync import client as websockets_client
 
 APPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps")
@@ -112,9 +113,7 @@ class ServerProcess:
         self.argv = argv
         self.out_path = os.path.join(workdir, "stdout.txt")
         self.err_path = os.path.join(workdir, "stderr.txt")
-        env = dict(os.environ)
-        env.pop("PYTHONASYNCIODEBUG", None)
-        env.pop("PYTHONDEVMODE", None)
+        env = child_env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [APPS, env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         env["SERVERS_TEST_LOOP"] = loop_kind  # read by apps/servers_sanic.py

@@ -45,10 +45,11 @@ if os.environ.get("FERROLOOP_SUITE_LOG"):
                 item.cls.NEW_LOOP = "__import__('ferroloop').new_event_loop()"
 """
 
-# uvloop's own pytest options (its pyproject.toml, which is not copied), and only its asyncio
-# half.
+# uvloop's own pytest options (its pyproject.toml, which is not copied).
 OPTIONS = ["-p", "no:asyncio", "-p", "no:anyio", "--capture=no", "--assert=plain"]
-OPTIONS += ["--import-mode=importlib", "--tb=native", "-k", "Test_AIO_"]
+OPTIONS += ["--import-mode=importlib", "--tb=native"]
+# Its asyncio half.
+ASYNCIO_HALF = ["-k", "Test_AIO_", "tests"]
 
 
 @pytest.mark.timeout(900)
@@ -59,10 +60,10 @@ def test_uvloop_suite_asyncio_half_passes_on_ferroloop(tmp_path):
     shutil.copytree(sdist / "tests", root / "tests")
     (root / "conftest.py").write_text(CONFTEST)
 
-    asyncio_run = run_pytest(root, [*OPTIONS, "tests"], tmp_path / "asyncio.xml", timeout=300)
+    asyncio_run = run_pytest(root, [*OPTIONS, *ASYNCIO_HALF], tmp_path / "asyncio.xml", 300)
     log = tmp_path / "loops.txt"
     env = {"FERROLOOP_SUITE_LOG": str(log)}
-    ferro_run = run_pytest(root, [*OPTIONS, "tests"], tmp_path / "ferro.xml", 300, env)
+    ferro_run = run_pytest(root, [*OPTIONS, *ASYNCIO_HALF], tmp_path / "ferro.xml", 300, env)
     for done in (asyncio_run, ferro_run):
         assert done.returncode in (0, 1), f"pytest did not run the suite:\n{done.stdout[-4000:]}"
     reference = outcomes(tmp_path / "asyncio.xml")
@@ -77,8 +78,8 @@ def test_uvloop_suite_asyncio_half_passes_on_ferroloop(tmp_path):
     if differ:
         # Once more, both loops, to tell a difference from a race of the suite's own.
         ids = [node_id(root, *k) for k in differ]
-        run_pytest(root, [*OPTIONS[:-2], *ids], tmp_path / "a2.xml", 200)
-        again_f = run_pytest(root, [*OPTIONS[:-2], *ids], tmp_path / "f2.xml", 200, env)
+        run_pytest(root, [*OPTIONS, *ids], tmp_path / "a2.xml", 200)
+        again_f = run_pytest(root, [*OPTIONS, *ids], tmp_path / "f2.xml", 200, env)
         second_a, second_f = outcomes(tmp_path / "a2.xml"), outcomes(tmp_path / "f2.xml")
         first = differ
         differ = [k for k in first if second_f.get(k) == "failed" and second_a.get(k) == "passed"]
