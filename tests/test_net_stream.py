@@ -634,6 +634,45 @@ def test_is_closing_arguments(loop, tcp_net):
     run(loop, main())
 
 
+def test_methods_replaced_on_one_transport(loop, net):
+    """A transport takes attributes of its own, and an instance's own `write` or
+    `is_closing` is what callers get, streams included: `mock.patch.object(transport, ...)`,
+    as aiohttp's own tests do (their heartbeat tests make `write` raise). Once the patch is
+    undone, the class's methods serve that transport again."""
+    from unittest import mock
+
+    async def echo(reader, writer):
+        while line := await reader.readline():
+            writer.write(line)
+        writer.close()
+
+    async def main():
+        await net.start_server(echo)
+        reader, writer = await net.open_connection()
+        tr = writer.transport
+        tr.note = "mine"
+        assert tr.note == "mine" and vars(tr)["note"] == "mine"
+        with (
+            mock.patch.object(tr, "write", side_effect=ConnectionResetError) as write,
+            mock.patch.object(tr, "is_closing", return_value=True),
+        ):
+            with pytest.raises(ConnectionResetError):
+                writer.write(b"lost")
+            write.assert_called_once_with(b"lost")
+            assert writer.is_closing() is True
+        assert "write" not in vars(tr) and "is_closing" not in vars(tr)
+        assert writer.is_closing() is False
+        writer.write(b"kept\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readline(), TIMEOUT) == b"kept\n"
+        del tr.note
+        assert not hasattr(tr, "note")
+        writer.close()
+        await writer.wait_closed()
+
+    run(loop, main())
+
+
 def test_echo_protocol(loop, net):
     async def main():
         # Step by step (not net.connected()): the client's state as create_connection()
