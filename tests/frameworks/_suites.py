@@ -1,9 +1,11 @@
 """Running another project's own test suite (from its sdist) on asyncio's loop and on ferroloop.
 
-Used by test_anyio_suite.py and test_uvloop_suite.py. The sdist of the installed version is
-fetched from the package index (tests are not in wheels), pytest runs the suite in a
-subprocess with a JUnit report, and the outcomes of the ferroloop runs are compared with
-asyncio's, test by test.
+Used by test_anyio_suite.py, test_aiohttp_suite.py and test_uvloop_suite.py. The sdist of the
+installed version is fetched from the package index (tests are not in wheels), pytest runs the
+suite in a subprocess with a JUnit report, and the outcomes of the ferroloop runs are compared
+with asyncio's, test by test. Where one run holds both loops (a test parametrized by its loop,
+``test_x[asyncio]`` beside ``test_x[ferroloop]``), ``by_variant`` pairs the twins and
+``differences`` finds and reruns those that pass on asyncio's loop only.
 """
 
 from __future__ import annotations
@@ -109,3 +111,53 @@ def node_id(root, classname, name):
         if (root / path).exists():
             return "::".join([path, *parts[i:], name])
     raise AssertionError(f"no file for {classname}")
+
+
+def by_variant(report, variants):
+    """{(test id with "*" for its loop variant, variant): outcome} for the cases of a JUnit
+    report whose parameters (split at "-") include one of ``variants``."""
+    out = {}
+    for (classname, name), outcome in outcomes(report).items():
+        match = re.search(r"\[(.*)\]$", name)
+        if not match:
+            continue
+        parts = match.group(1).split("-")
+        variant = next((v for v in variants if v in parts), None)
+        if variant is None:
+            continue
+        parts[parts.index(variant)] = "*"
+        out[(f"{classname}::{name[: match.start()]}[{'-'.join(parts)}]", variant)] = outcome
+    return out
+
+
+def differences(root, results, reference, rerun_args, report, timeout):
+    """The (test id, variant) pairs of ``results`` (``by_variant``) that failed on a ferroloop
+    variant and passed on its ``reference[variant]``, and still do when run once more, both
+    twins, with ``rerun_args`` before their node ids (a race of the suite's own, or a failure
+    caused by an earlier test, goes away then). Returns them and the rerun's output."""
+    first = [
+        (key, variant)
+        for (key, variant), outcome in results.items()
+        if variant in reference
+        and outcome == "failed"
+        and results.get((key, reference[variant])) == "passed"
+    ]
+    if not first:
+        return [], ""
+
+    def node(key, variant):
+        classname, name = key.split("::", 1)
+        return node_id(root, classname, name.replace("*", variant))
+
+    ids = [node(key, v) for key, variant in first for v in (variant, reference[variant])]
+    done = run_pytest(root, [*rerun_args, *ids], report, timeout)
+    second = by_variant(report, list(reference) + list(reference.values()))
+    still = [
+        (key, variant)
+        for key, variant in first
+        if second.get((key, variant)) == "failed"
+        and second.get((key, reference[variant])) == "passed"
+    ]
+    for key, variant in set(first) - set(still):
+        print(f"failed on {variant} once, passed when run again: {key}")
+    return still, done.stdout

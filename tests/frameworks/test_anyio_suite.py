@@ -15,12 +15,11 @@ anyio's tests race on a busy machine (one was seen failing once on asyncio's own
 from __future__ import annotations
 
 import importlib.metadata
-import re
 import sys
 from collections import Counter
 
 import pytest
-from _suites import fetch_sdist, node_id, outcomes, run_pytest
+from _suites import by_variant, differences, fetch_sdist, run_pytest
 
 VERSION = importlib.metadata.version("anyio")
 
@@ -55,7 +54,6 @@ if sys.version_info >= (3, 12):
 # The variant each ferroloop variant is judged against.
 REFERENCE = {"asyncio+ferroloop": "asyncio", "asyncio+ferroloop+eager": "asyncio+eager"}
 VARIANTS = ["asyncio+ferroloop+eager", "asyncio+ferroloop", "asyncio+eager", "asyncio"]
-PARAM = re.compile(r"\[(.*)\]$")
 
 
 def _fetch_suite(where):
@@ -68,70 +66,30 @@ def _fetch_suite(where):
     return root
 
 
-def _by_variant(report):
-    """{(test id with "*" for its variant, variant): outcome} for the asyncio variants."""
-    out = {}
-    for (classname, name), outcome in outcomes(report).items():
-        match = PARAM.search(name)
-        if not match:
-            continue
-        parts = match.group(1).split("-")
-        variant = next((v for v in VARIANTS if v in parts), None)
-        if variant is None:
-            continue
-        parts[parts.index(variant)] = "*"
-        out[(f"{classname}::{name[: match.start()]}[{'-'.join(parts)}]", variant)] = outcome
-    return out
-
-
-def _node_id(root, key, variant):
-    classname, name = key.split("::", 1)
-    return node_id(root, classname, name.replace("*", variant))
-
-
 @pytest.mark.timeout(1100)
 def test_anyio_suite_passes_on_ferroloop_wherever_it_passes_on_asyncio(tmp_path):
     root = _fetch_suite(tmp_path)
     report = tmp_path / "report.xml"
     done = run_pytest(root, ["-k", "asyncio and not uvloop", "tests"], report, timeout=480)
     assert done.returncode in (0, 1), f"pytest did not run the suite:\n{done.stdout[-4000:]}"
-    results = _by_variant(report)
+    results = by_variant(report, VARIANTS)
 
     counts = Counter((variant, outcome) for (_, variant), outcome in results.items())
     summary = ", ".join(f"{v} {o} {n}" for (v, o), n in sorted(counts.items()))
     print(f"anyio {VERSION}: {summary}")
-
-    differ = []
-    for (key, variant), outcome in results.items():
-        if variant in REFERENCE and outcome == "failed":
-            if results.get((key, REFERENCE[variant])) == "passed":
-                differ.append((key, variant))
     both_failed = sum(
         1
         for (key, variant), outcome in results.items()
-        if variant in REFERENCE and outcome == "failed" and (key, variant) not in differ
+        if variant in REFERENCE
+        and outcome == "failed"
+        and results.get((key, REFERENCE[variant])) == "failed"
     )
     print(f"failed on ferroloop and on asyncio's loop alike (the machine): {both_failed}")
 
-    if differ:
-        # Once more, both loops, to tell a difference from one of anyio's races.
-        ids = []
-        for key, variant in differ:
-            ids += [_node_id(root, key, variant), _node_id(root, key, REFERENCE[variant])]
-        again = tmp_path / "again.xml"
-        rerun = run_pytest(root, ids, again, timeout=240)
-        second = _by_variant(again)
-        first = differ
-        differ = [
-            (key, variant)
-            for key, variant in first
-            if second.get((key, variant)) == "failed"
-            and second.get((key, REFERENCE[variant])) == "passed"
-        ]
-        for key, variant in set(first) - set(differ):
-            print(f"failed on {variant} once, passed when run again: {key}")
+    # A difference runs once more, both loops, to tell it from one of anyio's races.
+    differ, rerun = differences(root, results, REFERENCE, [], tmp_path / "again.xml", 240)
     assert not differ, "anyio tests that pass on asyncio's loop and fail on ferroloop:\n" + (
-        "\n".join(f"  {k.replace('*', v)}" for k, v in differ) + "\n" + rerun.stdout[-8000:]
+        "\n".join(f"  {k.replace('*', v)}" for k, v in differ) + "\n" + rerun[-8000:]
     )
 
     # The run must have reached ferroloop: most of anyio's asyncio cases have a ferroloop twin
