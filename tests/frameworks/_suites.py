@@ -21,6 +21,7 @@ import sys
 import tarfile
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections import Counter
 from urllib.parse import urljoin
 
 import pytest
@@ -161,3 +162,35 @@ def differences(root, results, reference, rerun_args, report, timeout):
     for key, variant in set(first) - set(still):
         print(f"failed on {variant} once, passed when run again: {key}")
     return still, done.stdout
+
+
+def run_and_compare(root, args, variants, reference, where, timeout, rerun_args, rerun_timeout):
+    """Run the suite at ``root`` with ``args`` (both loops in one run), print its outcomes per
+    variant and the tests that failed on a ferroloop variant and on its reference alike (the
+    machine's: no IPv6, no DNS, root's permissions), and fail the calling test with every
+    ``differences`` left after the rerun. Returns (results, Counter of (variant, outcome),
+    the failed-on-both test ids)."""
+    report = where / "report.xml"
+    done = run_pytest(root, args, report, timeout)
+    assert done.returncode in (0, 1), f"pytest did not run the suite:\n{done.stdout[-4000:]}"
+    results = by_variant(report, variants)
+    counts = Counter((variant, outcome) for (_, variant), outcome in results.items())
+    print(", ".join(f"{v} {o} {n}" for (v, o), n in sorted(counts.items())))
+    both_failed = sorted(
+        key
+        for (key, variant), outcome in results.items()
+        if variant in reference
+        and outcome == "failed"
+        and results.get((key, reference[variant])) == "failed"
+    )
+    print(f"failed on ferroloop and on asyncio's loop alike: {len(both_failed)}")
+    for key in both_failed[:20]:
+        print(f"  {key}")
+
+    differ, rerun = differences(
+        root, results, reference, rerun_args, where / "again.xml", rerun_timeout
+    )
+    assert not differ, "tests that pass on asyncio's loop and fail on ferroloop:\n" + (
+        "\n".join(f"  {k.replace('*', v)}" for k, v in differ) + "\n" + rerun[-8000:]
+    )
+    return results, counts, both_failed

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-from collections import Counter
 
 import pytest
-from _suites import by_variant, differences, fetch_sdist, run_pytest
+from _suites import fetch_sdist, run_and_compare
 
 VERSION = importlib.metadata.version("anyio")
 
@@ -69,28 +68,11 @@ def _fetch_suite(where):
 @pytest.mark.timeout(1100)
 def test_anyio_suite_passes_on_ferroloop_wherever_it_passes_on_asyncio(tmp_path):
     root = _fetch_suite(tmp_path)
-    report = tmp_path / "report.xml"
-    done = run_pytest(root, ["-k", "asyncio and not uvloop", "tests"], report, timeout=480)
-    assert done.returncode in (0, 1), f"pytest did not run the suite:\n{done.stdout[-4000:]}"
-    results = by_variant(report, VARIANTS)
-
-    counts = Counter((variant, outcome) for (_, variant), outcome in results.items())
-    summary = ", ".join(f"{v} {o} {n}" for (v, o), n in sorted(counts.items()))
-    print(f"anyio {VERSION}: {summary}")
-    both_failed = sum(
-        1
-        for (key, variant), outcome in results.items()
-        if variant in REFERENCE
-        and outcome == "failed"
-        and results.get((key, REFERENCE[variant])) == "failed"
-    )
-    print(f"failed on ferroloop and on asyncio's loop alike (the machine): {both_failed}")
-
+    print(f"anyio {VERSION}:")
     # A difference runs once more, both loops, to tell it from one of anyio's races.
-    differ, rerun = differences(root, results, REFERENCE, [], tmp_path / "again.xml", 240)
-    assert not differ, "anyio tests that pass on asyncio's loop and fail on ferroloop:\n" + (
-        "\n".join(f"  {k.replace('*', v)}" for k, v in differ) + "\n" + rerun[-8000:]
-    )
+    args = ["-k", "asyncio and not uvloop", "tests"]
+    results, counts, _ = run_and_compare(root, args, VARIANTS, REFERENCE, tmp_path, 480, [], 240)
+    summary = dict(counts)
 
     # The run must have reached ferroloop: most of anyio's asyncio cases have a ferroloop twin
     # (the rest name "asyncio" in their own parameters, not through ``anyio_backend``).
