@@ -60,9 +60,8 @@ def pytest_collection_modifyitems(config, items):
     def takes_a_loop(item):
         return "loop_factory" in getattr(getattr(item, "callspec", None), "params", ())
 
-    keep = [i for i in items if takes_a_loop(i)]
-    config.hook.pytest_deselected(items=[i for i in items if i not in keep])
-    items[:] = keep
+    config.hook.pytest_deselected(items=[i for i in items if not takes_a_loop(i)])
+    items[:] = [i for i in items if takes_a_loop(i)]
 """
 
 # aiohttp's pytest.ini, less one warning filter that names coverage (not installed).
