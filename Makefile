@@ -42,6 +42,9 @@ help:  ## list the targets
 	@touch $@
 
 .PRECIOUS: .venv-%/.ok
+# A framework venv made before the pins changed installs them again.
+FW_NAMES := 310 311 312 313
+$(patsubst %,.venv-fw%/.ok,$(FW_NAMES)): tests/frameworks/requirements.txt
 
 # --- builds -----------------------------------------------------------------
 # develop-<name>: build the extension into that venv for the tests: optimised, but with debug
@@ -55,8 +58,9 @@ develop-%: .venv-%/.ok
 	  PATH=$(CURDIR)/.venv-$*/bin:$$PATH .venv-$*/bin/maturin develop --release -q
 
 # develop-fw<name>: the framework venv imports the build that develop-<name> made (a .pth to
-# python/, as maturin develop writes), so nothing is built twice.
-develop-fw%: develop-% .venv-fw%/.ok
+# python/, as maturin develop writes), so nothing is built twice. Static pattern rules: as
+# implicit ones, `develop-%` (stem fw311) could win whenever .venv-fw311/.ok exists.
+$(patsubst %,develop-fw%,$(FW_NAMES)): develop-fw%: develop-% .venv-fw%/.ok
 	.venv-fw$*/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
 	  | xargs -I{} cp .venv-$*/lib/python3.$(patsubst 3%,%,$*)/site-packages/ferroloop.pth {}/
 
@@ -104,7 +108,7 @@ test-%: develop-%  ## pytest + stub check + CPython conformance on one interpret
 	@echo "=== Python $* : CPython test_asyncio conformance"
 	.venv-$*/bin/python tests/cpython/run_conformance.py
 
-test-fw%: develop-fw%  ## uvicorn, gunicorn, hypercorn, granian, sanic, aiohttp, pytest-asyncio, anyio's and uvloop's suites on both loops (310-313)
+$(patsubst %,test-fw%,$(FW_NAMES)): test-fw%: develop-fw%  ## uvicorn, gunicorn, hypercorn, granian, sanic, aiohttp, pytest-asyncio, anyio's and uvloop's suites on both loops (310-313)
 	@echo "=== Python $* : servers and libraries (tests/frameworks)"
 	.venv-fw$*/bin/python -m pytest -q -p no:asyncio -p no:anyio tests/frameworks
 
