@@ -14,6 +14,8 @@ PYbench ?= $(PY311)
 TEST_PYTHONS ?= 311 313 310 312
 # The servers and libraries the README names (tests/frameworks/), each in a venv of its own.
 FRAMEWORK_PYTHONS ?= 311 313
+# Every interpreter those targets exist for (`make test-fw310` and `test-fw312` by hand).
+FW_NAMES := 310 311 312 313
 PYfw310 ?= $(PY310)
 PYfw311 ?= $(PY311)
 PYfw312 ?= $(PY312)
@@ -43,7 +45,6 @@ help:  ## list the targets
 
 .PRECIOUS: .venv-%/.ok
 # A framework venv made before the pins changed installs them again.
-FW_NAMES := 310 311 312 313
 $(patsubst %,.venv-fw%/.ok,$(FW_NAMES)): tests/frameworks/requirements.txt
 
 # --- builds -----------------------------------------------------------------
