@@ -1770,6 +1770,49 @@ def test_write_error_closes_the_transport_before_the_callback_goes_on(loop):
     run(loop, main())
 
 
+_IN_DATA_RECEIVED = contextvars.ContextVar("in_data_received", default=None)
+
+
+@pytest.mark.parametrize("how", ["bytearray", "bytes+is_closing", "bytes"])
+def test_write_error_inside_data_received(loop, how):
+    """data_received() writes to a peer that has gone. asyncio's write() calls _fatal_error()
+    in data_received()'s own context: nothing is reported, the transport is closing when
+    write() returns (a bytearray is sent at once; a held bytes as soon as is_closing() asks),
+    and connection_lost() gets the error, in a copy of that context. ferroloop's write path
+    entered that context a second time: RuntimeError to the exception handler, and the
+    transport stayed open."""
+    seen = {}
+
+    class Writer(asyncio.Protocol):
+        def connection_made(self, transport):
+            _TRACKED.append(transport)
+            self.transport = transport
+            self.lost = asyncio.get_running_loop().create_future()
+
+        def data_received(self, data):
+            _IN_DATA_RECEIVED.set("set in data_received")
+            self.transport.write(bytearray(b"reply") if how == "bytearray" else b"reply")
+            if how != "bytes":
+                seen["closing"] = self.transport.is_closing()
+
+        def connection_lost(self, exc):
+            seen["var"] = _IN_DATA_RECEIVED.get()
+            self.lost.set_result(exc)
+
+    async def main():
+        a, b = socket.socketpair()
+        tr, pr = await loop.connect_accepted_socket(Writer, a)
+        b.send(b"request")
+        b.close()
+        exc = await asyncio.wait_for(pr.lost, TIMEOUT)
+        assert isinstance(exc, (BrokenPipeError, ConnectionResetError)), repr(exc)
+        assert tr.is_closing()
+        assert seen.pop("var") == "set in data_received"
+        assert seen == ({} if how == "bytes" else {"closing": True})
+
+    run(loop, main())
+
+
 def test_stream_drain_raises_for_a_write_to_a_gone_peer(loop):
     async def main():
         a, b = socket.socketpair()

@@ -295,7 +295,7 @@ fn send_corked(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             }
         };
         let Some(c) = c else { break };
-        if let Err(e) = StreamCore::uncork(&c.into_bound(py)) {
+        if let Err(e) = StreamCore::uncork(&c.into_bound(py), true) {
             first_err.get_or_insert(e);
         }
     }

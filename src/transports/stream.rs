@@ -259,13 +259,34 @@ impl StreamCore {
         py::report_callback_error(self.loop_.bind(py).as_any(), callback, err)
     }
 
+    /// The transport's `_fatal_error(exc, message)` for an error of the read path (and of the
+    /// loop's own sends), inside the reading context, as asyncio's reader handle runs it.
     fn fatal_error(&self, py: Python<'_>, err: PyErr, message: &str) -> PyResult<()> {
+        self.fatal_error_where(py, err, message, true)
+    }
+
+    /// `_fatal_error(exc, "Fatal write error on socket transport")` for a send that a call of
+    /// the caller's (`write()`, or a method sending corked writes early) made: in the caller's
+    /// context, as asyncio's `write()` calls it. Entering the reading context here would fail
+    /// when the caller is `data_received()`, which runs inside it.
+    fn fatal_write_error(&self, py: Python<'_>, err: PyErr) -> PyResult<()> {
+        self.fatal_error_where(py, err, "Fatal write error on socket transport", false)
+    }
+
+    fn fatal_error_where(&self, py: Python<'_>, err: PyErr, message: &str, in_context: bool) -> PyResult<()> {
         if py::is_fatal(py, &err) {
             return Err(err);
         }
         let exc = err.into_value(py).into_bound(py);
         let args = (&exc, message).into_pyobject(py)?;
-        py::while_handling(&exc, || self.call_transport_in_context(py, intern!(py, "_fatal_error"), &args))
+        let name = intern!(py, "_fatal_error");
+        py::while_handling(&exc, || {
+            if in_context {
+                self.call_transport_in_context(py, name, &args)
+            } else {
+                self.call_transport(py, name, &args)
+            }
+        })
     }
 
     /// Like `call_transport`, inside the reading context: what asyncio's reader handle runs
@@ -386,7 +407,10 @@ impl StreamCore {
     /// Send the corked writes: one `send` (`sendmsg` for several), the rest buffered as a
     /// write's rest is; a send error is the fatal write error asyncio's `write()` would have
     /// raised at once.
-    pub(crate) fn uncork(slf: &Bound<'_, Self>) -> PyResult<()> {
+    /// `from_loop`: the loop sends them after the callback that wrote them returned (an error
+    /// goes to `_fatal_error` in the reading context, where `data_received()` wrote them);
+    /// otherwise a method the caller called sends them early (in the caller's context).
+    pub(crate) fn uncork(slf: &Bound<'_, Self>, from_loop: bool) -> PyResult<()> {
         let py = slf.py();
         let me = slf.get();
         let fd = me.sock.get(py);
@@ -407,7 +431,8 @@ impl StreamCore {
         match outcome {
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
             Ok(Sent::Corked { .. } | Sent::Done) => Ok(()),
-            Err(e) => me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport"),
+            Err(e) if from_loop => me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport"),
+            Err(e) => me.fatal_write_error(py, py::os_err(e)),
         }
     }
 
@@ -734,7 +759,7 @@ impl StreamCore {
                     st.pending().is_empty() && st.conn_lost == 0
                 };
                 if sent_at_once {
-                    return me.fatal_error(py, e, "Fatal write error on socket transport");
+                    return me.fatal_write_error(py, e);
                 }
                 return Err(e);
             }
@@ -800,7 +825,7 @@ impl StreamCore {
                 Ok(())
             }
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
-            Err(e) => me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport"),
+            Err(e) => me.fatal_write_error(py, py::os_err(e)),
         }
     }
 
@@ -815,7 +840,7 @@ impl StreamCore {
             return Ok(());
         }
         me.loop_core().forget_corked(py, slf);
-        Self::uncork(slf)
+        Self::uncork(slf, false)
     }
 
     /// Start (or resume) reading: register the fd and capture the callbacks' context.
