@@ -379,7 +379,7 @@ impl StreamCore {
             // that waits for the buffer to drain would otherwise go ahead without it (asyncio
             // sends it first; SSLProtocol writes its close_notify there).
             me.call_transport(py, intern!(py, "_resume_protocol"), ())?;
-            Self::flush_corked(slf)?;
+            Self::flush_corked_from(slf, true)?;
             if me.st.borrow(py).conn_lost > 0 {
                 return Ok(()); // sending it failed: the fatal error closes the transport
             }
@@ -434,6 +434,17 @@ impl StreamCore {
             Err(e) if from_loop => me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport"),
             Err(e) => me.fatal_write_error(py, py::os_err(e)),
         }
+    }
+
+    /// `flush_corked`, for the loop's own paths too (`uncork`'s `from_loop`).
+    fn flush_corked_from(slf: &Bound<'_, Self>, from_loop: bool) -> PyResult<()> {
+        let py = slf.py();
+        let me = slf.get();
+        if me.st.borrow(py).corked.is_empty() {
+            return Ok(());
+        }
+        me.loop_core().forget_corked(py, slf);
+        Self::uncork(slf, from_loop)
     }
 
     /// Data went to the buffer: watch for writability, pause the protocol over the high-water
@@ -834,13 +845,7 @@ impl StreamCore {
     /// was not sent yet call this first. The transport leaves the loop's list too, when it is
     /// the last one there (the usual case; otherwise the loop finds nothing left to send).
     pub(crate) fn flush_corked(slf: &Bound<'_, Self>) -> PyResult<()> {
-        let py = slf.py();
-        let me = slf.get();
-        if me.st.borrow(py).corked.is_empty() {
-            return Ok(());
-        }
-        me.loop_core().forget_corked(py, slf);
-        Self::uncork(slf, false)
+        Self::flush_corked_from(slf, false)
     }
 
     /// Start (or resume) reading: register the fd and capture the callbacks' context.
