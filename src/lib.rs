@@ -21,6 +21,7 @@ fn _ferroloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     event_loop::install_clock(m.py())?;
     m.add_class::<event_loop::CachedCallSoon>()?;
     event_loop::install_cached_call_soon(m.py())?;
+    m.add_class::<event_loop::AsyncioMethod>()?;
     sys::raise_heap_thresholds();
     m.add("_direct_read_max", transports::stream::set_direct_read_max())?;
     py::context::install(m.py())?;

@@ -9,6 +9,7 @@ import inspect
 import os
 import sys
 import warnings
+from unittest import mock
 
 import ferroloop
 import pytest
@@ -91,6 +92,77 @@ def test_instance_exception_handler_patching(loop, handler_calls):
         del loop.call_exception_handler
     assert len(seen) == 1 and seen[0].startswith("Exception in callback")
     assert len(handler_calls) == 1
+
+
+# Methods that test suites replace on asyncio's classes (public code does this for these
+# and more): asyncio's loop sees the patch through inheritance, ferroloop's through
+# `_ferroloop.AsyncioMethod`. `create_connection`, `run_until_complete` and `add_reader` are
+# asyncio's functions borrowed by ferroloop, `getaddrinfo` and `shutdown_default_executor`
+# ferroloop's own Python, `stop` its Rust.
+PATCHABLE = [
+    "create_connection",
+    "create_server",
+    "run_in_executor",
+    "getaddrinfo",
+    "add_reader",
+    "stop",
+    "shutdown_default_executor",
+]
+
+
+@pytest.mark.parametrize("where", ["BaseEventLoop", "SelectorEventLoop"])
+@pytest.mark.parametrize("name", PATCHABLE)
+def test_patch_of_asyncios_loop_class_is_seen(loop, name, where):
+    """``mock.patch("asyncio.BaseEventLoop.<name>", f)``: ``loop.<name>`` is ``f`` bound to
+    the loop while the patch lasts, and the loop's own method again afterwards."""
+    if name == "add_reader" and where == "BaseEventLoop":
+        where = "selector_events.BaseSelectorEventLoop"  # which defines it
+    own = getattr(type(loop), name)
+
+    def fake(self, *args, **kwargs):
+        return ("fake", self, args, kwargs)
+
+    with mock.patch(f"asyncio.{where}.{name}", fake):
+        assert getattr(loop, name)(1, key=2) == ("fake", loop, (1,), {"key": 2})
+        assert getattr(type(loop), name) is fake
+    assert getattr(type(loop), name) is own
+    assert getattr(loop, name).__name__ == name
+
+
+def test_mock_patch_of_asyncios_loop_class(loop):
+    """A ``MagicMock`` or ``AsyncMock`` (``patch`` without ``new``) is not a descriptor: the
+    loop's attribute is the mock itself, called without the loop."""
+    with mock.patch("asyncio.BaseEventLoop.get_exception_handler") as get_exception_handler:
+        get_exception_handler.return_value = "handler"
+        assert loop.get_exception_handler() == "handler"
+        get_exception_handler.assert_called_once_with()
+
+    async def main():
+        with mock.patch("asyncio.BaseEventLoop.run_in_executor", mock.AsyncMock(return_value=7)):
+            return await asyncio.get_running_loop().run_in_executor(None, sum, [1])
+
+    assert loop.run_until_complete(main()) == 7
+    assert loop.run_until_complete(loop.run_in_executor(None, sum, [1, 2])) == 3
+
+
+def test_own_overrides_win_over_a_patch_of_asyncios_loop_class(loop):
+    """A subclass's method, and one set on the instance, come before a patch of asyncio's
+    class, as methods of a subclass do."""
+
+    class Sub(type(loop)):
+        def create_connection(self, *args, **kwargs):
+            return "sub"
+
+    sub = Sub()
+    try:
+        with mock.patch("asyncio.BaseEventLoop.create_connection", lambda self: "patched"):
+            assert sub.create_connection() == "sub"
+            assert loop.create_connection() == "patched"
+            with mock.patch.object(loop, "create_connection", lambda: "instance"):
+                assert loop.create_connection() == "instance"
+            assert loop.create_connection() == "patched"
+    finally:
+        sub.close()
 
 
 def test_subclass(loop):

@@ -16,6 +16,7 @@ __all__ = [
     "Acceptor",
     "SockAddr",
     "CachedCallSoon",
+    "AsyncioMethod",
     "stream_write_method",
     "stream_is_closing_method",
     "DatagramCore",
@@ -256,4 +257,13 @@ class CachedCallSoon:
     `LoopCore.call_soon` per loop."""
 
     def __new__(cls, func: Any) -> CachedCallSoon: ...
+    def __get__(self, obj: Any, owner: Any = None, /) -> Any: ...
+
+@final
+class AsyncioMethod:
+    """A public method of `Loop` that follows a patch of asyncio's loop classes: while
+    `getattr(source, name)` is what it was at import, access gets `own`; otherwise the
+    replacement, bound as asyncio's loop would bind it."""
+
+    def __new__(cls, name: str, source: type, own: Any) -> AsyncioMethod: ...
     def __get__(self, obj: Any, owner: Any = None, /) -> Any: ...

@@ -11,6 +11,7 @@
 //! The Python-facing names are asyncio's (`call_soon`, `_run_once`, `_write_to_self`, ...), so a
 //! reader can hold this file against `asyncio/base_events.py` and `selector_events.py`.
 
+mod asyncio_method;
 mod bound_cache;
 mod fastcall;
 pub(crate) mod ready;
@@ -34,6 +35,7 @@ use crate::sockops::{self, Kind, SockOp};
 use crate::sys;
 use crate::transports::accept::Acceptor;
 use crate::transports::stream::StreamCore;
+pub(crate) use asyncio_method::AsyncioMethod;
 pub(crate) use bound_cache::{install as install_cached_call_soon, CachedCallSoon};
 pub(crate) use fastcall::install as install_fastcall;
 use ready::ReadyQueue;
