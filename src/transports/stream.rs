@@ -259,18 +259,19 @@ impl StreamCore {
         py::report_callback_error(self.loop_.bind(py).as_any(), callback, err)
     }
 
-    /// The transport's `_fatal_error(exc, message)` for an error of the read path (and of the
-    /// loop's own sends), inside the reading context, as asyncio's reader handle runs it.
+    /// The transport's `_fatal_error(exc, message)` for an error of the read path, inside the
+    /// reading context, as asyncio's reader handle runs it.
     fn fatal_error(&self, py: Python<'_>, err: PyErr, message: &str) -> PyResult<()> {
         self.fatal_error_where(py, err, message, true)
     }
 
-    /// `_fatal_error(exc, "Fatal write error on socket transport")` for a send that a call of
-    /// the caller's (`write()`, or a method sending corked writes early) made: in the caller's
-    /// context, as asyncio's `write()` calls it. Entering the reading context here would fail
-    /// when the caller is `data_received()`, which runs inside it.
-    fn fatal_write_error(&self, py: Python<'_>, err: PyErr) -> PyResult<()> {
-        self.fatal_error_where(py, err, "Fatal write error on socket transport", false)
+    /// `_fatal_error(exc, "Fatal write error on socket transport")` for a failed send. A send
+    /// that a call of the caller's made (`write()`, or a method sending corked writes early)
+    /// reports it in the caller's context, as asyncio's `write()` calls it: entering the
+    /// reading context there would fail when the caller is `data_received()`, which runs
+    /// inside it. The loop's own sends (`in_reading_context`) report it in the reading context.
+    fn fatal_write_error(&self, py: Python<'_>, err: PyErr, in_reading_context: bool) -> PyResult<()> {
+        self.fatal_error_where(py, err, "Fatal write error on socket transport", in_reading_context)
     }
 
     fn fatal_error_where(&self, py: Python<'_>, err: PyErr, message: &str, in_context: bool) -> PyResult<()> {
@@ -431,8 +432,7 @@ impl StreamCore {
         match outcome {
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
             Ok(Sent::Corked { .. } | Sent::Done) => Ok(()),
-            Err(e) if from_loop => me.fatal_error(py, py::os_err(e), "Fatal write error on socket transport"),
-            Err(e) => me.fatal_write_error(py, py::os_err(e)),
+            Err(e) => me.fatal_write_error(py, py::os_err(e), from_loop),
         }
     }
 
@@ -674,7 +674,7 @@ pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             };
             let err = py::os_err(e);
             let exc = err.value(py).clone();
-            me.fatal_error(py, err, "Fatal write error on socket transport")?;
+            me.fatal_write_error(py, err, true)?;
             if let Some(w) = waiter {
                 settle_waiter(w.bind(py), intern!(py, "set_exception"), exc.into_any())?;
             }
@@ -770,7 +770,7 @@ impl StreamCore {
                     st.pending().is_empty() && st.conn_lost == 0
                 };
                 if sent_at_once {
-                    return me.fatal_write_error(py, e);
+                    return me.fatal_write_error(py, e, false);
                 }
                 return Err(e);
             }
@@ -836,7 +836,7 @@ impl StreamCore {
                 Ok(())
             }
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
-            Err(e) => me.fatal_write_error(py, py::os_err(e)),
+            Err(e) => me.fatal_write_error(py, py::os_err(e), false),
         }
     }
 
