@@ -18,6 +18,7 @@ pub(crate) mod ready;
 mod run;
 pub mod timers;
 
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -34,6 +35,7 @@ use crate::reactor::{Reactor, Which};
 use crate::sockops::{self, Kind, SockOp};
 use crate::sys;
 use crate::transports::accept::Acceptor;
+use crate::transports::addr::InetAddr;
 use crate::transports::stream::StreamCore;
 pub(crate) use asyncio_method::AsyncioMethod;
 pub(crate) use bound_cache::{install as install_cached_call_soon, CachedCallSoon};
@@ -85,6 +87,14 @@ pub(crate) struct State {
     /// counting down (see `run::run_once`). So a burst of I/O and its follow-up callbacks
     /// cost one poll, while fds are still polled at least every `POLL_SKIP + 1` iterations.
     polls_to_skip: u8,
+    /// The IPv4 / IPv6 names of this loop's stream and datagram transports' sockets, each
+    /// with how many transports have it (accepted connections share their server's name): a
+    /// transport that sends to one of them ends the skip window (`LoopCore::sent_to`).
+    local_addrs: HashMap<InetAddr, u32>,
+    /// How many reader / writer slots hold a Python callback (`add_reader`/`add_writer`).
+    /// Whatever makes those fds ready is done by code the loop does not see (a raw
+    /// `sock.sendmsg` to a peer in this loop, say), so while there are any, no poll is skipped.
+    io_handles: usize,
     /// A handle was parked (`Handle::park`) since the last `unpark_all`.
     parked_any: bool,
     /// Signal numbers can arrive on the waker (`add_signal_handler`), so it must be polled
@@ -127,6 +137,14 @@ pub(crate) struct State {
 const ROOM_CHECK_NS: i64 = 250_000_000;
 
 impl State {
+    /// `item` left a reader or writer slot of the reactor (`io_handles`).
+    pub(super) fn slot_left(&mut self, py: Python<'_>, item: &Option<Py<PyAny>>) {
+        if item.as_ref().is_some_and(|i| i.bind(py).is_instance_of::<Handle>()) {
+            debug_assert!(self.io_handles > 0);
+            self.io_handles = self.io_handles.saturating_sub(1);
+        }
+    }
+
     /// The loop is about to wait (nothing is ready): give back the room of a burst that has
     /// passed, in the ready queue, the timer heap and the handle freelist
     /// (`ready::idle_capacity`), sized by the peaks since the last look, at most every
@@ -698,6 +716,32 @@ fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<Option<RawFd>> {
 }
 
 impl LoopCore {
+    /// A transport of this loop was made for a socket named `addr` (`open`), or let go of it.
+    pub(crate) fn note_local_addr(&self, py: Python<'_>, addr: InetAddr, open: bool) {
+        let mut st = self.state.borrow_mut(py);
+        if open {
+            *st.local_addrs.entry(addr).or_insert(0) += 1;
+        } else if let Some(n) = st.local_addrs.get_mut(&addr) {
+            *n -= 1;
+            if *n == 0 {
+                st.local_addrs.remove(&addr);
+            }
+        }
+    }
+
+    /// A transport of this loop sent something its peer can see (data, an EOF, a close) to
+    /// `peer` (`None`: a peer known to be in this process, a Unix socket's). When that peer
+    /// is one of this loop's own sockets, the next iteration polls, as asyncio's loop polls in
+    /// every iteration: a peer in the same loop then sees it when it would on asyncio's loop
+    /// (the skipped polls of `run::run_once` are for peers in other processes, whose timing
+    /// nothing can rely on).
+    pub(crate) fn sent_to(&self, py: Python<'_>, peer: Option<&InetAddr>) {
+        let mut st = self.state.borrow_mut(py);
+        if st.polls_to_skip != 0 && peer.is_none_or(|p| st.local_addrs.contains_key(p)) {
+            st.polls_to_skip = 0;
+        }
+    }
+
     /// Register a Rust work item (a transport core) for one direction of `fd`.
     pub(crate) fn watch(&self, py: Python<'_>, fd: RawFd, which: Which, item: Py<PyAny>) -> PyResult<()> {
         let replaced = {
@@ -706,7 +750,9 @@ impl LoopCore {
                 return Err(closed_err());
             }
             let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
-            reactor.set(fd, item.clone_ref(py), which, item).map_err(py::os_err)?
+            let replaced = reactor.set(fd, item.clone_ref(py), which, item).map_err(py::os_err)?;
+            st.slot_left(py, &replaced.0);
+            replaced
         };
         drop(replaced);
         Ok(())
@@ -715,10 +761,12 @@ impl LoopCore {
     pub(crate) fn unwatch(&self, py: Python<'_>, fd: RawFd, which: Which) -> PyResult<()> {
         let removed = {
             let mut st = self.state.borrow_mut(py);
-            match st.reactor.as_mut() {
+            let removed = match st.reactor.as_mut() {
                 Some(r) => r.unset(fd, which).map_err(py::os_err)?,
                 None => (None, None),
-            }
+            };
+            st.slot_left(py, &removed.0);
+            removed
         };
         drop(removed);
         Ok(())
@@ -871,7 +919,12 @@ impl LoopCore {
         let (old, old_fileobj) = {
             let mut st = core.state.borrow_mut(py);
             let reactor = st.reactor.as_mut().ok_or_else(closed_err)?;
-            reactor.set(fd, fileobj.clone().unbind(), which, handle.clone_ref(py).into_any()).map_err(py::os_err)?
+            let replaced = reactor
+                .set(fd, fileobj.clone().unbind(), which, handle.clone_ref(py).into_any())
+                .map_err(py::os_err)?;
+            st.slot_left(py, &replaced.0);
+            st.io_handles += 1;
+            replaced
         };
         drop(old_fileobj);
         if let Some(old) = old {
@@ -889,10 +942,12 @@ impl LoopCore {
         let Some(fd) = self.lookup_fd(py, fileobj)? else { return Ok(false) };
         let (old, old_fileobj) = {
             let mut st = self.state.borrow_mut(py);
-            match st.reactor.as_mut() {
+            let removed = match st.reactor.as_mut() {
                 Some(r) => r.unset(fd, which).map_err(py::os_err)?,
                 None => (None, None),
-            }
+            };
+            st.slot_left(py, &removed.0);
+            removed
         };
         drop(old_fileobj);
         match old {
@@ -931,6 +986,8 @@ impl LoopCore {
                 slow_callback_value: None,
                 polling: false,
                 polls_to_skip: 0,
+                local_addrs: HashMap::new(),
+                io_handles: 0,
                 parked_any: false,
                 signal_handlers: false,
                 clock: Clock::Monotonic,
@@ -1137,6 +1194,7 @@ impl LoopCore {
             let timers = std::mem::take(&mut st.timers);
             st.timer_cancelled_count = 0;
             let mut reactor = st.reactor.take();
+            st.io_handles = 0;
             let entries = reactor.as_mut().map(|r| r.clear()).unwrap_or_default();
             (ready, timers, entries, reactor, st.current_handle.take(), own)
         };

@@ -64,7 +64,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             -1
         };
         let signal_handlers = st.signal_handlers;
-        let in_skip_window = st.polls_to_skip > 0 && !st.stopping;
+        let in_skip_window = st.polls_to_skip > 0 && !st.stopping && st.io_handles == 0;
         let Some(reactor) = st.reactor.as_mut() else {
             return Err(super::closed_err());
         };
@@ -163,6 +163,9 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
                 for (fd, which) in stale {
                     dropped.push(r.unset(fd, which).map_err(crate::py::os_err)?);
                 }
+            }
+            for (item, _) in &dropped {
+                st.slot_left(py, item);
             }
         }
         drop(dropped);

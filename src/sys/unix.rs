@@ -452,6 +452,20 @@ pub fn sendto(fd: RawFd, buf: &[u8], addr: Option<&PeerAddr>) -> io::Result<usiz
     }
 }
 
+/// Whether a connected Unix socket's peer was made (or connected) by this process, by the
+/// peer's credentials (`SO_PEERCRED`); false for other sockets and on any error.
+pub fn peer_is_this_process(fd: RawFd) -> bool {
+    // SAFETY: ucred is plain data; all-zero is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is valid for `len` bytes; the kernel writes at most that.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    };
+    // SAFETY: getpid takes nothing and cannot fail.
+    rc == 0 && len as usize == std::mem::size_of::<libc::ucred>() && cred.pid == unsafe { libc::getpid() }
+}
+
 /// `getsockname(2)` (`peer` false) or `getpeername(2)` (`peer` true).
 pub fn socket_name(fd: RawFd, peer: bool) -> io::Result<PeerAddr> {
     // SAFETY: sockaddr_storage is plain data; all-zero is a valid (empty) value.

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use crate::sys::{self, PeerAddr};
 
 /// An IPv4 or IPv6 socket address.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum InetAddr {
     V4([u8; 4], u16),
     /// Address, port, flow info, scope id.

@@ -90,6 +90,9 @@ struct State {
     /// Whether writes are corked: `CORK_SCORE` after a callback wrote twice, less one for
     /// every corked send of a single write; corking stops at 0.
     cork_score: u8,
+    /// Until `detach`: the socket is open, and the loop counts its name (if any) among its own
+    /// (`LoopCore::note_local_addr`).
+    attached: bool,
 }
 
 impl State {
@@ -224,6 +227,9 @@ pub struct StreamCore {
     /// The peer's name (from `accept`, else `getpeername` at construction; `None` if that
     /// failed). Meaningful only when `sockname` is set.
     peername: Option<InetAddr>,
+    /// A Unix socket whose peer this process made (`SO_PEERCRED`): the peer may be a socket of
+    /// this loop (`reached_peer`).
+    peer_in_process: bool,
     st: GilCell<State>,
 }
 
@@ -308,6 +314,16 @@ impl StreamCore {
 
     fn loop_core(&self) -> &LoopCore {
         self.loop_.get()
+    }
+
+    /// The peer can see something new (data, an EOF, a close): tell the loop, which polls in
+    /// its next iteration when the peer is one of its own sockets (`LoopCore::sent_to`).
+    fn reached_peer(&self, py: Python<'_>) {
+        if self.peer_in_process {
+            self.loop_core().sent_to(py, None);
+        } else if let Some(peer) = &self.peername {
+            self.loop_core().sent_to(py, Some(peer));
+        }
     }
 
     fn set_watch(slf: &Bound<'_, Self>, which: Which, on: bool) -> PyResult<()> {
@@ -662,7 +678,10 @@ pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
         r
     };
     match r {
-        Ok(_) => StreamCore::after_drain(slf),
+        Ok(_) => {
+            me.reached_peer(py);
+            StreamCore::after_drain(slf)
+        }
         Err(e) if sys::would_block(&e) => Ok(()),
         Err(e) => {
             StreamCore::stop_writing_inner(slf)?;
@@ -705,12 +724,18 @@ impl StreamCore {
             (Some(_), Some(peer)) => Some(peer.0),
             (Some(_), None) => InetAddr::of_socket(fd, true).ok().flatten(),
         };
+        let peer_in_process = sockname.is_none() && sys::peer_is_this_process(fd);
+        if let Some(name) = sockname {
+            loop_.get().note_local_addr(py, name, true);
+        }
         Ok(Self {
             loop_: loop_.clone().unbind(),
             sock: SockFd::new(sock, fd),
             sockname,
             peername,
+            peer_in_process,
             st: GilCell::new(State {
+                attached: true,
                 transport: Some(transport),
                 protocol: Some(protocol),
                 buffered,
@@ -827,6 +852,7 @@ impl StreamCore {
             }
         };
         drop(view);
+        me.reached_peer(py);
         match outcome {
             Ok(Sent::Done) => Ok(()),
             Ok(Sent::Corked { first }) => {
@@ -894,14 +920,29 @@ impl StreamCore {
         drop(old);
     }
 
-    /// Forget the Python objects (after connection_lost), breaking the reference cycle.
+    /// Forget the Python objects (after connection_lost, which closed the socket), breaking
+    /// the reference cycle; the loop forgets the socket's name.
     fn detach(&self, py: Python<'_>) {
-        let old = {
+        let (old, attached) = {
             let mut st = self.st.borrow_mut(py);
             st.discard_corked(py);
-            (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take())
+            (
+                (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take()),
+                std::mem::take(&mut st.attached),
+            )
         };
+        if attached {
+            self.reached_peer(py);
+            if let Some(name) = self.sockname {
+                self.loop_core().note_local_addr(py, name, false);
+            }
+        }
         drop(old);
+    }
+
+    /// The transport shut down its writing side (`write_eof`): the peer sees an EOF.
+    fn eof_sent(&self, py: Python<'_>) {
+        self.reached_peer(py);
     }
 
     fn set_write_buffer_limits(&self, py: Python<'_>, high: usize, low: usize) {
