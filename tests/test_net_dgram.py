@@ -451,3 +451,102 @@ def test_pausing_in_datagram_received_stops_delivery_at_once(loop):
         return held, after
 
     assert run(loop, main()) == (1, 2)
+
+
+# --- when a datagram from this same loop is seen -------------------------------------------
+
+
+class _Notifier(asyncio.DatagramProtocol):
+    """Answers a request at once, then sends a second datagram `delay` iterations later (a
+    CoAP server's notification after its answer)."""
+
+    def __init__(self, delay):
+        self.delay = delay
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        loop = asyncio.get_running_loop()
+        self.transport.sendto(b"answer", addr)
+
+        def later(n):
+            if n:
+                loop.call_soon(later, n - 1)
+            else:
+                self.transport.sendto(b"notification", addr)
+
+        later(self.delay)
+
+
+class _Watcher(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.got = []
+        self.answered = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data, addr):
+        self.got.append(data)
+        if not self.answered.done():
+            self.answered.set_result(None)
+
+
+async def _raw_endpoint(loop, protocol):
+    """A datagram endpoint made of a raw socket and add_reader: aiocoap's own transport sends
+    with `sock.sendmsg` and reads with `loop.add_reader`, which the loop cannot see into."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+
+    class Raw:
+        def sendto(self, data, addr):
+            sock.sendto(data, addr)
+
+        def close(self):
+            loop.remove_reader(sock)
+            sock.close()
+
+    def readable():
+        try:
+            data, addr = sock.recvfrom(100)
+        except BlockingIOError:
+            return
+        protocol.datagram_received(data, addr)
+
+    transport = Raw()
+    protocol.connection_made(transport)
+    loop.add_reader(sock, readable)
+    return transport, sock.getsockname()
+
+
+@pytest.mark.parametrize("how", ["endpoints", "add_reader"])
+@pytest.mark.parametrize("delay", [0, 1, 2, 3])
+def test_a_datagram_sent_within_this_loop_is_seen_when_asyncio_sees_it(loop, how, delay):
+    """aiocoap's test_late_subscription_eventual_consistency: the client takes the answer,
+    yields once more, and expects the notification sent up to two iterations after the answer
+    (asyncio's loop polls in every iteration). ferroloop skips polls only where no peer in the
+    loop can tell (DESIGN.md), so the iteration a datagram is seen in is asyncio's."""
+
+    async def main():
+        if how == "endpoints":
+            st, _ = await loop.create_datagram_endpoint(
+                lambda: _Notifier(delay), local_addr=("127.0.0.1", 0)
+            )
+            ct, client = await loop.create_datagram_endpoint(
+                _Watcher, remote_addr=st.get_extra_info("sockname")
+            )
+            ct.sendto(b"request")
+        else:
+            st, server_addr = await _raw_endpoint(loop, _Notifier(delay))
+            client = _Watcher()
+            ct, _ = await _raw_endpoint(loop, client)
+            ct.sendto(b"request", server_addr)
+        await client.answered
+        one_more = loop.create_future()
+        loop.call_soon(one_more.set_result, None)
+        await one_more
+        seen = b"notification" in client.got
+        ct.close()
+        st.close()
+        return seen
+
+    assert run(loop, main()) is (delay <= 2)

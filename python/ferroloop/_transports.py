@@ -266,12 +266,10 @@ class StreamTransport(transports._FlowControlMixin):
         self._core.eof = True
         if not self._core.buffer_size:
             self._sock.shutdown(socket.SHUT_WR)
-            self._core.eof_sent()
 
     def _shutdown_write(self):
         """Called by the core once the buffer drained after write_eof()."""
         self._sock.shutdown(socket.SHUT_WR)
-        self._core.eof_sent()
 
     def can_write_eof(self):
         return True

@@ -87,10 +87,14 @@ pub(crate) struct State {
     /// counting down (see `run::run_once`). So a burst of I/O and its follow-up callbacks
     /// cost one poll, while fds are still polled at least every `POLL_SKIP + 1` iterations.
     polls_to_skip: u8,
-    /// The IPv4 / IPv6 names of this loop's stream and datagram transports' sockets, each
-    /// with how many transports have it (accepted connections share their server's name): a
-    /// transport that sends to one of them ends the skip window (`LoopCore::sent_to`).
+    /// The IPv4 / IPv6 names of this loop's stream transports' sockets, each with how many
+    /// transports have it (accepted connections share their server's name).
     local_addrs: HashMap<InetAddr, u32>,
+    /// How many open stream transports of this loop are connected to another socket of this
+    /// loop (found by `local_addrs` when the second end's transport is made), or to a Unix
+    /// socket made by this process. Their peer sees what they do one poll later, so while there
+    /// are any, no poll is skipped: the iteration it is seen in is asyncio's.
+    local_links: usize,
     /// How many reader / writer slots hold a Python callback (`add_reader`/`add_writer`).
     /// Whatever makes those fds ready is done by code the loop does not see (a raw
     /// `sock.sendmsg` to a peer in this loop, say), so while there are any, no poll is skipped.
@@ -716,30 +720,36 @@ fn fileobj_to_fd(fileobj: &Bound<'_, PyAny>) -> PyResult<Option<RawFd>> {
 }
 
 impl LoopCore {
-    /// A transport of this loop was made for a socket named `addr` (`open`), or let go of it.
-    pub(crate) fn note_local_addr(&self, py: Python<'_>, addr: InetAddr, open: bool) {
+    /// A stream transport was made for a socket named `name` (IPv4 / IPv6), connected to
+    /// `peer`; `in_process`: a Unix socket whose peer this process made. Returns whether the
+    /// peer is a socket of this loop (or may be: the Unix case), which `transport_gone` is then
+    /// told (`local_links`).
+    pub(crate) fn transport_made(
+        &self,
+        py: Python<'_>,
+        name: Option<InetAddr>,
+        peer: Option<InetAddr>,
+        in_process: bool,
+    ) -> bool {
         let mut st = self.state.borrow_mut(py);
-        if open {
-            *st.local_addrs.entry(addr).or_insert(0) += 1;
-        } else if let Some(n) = st.local_addrs.get_mut(&addr) {
-            *n -= 1;
-            if *n == 0 {
-                st.local_addrs.remove(&addr);
-            }
+        let linked = in_process || peer.is_some_and(|p| st.local_addrs.contains_key(&p));
+        if let Some(name) = name {
+            *st.local_addrs.entry(name).or_insert(0) += 1;
         }
+        st.local_links += usize::from(linked);
+        linked
     }
 
-    /// A transport of this loop sent something its peer can see (data, an EOF, a close) to
-    /// `peer` (`None`: a peer known to be in this process, a Unix socket's). When that peer
-    /// is one of this loop's own sockets, the next iteration polls, as asyncio's loop polls in
-    /// every iteration: a peer in the same loop then sees it when it would on asyncio's loop
-    /// (the skipped polls of `run::run_once` are for peers in other processes, whose timing
-    /// nothing can rely on).
-    pub(crate) fn sent_to(&self, py: Python<'_>, peer: Option<&InetAddr>) {
+    /// The transport `transport_made` was told of let go of its socket.
+    pub(crate) fn transport_gone(&self, py: Python<'_>, name: Option<InetAddr>, linked: bool) {
         let mut st = self.state.borrow_mut(py);
-        if st.polls_to_skip != 0 && peer.is_none_or(|p| st.local_addrs.contains_key(p)) {
-            st.polls_to_skip = 0;
+        if let Some(n) = name.and_then(|name| st.local_addrs.get_mut(&name)) {
+            *n -= 1;
+            if *n == 0 {
+                st.local_addrs.remove(&name.unwrap());
+            }
         }
+        st.local_links -= usize::from(linked);
     }
 
     /// Register a Rust work item (a transport core) for one direction of `fd`.
@@ -988,6 +998,7 @@ impl LoopCore {
                 polls_to_skip: 0,
                 local_addrs: HashMap::new(),
                 io_handles: 0,
+                local_links: 0,
                 parked_any: false,
                 signal_handlers: false,
                 clock: Clock::Monotonic,

@@ -6,7 +6,9 @@
 //!    skipped when no fd and no signal handler is registered (it could find nothing), and
 //!    in the two iterations after one that polled (what a poll finds usually takes three
 //!    iterations to settle: the fd's callback, the task it wakes, that task's done callbacks;
-//!    by then the queue has usually drained and the next poll is the blocking one),
+//!    by then the queue has usually drained and the next poll is the blocking one), unless
+//!    something in this process could tell: an `add_reader`/`add_writer` callback, or a stream
+//!    connection between two sockets of this loop (`State::io_handles`, `State::local_links`),
 //! 3. queue the handles of ready fds, handle signals and run Python signal handlers,
 //! 4. move due timers behind what is already queued,
 //! 5. run exactly the handles queued so far.
@@ -64,7 +66,7 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             -1
         };
         let signal_handlers = st.signal_handlers;
-        let in_skip_window = st.polls_to_skip > 0 && !st.stopping && st.io_handles == 0;
+        let in_skip_window = st.polls_to_skip > 0 && !st.stopping && st.io_handles == 0 && st.local_links == 0;
         let Some(reactor) = st.reactor.as_mut() else {
             return Err(super::closed_err());
         };
@@ -76,7 +78,10 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         //   then that task's done callbacks). Polling before they run would mostly find
         //   nothing, or race a peer's reply to a response written a few microseconds earlier
         //   (DESIGN.md). fds are still polled at least every `POLL_SKIP + 1` iterations, and
-        //   the last iteration before a stop always polls.
+        //   the last iteration before a stop always polls. Not while a peer in this process
+        //   could see the difference: an fd watched by a Python callback (its I/O is made by
+        //   code the loop does not see), or a stream transport connected to another socket of
+        //   this loop; those iterations poll as asyncio's loop does.
         let skip = timeout_ms == 0 && (in_skip_window || (reactor.registry.is_empty() && !signal_handlers));
         if skip {
             st.polls_to_skip = st.polls_to_skip.saturating_sub(1);

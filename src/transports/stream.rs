@@ -227,9 +227,8 @@ pub struct StreamCore {
     /// The peer's name (from `accept`, else `getpeername` at construction; `None` if that
     /// failed). Meaningful only when `sockname` is set.
     peername: Option<InetAddr>,
-    /// A Unix socket whose peer this process made (`SO_PEERCRED`): the peer may be a socket of
-    /// this loop (`reached_peer`).
-    peer_in_process: bool,
+    /// The peer is (or may be) a socket of this same loop (`LoopCore::transport_made`).
+    linked: bool,
     st: GilCell<State>,
 }
 
@@ -314,16 +313,6 @@ impl StreamCore {
 
     fn loop_core(&self) -> &LoopCore {
         self.loop_.get()
-    }
-
-    /// The peer can see something new (data, an EOF, a close): tell the loop, which polls in
-    /// its next iteration when the peer is one of its own sockets (`LoopCore::sent_to`).
-    fn reached_peer(&self, py: Python<'_>) {
-        if self.peer_in_process {
-            self.loop_core().sent_to(py, None);
-        } else if let Some(peer) = &self.peername {
-            self.loop_core().sent_to(py, Some(peer));
-        }
     }
 
     fn set_watch(slf: &Bound<'_, Self>, which: Which, on: bool) -> PyResult<()> {
@@ -678,10 +667,7 @@ pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
         r
     };
     match r {
-        Ok(_) => {
-            me.reached_peer(py);
-            StreamCore::after_drain(slf)
-        }
+        Ok(_) => StreamCore::after_drain(slf),
         Err(e) if sys::would_block(&e) => Ok(()),
         Err(e) => {
             StreamCore::stop_writing_inner(slf)?;
@@ -724,16 +710,15 @@ impl StreamCore {
             (Some(_), Some(peer)) => Some(peer.0),
             (Some(_), None) => InetAddr::of_socket(fd, true).ok().flatten(),
         };
-        let peer_in_process = sockname.is_none() && sys::peer_is_this_process(fd);
-        if let Some(name) = sockname {
-            loop_.get().note_local_addr(py, name, true);
-        }
+        // A Unix peer made by this process may be a socket of this loop.
+        let in_process = sockname.is_none() && sys::peer_is_this_process(fd);
+        let linked = loop_.get().transport_made(py, sockname, peername, in_process);
         Ok(Self {
             loop_: loop_.clone().unbind(),
             sock: SockFd::new(sock, fd),
             sockname,
             peername,
-            peer_in_process,
+            linked,
             st: GilCell::new(State {
                 attached: true,
                 transport: Some(transport),
@@ -852,7 +837,6 @@ impl StreamCore {
             }
         };
         drop(view);
-        me.reached_peer(py);
         match outcome {
             Ok(Sent::Done) => Ok(()),
             Ok(Sent::Corked { first }) => {
@@ -932,17 +916,9 @@ impl StreamCore {
             )
         };
         if attached {
-            self.reached_peer(py);
-            if let Some(name) = self.sockname {
-                self.loop_core().note_local_addr(py, name, false);
-            }
+            self.loop_core().transport_gone(py, self.sockname, self.linked);
         }
         drop(old);
-    }
-
-    /// The transport shut down its writing side (`write_eof`): the peer sees an EOF.
-    fn eof_sent(&self, py: Python<'_>) {
-        self.reached_peer(py);
     }
 
     fn set_write_buffer_limits(&self, py: Python<'_>, high: usize, low: usize) {
