@@ -18,6 +18,7 @@ pub(crate) mod ready;
 mod run;
 pub mod timers;
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -743,10 +744,10 @@ impl LoopCore {
     /// The transport `transport_made` was told of let go of its socket.
     pub(crate) fn transport_gone(&self, py: Python<'_>, name: Option<InetAddr>, linked: bool) {
         let mut st = self.state.borrow_mut(py);
-        if let Some(n) = name.and_then(|name| st.local_addrs.get_mut(&name)) {
-            *n -= 1;
-            if *n == 0 {
-                st.local_addrs.remove(&name.unwrap());
+        if let Some(Entry::Occupied(mut count)) = name.map(|name| st.local_addrs.entry(name)) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
             }
         }
         st.local_links -= usize::from(linked);
