@@ -14,6 +14,7 @@ import errno
 import gc
 import hashlib
 import io
+import logging
 import math
 import os
 import random
@@ -1768,6 +1769,43 @@ def test_write_error_closes_the_transport_before_the_callback_goes_on(loop):
         assert pr.lost_calls == 1
 
     run(loop, main())
+
+
+@pytest.mark.parametrize("writes", [1, 5, 6, 20])
+def test_writes_after_a_failed_write_count_and_warn_as_on_asyncio(loop, caplog, writes):
+    """Several writes in one callback to a peer that has reset the connection: asyncio's first
+    write fails (the fatal write error), and each later one counts as a write after the
+    connection was lost, warning "socket.send() raised exception." from the fifth on. On
+    ferroloop the callback's writes are held and sent together when it returns (corked writes,
+    DESIGN.md); their failed send counts them the same way."""
+
+    async def main():
+        srv = socket.create_server(("127.0.0.1", 0))
+        peer = socket.create_connection(srv.getsockname())
+        mine, _ = srv.accept()
+        srv.close()
+        tr, _ = await loop.create_connection(asyncio.Protocol, sock=mine)
+        _TRACKED.append(tr)
+        tr.pause_reading()  # only a send finds the reset
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # RST
+        await asyncio.sleep(0.05)
+        for _ in range(writes):  # one task step: one callback
+            tr.write(b"x" * 100)
+        await asyncio.sleep(0.01)
+        in_one_callback = _send_warnings(caplog)
+        for _ in range(3):  # a later callback
+            tr.write(b"y")
+        await asyncio.sleep(0.01)
+        return in_one_callback, _send_warnings(caplog), tr.is_closing()
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        got = run(loop, main())
+    assert got == (max(0, writes - 5), max(0, writes + 3 - 5), True)
+
+
+def _send_warnings(caplog):
+    return sum(r.getMessage() == "socket.send() raised exception." for r in caplog.records)
 
 
 _IN_DATA_RECEIVED = contextvars.ContextVar("in_data_received", default=None)

@@ -279,6 +279,29 @@ impl StreamCore {
         self.fatal_error_where(py, err, "Fatal write error on socket transport", in_reading_context)
     }
 
+    /// The send of `writes` writes held together failed: asyncio's first of them would have
+    /// failed (the fatal write error), and each later one found the connection lost
+    /// (`writes_after_loss`), so `_conn_lost` and the warnings come out as asyncio's.
+    fn held_writes_failed(&self, py: Python<'_>, err: PyErr, in_reading_context: bool, writes: usize) -> PyResult<()> {
+        self.fatal_write_error(py, err, in_reading_context)?;
+        self.writes_after_loss(py, writes.saturating_sub(1))
+    }
+
+    /// `n` writes after the connection was lost: asyncio's `write()` counts each in
+    /// `_conn_lost` and, from `LOG_THRESHOLD_FOR_CONNLOST_WRITES` on, warns.
+    fn writes_after_loss(&self, py: Python<'_>, n: usize) -> PyResult<()> {
+        for _ in 0..n {
+            let conn_lost = self.st.borrow(py).conn_lost;
+            if conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES {
+                py.import("asyncio.log")?
+                    .getattr("logger")?
+                    .call_method1("warning", ("socket.send() raised exception.",))?;
+            }
+            self.st.borrow_mut(py).conn_lost += 1;
+        }
+        Ok(())
+    }
+
     fn fatal_error_where(&self, py: Python<'_>, err: PyErr, message: &str, in_context: bool) -> PyResult<()> {
         if py::is_fatal(py, &err) {
             return Err(err);
@@ -432,12 +455,15 @@ impl StreamCore {
                 return Ok(());
             }
             st.cork_score = if st.corked.len() > 1 { CORK_SCORE } else { st.cork_score.saturating_sub(1) };
-            send_now(py, fd, &mut st, &[]).map(|all| if all { Sent::Done } else { st.buffered() })
+            let writes = st.corked.len();
+            send_now(py, fd, &mut st, &[])
+                .map(|all| if all { Sent::Done } else { st.buffered() })
+                .map_err(|e| (e, writes))
         };
         match outcome {
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
             Ok(Sent::Corked { .. } | Sent::Done) => Ok(()),
-            Err(e) => me.fatal_write_error(py, py::os_err(e), from_loop),
+            Err((e, writes)) => me.held_writes_failed(py, py::os_err(e), from_loop, writes),
         }
     }
 
@@ -789,15 +815,8 @@ impl StreamCore {
         if bytes.is_empty() {
             return Ok(());
         }
-        let conn_lost = me.st.borrow(py).conn_lost;
-        if conn_lost > 0 {
-            if conn_lost >= LOG_THRESHOLD_FOR_CONNLOST_WRITES {
-                py.import("asyncio.log")?
-                    .getattr("logger")?
-                    .call_method1("warning", ("socket.send() raised exception.",))?;
-            }
-            me.st.borrow_mut(py).conn_lost += 1;
-            return Ok(());
+        if me.st.borrow(py).conn_lost > 0 {
+            return me.writes_after_loss(py, 1);
         }
         let seq = me.loop_core().cork_seq(py);
         let fd = me.sock.get(py);
@@ -829,7 +848,12 @@ impl StreamCore {
                         Ok(Sent::Corked { first: st.corked.len() == 1 })
                     }
                     // Send at once (asyncio's path), after what is corked.
-                    _ => send_now(py, fd, &mut st, bytes).map(|all| if all { Sent::Done } else { st.buffered() }),
+                    _ => {
+                        let writes = st.corked.len() + 1;
+                        send_now(py, fd, &mut st, bytes)
+                            .map(|all| if all { Sent::Done } else { st.buffered() })
+                            .map_err(|e| (e, writes))
+                    }
                 }
             } else {
                 st.buf.extend_from_slice(bytes);
@@ -846,7 +870,7 @@ impl StreamCore {
                 Ok(())
             }
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
-            Err(e) => me.fatal_write_error(py, py::os_err(e), false),
+            Err((e, writes)) => me.held_writes_failed(py, py::os_err(e), false, writes),
         }
     }
 
