@@ -90,9 +90,6 @@ struct State {
     /// Whether writes are corked: `CORK_SCORE` after a callback wrote twice, less one for
     /// every corked send of a single write; corking stops at 0.
     cork_score: u8,
-    /// Until `detach`: the socket is open, and the loop counts its name (if any) among its own
-    /// (`LoopCore::note_local_addr`).
-    attached: bool,
 }
 
 impl State {
@@ -746,7 +743,6 @@ impl StreamCore {
             peername,
             linked,
             st: GilCell::new(State {
-                attached: true,
                 transport: Some(transport),
                 protocol: Some(protocol),
                 buffered,
@@ -931,15 +927,14 @@ impl StreamCore {
     /// Forget the Python objects (after connection_lost, which closed the socket), breaking
     /// the reference cycle; the loop forgets the socket's name.
     fn detach(&self, py: Python<'_>) {
-        let (old, attached) = {
+        let old = {
             let mut st = self.st.borrow_mut(py);
             st.discard_corked(py);
-            (
-                (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take()),
-                std::mem::take(&mut st.attached),
-            )
+            (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take())
         };
-        if attached {
+        // The transport is held from construction until the first detach: only that one tells
+        // the loop (`LoopCore::transport_made`).
+        if old.0.is_some() {
             self.loop_core().transport_gone(py, self.sockname, self.linked);
         }
         drop(old);
