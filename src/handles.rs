@@ -467,10 +467,16 @@ impl Drop for Handle {
     }
 }
 
-/// Run a handle's callback in its context. Errors other than `KeyboardInterrupt`/`SystemExit`
-/// go to the loop's exception handler; those two are returned for the loop to re-raise.
-/// The caller has unparked its context.
-pub(crate) fn run_handle(py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult<()> {
+/// Run a handle's callback in its context, then `after` (the loop sends the callback's held
+/// writes there: what follows from them sees the callback's context, as with asyncio's
+/// `write()`), also when the callback raised. Errors other than
+/// `KeyboardInterrupt`/`SystemExit` go to the loop's exception handler, as the callback's;
+/// those two are returned for the loop to re-raise. The caller has unparked its context.
+pub(crate) fn run_handle(
+    py: Python<'_>,
+    handle: &Bound<'_, Handle>,
+    after: &impl Fn() -> PyResult<()>,
+) -> PyResult<()> {
     let h = handle.get();
     // Cloned out, not borrowed across the call: the callback may cancel its own handle.
     let (cb, args) = match h.call.borrow(py).as_ref() {
@@ -478,19 +484,35 @@ pub(crate) fn run_handle(py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult
         None => return Ok(()),
     };
     let ctx = h.run_context(py)?;
+    let call = || match args.call(&cb) {
+        Ok(_) => after(),
+        Err(err) => Err(after_failed_callback(py, err, after)),
+    };
     // SAFETY: `ctx` is the handle's context object, alive while the caller holds the handle;
     // the field is never replaced once it holds it. Entering anything but a `Context` fails
     // without running the callback (`callback_failed` sees to that case).
-    match unsafe { py::in_context_ptr(py, ctx, || args.call(&cb)) } {
-        Ok(_) => Ok(()),
-        Err(err) => callback_failed(py, handle, ctx, &cb, &args, err),
+    match unsafe { py::in_context_ptr(py, ctx, call) } {
+        Ok(()) => Ok(()),
+        Err(err) => callback_failed(py, handle, ctx, &cb, &args, err, after),
+    }
+}
+
+/// The callback raised `err`: `after` still runs; the callback's error is the one returned,
+/// unless `after`'s is `KeyboardInterrupt`/`SystemExit` and the callback's is not.
+#[cold]
+#[inline(never)]
+fn after_failed_callback(py: Python<'_>, err: PyErr, after: &dyn Fn() -> PyResult<()>) -> PyErr {
+    match after() {
+        Err(e) if py::is_fatal(py, &e) && !py::is_fatal(py, &err) => e,
+        _ => err,
     }
 }
 
 /// `run_handle`'s error path, out of line. A `context=` that is not a `contextvars.Context`
 /// could not be entered: asyncio's `Handle._run` calls `context.run(callback, *args)`
 /// whatever the context is, so a duck-typed one runs the callback there, and one without
-/// `run` fails with `AttributeError`, for the exception handler.
+/// `run` fails with `AttributeError`, for the exception handler. Such a context was never
+/// entered, so `after` runs here, after `run`.
 #[cold]
 #[inline(never)]
 fn callback_failed<'py>(
@@ -500,6 +522,7 @@ fn callback_failed<'py>(
     cb: &Bound<'py, PyAny>,
     args: &BoundArgs<'py>,
     err: PyErr,
+    after: &dyn Fn() -> PyResult<()>,
 ) -> PyResult<()> {
     // SAFETY: `ctx` is alive (the caller's handle holds it) and the GIL is held.
     let err = if unsafe { pyo3::ffi::PyContext_CheckExact(ctx) } == 0 {
@@ -511,7 +534,11 @@ fn callback_failed<'py>(
             ctx.getattr(intern!(py, "run"))?.call1(PyTuple::new(py, all)?)?;
             Ok(())
         };
-        match duck_run() {
+        let r = match duck_run() {
+            Ok(()) => after(),
+            Err(e) => Err(after_failed_callback(py, e, after)),
+        };
+        match r {
             Ok(()) => return Ok(()),
             Err(e) => e,
         }
@@ -560,7 +587,8 @@ impl Handle {
 
     fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
         slf.get().unpark_context();
-        run_handle(slf.py(), slf)
+        // Writes it makes are sent when the callback running this returns.
+        run_handle(slf.py(), slf, &|| Ok(()))
     }
 
     /// asyncio's class, so `isinstance(handle, asyncio.Handle)` holds as it does for

@@ -1851,6 +1851,140 @@ def test_write_error_inside_data_received(loop, how):
     run(loop, main())
 
 
+_IN_CALLBACK = contextvars.ContextVar("in_callback", default="not set")
+
+
+@pytest.mark.parametrize("writes", [1, 3])
+@pytest.mark.parametrize("caller", ["task", "call_soon(context=)"])
+def test_write_error_in_a_callback_loses_the_connection_in_its_context(loop, caller, writes):
+    """A task step (or a call_soon callback with its own context) writes to a peer that has
+    reset the connection. asyncio's write() fails inside that callback and its _fatal_error()
+    schedules connection_lost() with call_soon(), in a copy of the callback's context: the
+    protocol sees the callback's context variables, not the ones of its reading context. On
+    ferroloop the callback's writes are held and sent when it returns (corked writes,
+    DESIGN.md); their failed send reports in the same context."""
+    seen = {}
+
+    class Lost(asyncio.Protocol):
+        def connection_made(self, transport):
+            _IN_CALLBACK.set("set in connection_made")
+            self.lost = asyncio.get_running_loop().create_future()
+
+        def connection_lost(self, exc):
+            seen["var"] = _IN_CALLBACK.get()
+            self.lost.set_result(exc)
+
+    def write(tr):
+        _IN_CALLBACK.set("set in the callback")
+        for _ in range(writes):
+            tr.write(b"x" * 100)
+        seen["closing"] = None if writes == 1 else tr.is_closing()
+
+    async def in_a_task(tr):
+        write(tr)
+
+    async def main():
+        srv = socket.create_server(("127.0.0.1", 0))
+        peer = socket.create_connection(srv.getsockname())
+        mine, _ = srv.accept()
+        srv.close()
+        tr, pr = await loop.create_connection(Lost, sock=mine)
+        _TRACKED.append(tr)
+        tr.pause_reading()  # only a send finds the reset
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # RST
+        await asyncio.sleep(0.05)
+        if caller == "task":
+            await asyncio.create_task(in_a_task(tr))
+        else:
+            loop.call_soon(write, tr, context=contextvars.Context())
+        exc = await asyncio.wait_for(pr.lost, TIMEOUT)
+        assert isinstance(exc, (BrokenPipeError, ConnectionResetError)), repr(exc)
+        assert _IN_CALLBACK.get() == "not set"
+        return seen
+
+    closing = None if writes == 1 else True
+    assert run(loop, main()) == {"var": "set in the callback", "closing": closing}
+
+
+@pytest.mark.parametrize("then", ["peer reads", "close, peer reads", "peer resets"])
+def test_the_writer_runs_in_the_context_of_the_write_that_started_it(loop, then):
+    """A write the socket cannot take whole is buffered, and asyncio's write() adds a writer
+    handle, which copies the context current in write(). Everything the writer does runs in
+    that copy: resume_writing() (whose context variables stay in it, not in the loop's
+    caller's context), connection_lost() after a close that waited for the buffer, and the
+    fatal error of a failed send, whose connection_lost() is scheduled from there."""
+    seen = {}
+    big = 4 * 1024 * 1024
+
+    class P(asyncio.Protocol):
+        def connection_made(self, transport):
+            _IN_CALLBACK.set("set in connection_made")
+            self.lost = asyncio.get_running_loop().create_future()
+
+        def pause_writing(self):
+            seen["pause"] = _IN_CALLBACK.get()
+
+        def resume_writing(self):
+            seen["resume"] = _IN_CALLBACK.get()
+            _IN_CALLBACK.set("set in resume_writing")
+
+        def connection_lost(self, exc):
+            seen["lost"] = (_IN_CALLBACK.get(), type(exc).__name__)
+            self.lost.set_result(None)
+
+    async def writer(tr):
+        _IN_CALLBACK.set("set in the writing task")
+        tr.write(b"x" * big)
+
+    async def main():
+        srv = socket.create_server(("127.0.0.1", 0))
+        peer = socket.create_connection(srv.getsockname())
+        mine, _ = srv.accept()
+        srv.close()
+        _IN_CALLBACK.set("set in main")
+        try:
+            tr, pr = await loop.create_connection(P, sock=mine)
+            _TRACKED.append(tr)
+            tr.pause_reading()
+            await asyncio.create_task(writer(tr))
+            await asyncio.sleep(0.01)
+            assert tr.get_write_buffer_size() > 0
+            if then == "peer resets":
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.close()
+            else:
+                if then.startswith("close"):
+                    tr.close()
+                peer.setblocking(False)
+                got = 0
+                while got < big:
+                    try:
+                        got += len(peer.recv(1 << 20))
+                    except BlockingIOError:
+                        await asyncio.sleep(0.001)
+                if not tr.is_closing():
+                    await asyncio.sleep(0.01)
+                    tr.close()
+            await asyncio.wait_for(pr.lost, TIMEOUT)
+            seen["main"] = _IN_CALLBACK.get()
+        finally:
+            peer.close()
+
+    run(loop, main())
+    assert _IN_CALLBACK.get() == "not set"
+    expected = {
+        "peer reads": {"resume": "set in the writing task", "lost": ("set in main", "NoneType")},
+        # the writer's copy, as resume_writing() left it
+        "close, peer reads": {
+            "resume": "set in the writing task",
+            "lost": ("set in resume_writing", "NoneType"),
+        },
+        "peer resets": {"lost": ("set in the writing task", "ConnectionResetError")},
+    }[then]
+    assert seen == {"pause": "set in the writing task", "main": "set in main", **expected}
+
+
 def test_stream_drain_raises_for_a_write_to_a_gone_peer(loop):
     async def main():
         a, b = socket.socketpair()

@@ -21,7 +21,7 @@ pub mod timers;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
@@ -42,6 +42,7 @@ pub(crate) use asyncio_method::AsyncioMethod;
 pub(crate) use bound_cache::{install as install_cached_call_soon, CachedCallSoon};
 pub(crate) use fastcall::install as install_fastcall;
 use ready::ReadyQueue;
+pub(crate) use run::send_corked_if_any;
 use timers::{Clock, TimerHeap};
 
 /// Queue length beyond which new handles (and their context copies) leave the GC's lists
@@ -179,6 +180,9 @@ impl State {
 #[pyclass(frozen, subclass, module = "ferroloop._ferroloop")]
 pub struct LoopCore {
     state: GilCell<State>,
+    /// `!state.corked.is_empty()`, read without a borrow: the loop looks after every callback.
+    /// Only touched with the GIL held (a plain load and store).
+    corked_any: AtomicBool,
 }
 
 fn ns_to_secs(ns: i64) -> f64 {
@@ -285,6 +289,7 @@ impl LoopCore {
     /// `core` holds corked writes (called once per callback by each such transport).
     pub(crate) fn add_corked(&self, py: Python<'_>, core: Py<StreamCore>) {
         self.state.borrow_mut(py).corked.push(core);
+        self.corked_any.store(true, Ordering::Relaxed);
     }
 
     /// `core` sends its corked writes early (`StreamCore::flush_corked`): forget it if it is the
@@ -294,7 +299,9 @@ impl LoopCore {
         let last = {
             let mut st = self.state.borrow_mut(py);
             if st.corked.last().is_some_and(|c| c.as_ptr() == core.as_ptr()) {
-                st.corked.pop()
+                let c = st.corked.pop();
+                self.corked_any.store(!st.corked.is_empty(), Ordering::Relaxed);
+                c
             } else {
                 None
             }
@@ -1016,6 +1023,7 @@ impl LoopCore {
                 timer_peak: 0,
                 room_checked_ns: 0,
             }),
+            corked_any: AtomicBool::new(false),
         })
     }
 

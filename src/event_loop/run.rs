@@ -14,6 +14,7 @@
 //! 5. run exactly the handles queued so far.
 
 use std::io;
+use std::sync::atomic::Ordering;
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -229,8 +230,8 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now: Option<(Clock, i64)>) -> PyResult<(
     };
 
     // 5: run what was ready when this iteration began. Stream transport writes made by a
-    // callback are held ("corked") and sent when it returns: the writes of one callback go out
-    // in one system call (`StreamCore::write`).
+    // callback are held ("corked") and sent as it returns, in its context: the writes of one
+    // callback go out in one system call (`StreamCore::write`).
     let res = run_callbacks(slf, ntodo);
     let corked = {
         let mut st = core.state.borrow_mut(py);
@@ -244,21 +245,20 @@ fn run_ready(slf: &Bound<'_, LoopCore>, now: Option<(Clock, i64)>) -> PyResult<(
     res
 }
 
-/// Run `ntodo` queued items, sending each callback's corked writes before the next item is
-/// taken (an error from sending then leaves that item queued; `run_ready` sends the last
-/// callback's, also when it raised).
+/// Run `ntodo` queued items. Each callback's corked writes are sent as it returns, still in
+/// its context (a handle's: `run_handle`'s `after`; a transport's reading context:
+/// `stream::read_ready`), as asyncio's `write()` sends inside the callback: a failed send's
+/// `_fatal_error` and the writer a partial send starts see that context. What another item
+/// wrote (the loop's own paths) is sent after it.
 fn run_callbacks(slf: &Bound<'_, LoopCore>, ntodo: usize) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
+    let after = || send_corked_if_any(slf);
     for _ in 0..ntodo {
-        let (handle, debug) = loop {
+        let (handle, debug) = {
             let mut st = core.state.borrow_mut(py);
-            if st.corked.is_empty() {
-                st.callback_seq = st.callback_seq.wrapping_add(1);
-                break (st.ready.pop(), st.debug);
-            }
-            drop(st);
-            send_corked(slf)?;
+            st.callback_seq = st.callback_seq.wrapping_add(1);
+            (st.ready.pop(), st.debug)
         };
         // Each item becomes a `Bound` at once: dropping a `Py` asks PyO3's thread-local
         // attachment count first (a `__tls_get_addr` call per item), a `Bound` just decrefs.
@@ -266,7 +266,8 @@ fn run_callbacks(slf: &Bound<'_, LoopCore>, ntodo: usize) -> PyResult<()> {
             None => break,
             Some(Work::Handle(h)) => h.into_bound(py),
             Some(io) => {
-                run_io(py, io)?;
+                let r = run_io(py, io);
+                r.and(after())?;
                 continue;
             }
         };
@@ -275,14 +276,23 @@ fn run_callbacks(slf: &Bound<'_, LoopCore>, ntodo: usize) -> PyResult<()> {
         let r = if h.get().is_cancelled() {
             Ok(())
         } else if debug {
-            run_debug(slf, h)
+            run_debug(slf, h, &after)
         } else {
-            handles::run_handle(py, h)
+            handles::run_handle(py, h, &after)
         };
         Handle::settle(h);
         r?;
     }
     Ok(())
+}
+
+/// Send the corked writes, if a transport holds some (`send_corked`).
+#[inline(always)]
+pub(crate) fn send_corked_if_any(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
+    if !slf.get().corked_any.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    send_corked(slf)
 }
 
 /// Send the corked writes of the transports that hold some, in the order they first wrote.
@@ -297,13 +307,16 @@ fn send_corked(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         let c = {
             let mut st = core.state.borrow_mut(py);
             match st.corked.len() {
-                0 => break,
+                0 => {
+                    core.corked_any.store(false, Ordering::Relaxed);
+                    break;
+                }
                 1 => st.corked.pop(),
                 _ => Some(st.corked.remove(0)),
             }
         };
         let Some(c) = c else { break };
-        if let Err(e) = StreamCore::uncork(&c.into_bound(py), true) {
+        if let Err(e) = StreamCore::uncork(&c.into_bound(py)) {
             first_err.get_or_insert(e);
         }
     }
@@ -335,13 +348,13 @@ fn run_io(py: Python<'_>, work: Work) -> PyResult<()> {
 /// Debug mode: remember the running handle and warn about slow callbacks. Out of line, like
 /// `run_io`: its `Py` drops consult PyO3's thread-local.
 #[inline(never)]
-fn run_debug(slf: &Bound<'_, LoopCore>, h: &Bound<'_, Handle>) -> PyResult<()> {
+fn run_debug(slf: &Bound<'_, LoopCore>, h: &Bound<'_, Handle>, after: &impl Fn() -> PyResult<()>) -> PyResult<()> {
     let py = slf.py();
     let core = slf.get();
     let prev = core.state.borrow_mut(py).current_handle.replace(h.clone().unbind());
     drop(prev);
     let t0 = sys::monotonic_ns();
-    let res = handles::run_handle(py, h);
+    let res = handles::run_handle(py, h, after);
     let dt = (sys::monotonic_ns() - t0) as f64 / 1e9;
     let prev = core.state.borrow_mut(py).current_handle.take();
     drop(prev);

@@ -448,17 +448,6 @@ pub fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent()) }.map(Bound::unbind)
 }
 
-/// Call `cb(*args)` inside `ctx` (entered and exited with the C API, like `Context.run`).
-#[inline]
-pub fn call_in_context<'py>(
-    py: Python<'py>,
-    ctx: &Py<PyAny>,
-    cb: &Bound<'py, PyAny>,
-    args: &Bound<'py, PyTuple>,
-) -> PyResult<Bound<'py, PyAny>> {
-    in_context(py, ctx, || if args.is_empty() { cb.call0() } else { cb.call1(args) })
-}
-
 /// `KeyboardInterrupt` and `SystemExit` escape the loop; everything else is reported.
 pub fn is_fatal(py: Python<'_>, err: &PyErr) -> bool {
     err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py)

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyMemoryView};
 use pyo3::{intern, PyTraverseError};
 
 use crate::event_loop::ready::sparse_capacity;
@@ -79,6 +79,11 @@ struct State {
     high_water: usize,
     low_water: usize,
     empty_waiter: Option<Py<PyAny>>,
+    /// While writing (data buffered, the fd watched for writability): a copy of the context
+    /// of the callback whose write started the buffering, as asyncio's writer handle copies
+    /// it in `write()`. `write_ready` runs in it: `resume_writing()`, the fatal error of a
+    /// failed send, `connection_lost()` after a close that waited for the buffer.
+    write_context: Option<Py<PyAny>>,
     /// `bytes` written during the running callback and not sent yet ("corked"), in order;
     /// only while `buf` is empty. Sent when the callback returns (`uncork`), or sooner by
     /// anything that could tell the difference (`flush_corked`).
@@ -261,26 +266,19 @@ impl StreamCore {
         py::report_callback_error(self.loop_.bind(py).as_any(), callback, err)
     }
 
-    /// The transport's `_fatal_error(exc, message)` for an error of the read path, inside the
-    /// reading context, as asyncio's reader handle runs it.
-    fn fatal_error(&self, py: Python<'_>, err: PyErr, message: &str) -> PyResult<()> {
-        self.fatal_error_where(py, err, message, true)
-    }
-
-    /// `_fatal_error(exc, "Fatal write error on socket transport")` for a failed send. A send
-    /// that a call of the caller's made (`write()`, or a method sending corked writes early)
-    /// reports it in the caller's context, as asyncio's `write()` calls it: entering the
-    /// reading context there would fail when the caller is `data_received()`, which runs
-    /// inside it. The loop's own sends (`in_reading_context`) report it in the reading context.
-    fn fatal_write_error(&self, py: Python<'_>, err: PyErr, in_reading_context: bool) -> PyResult<()> {
-        self.fatal_error_where(py, err, "Fatal write error on socket transport", in_reading_context)
+    /// `_fatal_error(exc, "Fatal write error on socket transport")` for a failed send, in the
+    /// current context, as asyncio's `write()` and writer handle call it: every send runs in
+    /// the context of the callback that wrote (held writes are sent before it is left;
+    /// `write_ready` runs in the writing context).
+    fn fatal_write_error(&self, py: Python<'_>, err: PyErr) -> PyResult<()> {
+        self.fatal_error(py, err, "Fatal write error on socket transport")
     }
 
     /// The send of `writes` writes held together failed: asyncio's first of them would have
     /// failed (the fatal write error), and each later one found the connection lost
     /// (`writes_after_loss`), so `_conn_lost` and the warnings come out as asyncio's.
-    fn held_writes_failed(&self, py: Python<'_>, err: PyErr, in_reading_context: bool, writes: usize) -> PyResult<()> {
-        self.fatal_write_error(py, err, in_reading_context)?;
+    fn held_writes_failed(&self, py: Python<'_>, err: PyErr, writes: usize) -> PyResult<()> {
+        self.fatal_write_error(py, err)?;
         self.writes_after_loss(py, writes.saturating_sub(1))
     }
 
@@ -299,36 +297,15 @@ impl StreamCore {
         Ok(())
     }
 
-    fn fatal_error_where(&self, py: Python<'_>, err: PyErr, message: &str, in_context: bool) -> PyResult<()> {
+    /// The transport's `_fatal_error(exc, message)`, in the current context: the read path
+    /// runs in the reading context (`read_ready`), as asyncio's reader handle does.
+    fn fatal_error(&self, py: Python<'_>, err: PyErr, message: &str) -> PyResult<()> {
         if py::is_fatal(py, &err) {
             return Err(err);
         }
         let exc = err.into_value(py).into_bound(py);
         let args = (&exc, message).into_pyobject(py)?;
-        let name = intern!(py, "_fatal_error");
-        py::while_handling(&exc, || {
-            if in_context {
-                self.call_transport_in_context(py, name, &args)
-            } else {
-                self.call_transport(py, name, &args)
-            }
-        })
-    }
-
-    /// Like `call_transport`, inside the reading context: what asyncio's reader handle runs
-    /// (EOF handling, fatal errors of the read path) sees the protocol callbacks' context.
-    fn call_transport_in_context<'py>(
-        &self,
-        py: Python<'py>,
-        name: &Bound<'py, pyo3::types::PyString>,
-        args: &Bound<'py, PyTuple>,
-    ) -> PyResult<()> {
-        let Some(t) = self.transport(py) else { return Ok(()) };
-        let method = t.bind(py).getattr(name)?;
-        match self.in_context(py, &method, args) {
-            Ok(_) => Ok(()),
-            Err(e) => self.report_callback_error(py, &method, e),
-        }
+        py::while_handling(&exc, || self.call_transport(py, intern!(py, "_fatal_error"), &args))
     }
 
     fn loop_core(&self) -> &LoopCore {
@@ -345,46 +322,30 @@ impl StreamCore {
         }
     }
 
-    /// `protocol.name(*args)` inside the transport's context (no bound method, no tuple).
+    /// `protocol.name(*args)` (no bound method, no tuple).
     fn call_protocol<'py>(
         &self,
-        py: Python<'py>,
         protocol: &Bound<'py, PyAny>,
         name: &Bound<'py, pyo3::types::PyString>,
         args: &[&Bound<'py, PyAny>],
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.within_context(py, || py::call_method_fast(protocol, name, args))
+        py::call_method_fast(protocol, name, args)
     }
 
-    /// `protocol.data_received(data)` inside the transport's context; asyncio's own
-    /// `StreamReaderProtocol` is fed without its Python frames (`stream_reader::target`).
+    /// `protocol.data_received(data)`; asyncio's own `StreamReaderProtocol` is fed without
+    /// its Python frames (`stream_reader::target`).
     fn data_received(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>, data: &Bound<'_, PyBytes>) -> PyResult<()> {
-        self.within_context(py, || match stream_reader::target(protocol) {
+        match stream_reader::target(protocol) {
             Some(target) => target.feed(data.as_bytes()),
             None => py::call_method_fast(protocol, intern!(py, "data_received"), &[data.as_any()]).map(drop),
-        })
-    }
-
-    /// Run `f` inside the transport's context (the one reading started in), if it has one.
-    fn within_context<R>(&self, py: Python<'_>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
-        let ctx = self.st.borrow(py).context.as_ref().map(|c| c.clone_ref(py));
-        match ctx {
-            Some(ctx) => py::in_context(py, &ctx, f),
-            None => f(),
         }
     }
 
-    /// Call `f` inside the transport's context.
-    fn in_context<'py>(
-        &self,
-        py: Python<'py>,
-        cb: &Bound<'py, PyAny>,
-        args: &Bound<'py, PyTuple>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let ctx = self.st.borrow(py).context.as_ref().map(|c| c.clone_ref(py));
+    /// Run `f` inside `ctx` (the reading or the writing context), if there is one.
+    fn within<R>(py: Python<'_>, ctx: Option<Py<PyAny>>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
         match ctx {
-            Some(ctx) => py::call_in_context(py, &ctx, cb, args),
-            None => cb.call1(args),
+            Some(ctx) => py::in_context(py, &ctx, f),
+            None => f(),
         }
     }
 
@@ -405,7 +366,7 @@ impl StreamCore {
             // that waits for the buffer to drain would otherwise go ahead without it (asyncio
             // sends it first; SSLProtocol writes its close_notify there).
             me.call_transport(py, intern!(py, "_resume_protocol"), ())?;
-            Self::flush_corked_from(slf, true)?;
+            Self::flush_corked(slf)?;
             if me.st.borrow(py).conn_lost > 0 {
                 return Ok(()); // sending it failed: the fatal error closes the transport
             }
@@ -432,11 +393,10 @@ impl StreamCore {
 
     /// Send the corked writes: one `send` (`sendmsg` for several), the rest buffered as a
     /// write's rest is; a send error is the fatal write error asyncio's `write()` would have
-    /// raised at once.
-    /// `from_loop`: the loop sends them after the callback that wrote them returned (an error
-    /// goes to `_fatal_error` in the reading context, where `data_received()` wrote them);
-    /// otherwise a method the caller called sends them early (in the caller's context).
-    pub(crate) fn uncork(slf: &Bound<'_, Self>, from_loop: bool) -> PyResult<()> {
+    /// raised at once. Called in the context of the callback that wrote them (the loop sends
+    /// them before it leaves that context, `run::send_corked`), so what follows from the
+    /// send (`_fatal_error`, the writing context) is as asyncio's `write()` has it.
+    pub(crate) fn uncork(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let me = slf.get();
         let fd = me.sock.get(py);
@@ -460,19 +420,8 @@ impl StreamCore {
         match outcome {
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
             Ok(Sent::Corked { .. } | Sent::Done) => Ok(()),
-            Err((e, writes)) => me.held_writes_failed(py, py::os_err(e), from_loop, writes),
+            Err((e, writes)) => me.held_writes_failed(py, py::os_err(e), writes),
         }
-    }
-
-    /// `flush_corked`, for the loop's own paths too (`uncork`'s `from_loop`).
-    fn flush_corked_from(slf: &Bound<'_, Self>, from_loop: bool) -> PyResult<()> {
-        let py = slf.py();
-        let me = slf.get();
-        if me.st.borrow(py).corked.is_empty() {
-            return Ok(());
-        }
-        me.loop_core().forget_corked(py, slf);
-        Self::uncork(slf, from_loop)
     }
 
     /// Data went to the buffer: watch for writability, pause the protocol over the high-water
@@ -480,11 +429,15 @@ impl StreamCore {
     #[inline]
     fn after_buffered(slf: &Bound<'_, Self>, start_writing: bool, over_high: bool) -> PyResult<()> {
         if start_writing {
+            // The writer handle asyncio's `write()` adds copies the current context.
+            let ctx = py::copy_context(slf.py())?;
+            drop(slf.get().st.borrow_mut(slf.py()).write_context.replace(ctx));
             if let Err(e) = Self::set_watch(slf, Which::Writer, true) {
                 // asyncio registers the writer before it buffers: when that fails (the loop is
                 // closed), the data is not kept. The buffer was empty before this write.
                 let mut st = slf.get().st.borrow_mut(slf.py());
                 st.writing = false;
+                st.write_context = None;
                 st.buf.clear();
                 st.head = 0;
                 if over_high {
@@ -501,7 +454,11 @@ impl StreamCore {
     }
 
     fn stop_writing_inner(slf: &Bound<'_, Self>) -> PyResult<()> {
-        let was = std::mem::replace(&mut slf.get().st.borrow_mut(slf.py()).writing, false);
+        let (was, ctx) = {
+            let mut st = slf.get().st.borrow_mut(slf.py());
+            (std::mem::replace(&mut st.writing, false), st.write_context.take())
+        };
+        drop(ctx);
         if was {
             Self::set_watch(slf, Which::Writer, false)?;
         }
@@ -589,7 +546,7 @@ fn reads_direct(limit: usize) -> bool {
 
 /// One `recv` into the thread's read buffer, copied from there into the `bytearray` of an
 /// asyncio `StreamReader` (`target`, found before the read) instead of a new `bytes`; then the
-/// rest of `feed_data`, in the transport's context. What `recv_bytes` and `data_received` do,
+/// rest of `feed_data`. What `recv_bytes` and `data_received` do,
 /// less a `bytes` object and a copy of the data. `Ok(None)` at EOF.
 fn recv_into_reader(
     py: Python<'_>,
@@ -602,27 +559,37 @@ fn recv_into_reader(
         note_read(n);
         Ok((n > 0).then(|| target.extend(&buf[..n])))
     })?;
-    Ok(fed.map(|fed| fed.and_then(|()| me.within_context(py, || target.after_extend()))))
+    Ok(fed.map(|fed| fed.and_then(|()| target.after_extend())))
 }
 
-/// Readable: one `recv`, handed to the protocol.
+/// Readable: one `recv`, handed to the protocol. All of it runs in the reading context, as
+/// asyncio's reader handle does, and what the protocol wrote is sent before that context is
+/// left (`run::send_corked`): a failed send and the writer it may start see that context.
 pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let me = slf.get();
-    let (protocol, buffered) = {
+    let (protocol, buffered, ctx) = {
         let st = me.st.borrow(py);
         if !st.reading || st.conn_lost > 0 {
             return Ok(());
         }
         match &st.protocol {
-            Some(p) => (p.clone_ref(py), st.buffered),
+            Some(p) => (p.clone_ref(py), st.buffered, st.context.as_ref().map(|c| c.clone_ref(py))),
             None => return Ok(()),
         }
     };
     let protocol = protocol.bind(py);
+    StreamCore::within(py, ctx, || {
+        let r = read_in_context(me, protocol, buffered);
+        r.and(crate::event_loop::send_corked_if_any(me.loop_.bind(py)))
+    })
+}
+
+fn read_in_context(me: &StreamCore, protocol: &Bound<'_, PyAny>, buffered: bool) -> PyResult<()> {
+    let py = protocol.py();
     if buffered {
         let minus_one = (-1i32).into_pyobject(py)?;
-        let buf = match me.call_protocol(py, protocol, intern!(py, "get_buffer"), &[minus_one.as_any()]) {
+        let buf = match me.call_protocol(protocol, intern!(py, "get_buffer"), &[minus_one.as_any()]) {
             Ok(b) => b,
             Err(e) => return me.fatal_error(py, e, "Fatal error: protocol.get_buffer() call failed."),
         };
@@ -643,10 +610,10 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
         let r = unsafe { sys::recv_raw(me.sock.get(py), view.as_mut_ptr(), view.len()) };
         drop(view);
         match r {
-            Ok(0) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
+            Ok(0) => me.call_transport(py, intern!(py, "_read_ready__on_eof"), ()),
             Ok(n) => {
                 let n = n.into_pyobject(py)?;
-                match me.call_protocol(py, protocol, intern!(py, "buffer_updated"), &[n.as_any()]) {
+                match me.call_protocol(protocol, intern!(py, "buffer_updated"), &[n.as_any()]) {
                     Ok(_) => Ok(()),
                     Err(e) => me.fatal_error(py, e, "Fatal error: protocol.buffer_updated() call failed."),
                 }
@@ -664,7 +631,7 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
                 .map(|data| (!data.as_bytes().is_empty()).then(|| me.data_received(py, protocol, &data))),
         };
         match r {
-            Ok(None) => me.call_transport_in_context(py, intern!(py, "_read_ready__on_eof"), &PyTuple::empty(py)),
+            Ok(None) => me.call_transport(py, intern!(py, "_read_ready__on_eof"), ()),
             Ok(Some(Ok(()))) => Ok(()),
             Ok(Some(Err(e))) => me.fatal_error(py, e, "Fatal error: protocol.data_received() call failed."),
             Err(e) if sys::would_block(&e) => Ok(()),
@@ -673,8 +640,14 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     }
 }
 
-/// Writable: send what is buffered.
+/// Writable: send what is buffered, in the writing context (`State::write_context`).
 pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
+    let py = slf.py();
+    let ctx = slf.get().st.borrow(py).write_context.as_ref().map(|c| c.clone_ref(py));
+    StreamCore::within(py, ctx, || write_in_context(slf))
+}
+
+fn write_in_context(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let me = slf.get();
     let fd = me.sock.get(py);
@@ -702,7 +675,7 @@ pub(crate) fn write_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
             };
             let err = py::os_err(e);
             let exc = err.value(py).clone();
-            me.fatal_write_error(py, err, true)?;
+            me.fatal_write_error(py, err)?;
             if let Some(w) = waiter {
                 settle_waiter(w.bind(py), intern!(py, "set_exception"), exc.into_any())?;
             }
@@ -758,6 +731,7 @@ impl StreamCore {
                 high_water: 64 * 1024,
                 low_water: 16 * 1024,
                 empty_waiter: None,
+                write_context: None,
                 corked: Vec::new(),
                 corked_len: 0,
                 last_write_seq: 0,
@@ -802,7 +776,7 @@ impl StreamCore {
                     st.pending().is_empty() && st.conn_lost == 0
                 };
                 if sent_at_once {
-                    return me.fatal_write_error(py, e, false);
+                    return me.fatal_write_error(py, e);
                 }
                 return Err(e);
             }
@@ -866,7 +840,7 @@ impl StreamCore {
                 Ok(())
             }
             Ok(Sent::Buffered { start_writing, over_high }) => Self::after_buffered(slf, start_writing, over_high),
-            Err((e, writes)) => me.held_writes_failed(py, py::os_err(e), false, writes),
+            Err((e, writes)) => me.held_writes_failed(py, py::os_err(e), writes),
         }
     }
 
@@ -875,7 +849,13 @@ impl StreamCore {
     /// was not sent yet call this first. The transport leaves the loop's list too, when it is
     /// the last one there (the usual case; otherwise the loop finds nothing left to send).
     pub(crate) fn flush_corked(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::flush_corked_from(slf, false)
+        let py = slf.py();
+        let me = slf.get();
+        if me.st.borrow(py).corked.is_empty() {
+            return Ok(());
+        }
+        me.loop_core().forget_corked(py, slf);
+        Self::uncork(slf)
     }
 
     /// Start (or resume) reading: register the fd and capture the callbacks' context.
@@ -930,7 +910,13 @@ impl StreamCore {
         let old = {
             let mut st = self.st.borrow_mut(py);
             st.discard_corked(py);
-            (st.transport.take(), st.protocol.take(), st.context.take(), st.empty_waiter.take())
+            (
+                st.transport.take(),
+                st.protocol.take(),
+                st.context.take(),
+                st.empty_waiter.take(),
+                st.write_context.take(),
+            )
         };
         // The transport is held from construction until the first detach: only that one tells
         // the loop (`LoopCore::transport_made`).
@@ -1045,6 +1031,7 @@ impl StreamCore {
             visit.call(&st.protocol)?;
             visit.call(&st.context)?;
             visit.call(&st.empty_waiter)?;
+            visit.call(&st.write_context)?;
         }
         Ok(())
     }
