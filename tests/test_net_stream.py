@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import select
 import shutil
 import socket
 import ssl
@@ -3891,3 +3892,185 @@ def test_a_request_and_eof_from_this_loop_race_the_answer_as_on_asyncio(loop, ne
         return client.got
 
     assert run(loop, main()) == (b"answer" if delay <= 1 else b"")
+
+
+# --- sockets whose class does its own I/O -------------------------------------------------
+
+
+def _counted(name):
+    def method(self, *args, **kwargs):
+        self.calls.add(name)
+        return getattr(socket.socket, name)(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+class CountingSocket(socket.socket):
+    """A ``socket.socket`` subclass that records which of its I/O methods were called
+    (websockets' tests pass such a socket as ``sock=``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = set()
+
+    for _name in ("recv", "recv_into", "send", "sendmsg", "recvfrom", "sendto", "accept"):
+        locals()[_name] = _counted(_name)
+    del _name
+
+
+class NamedSocket(socket.socket):
+    """A subclass that changes none of the I/O methods."""
+
+
+@pytest.mark.parametrize("how", ["Protocol", "BufferedProtocol", "connect_accepted_socket"])
+def test_a_socket_subclass_does_the_transports_io(loop, how):
+    """asyncio's transport reads and writes through the socket object it was given
+    (``self._sock.recv``, ``recv_into``, ``send``), so a subclass that replaces those methods
+    sees every call; ferroloop gives such a socket asyncio's transport."""
+
+    async def main():
+        srv = await loop.create_server(Echo, "127.0.0.1", 0)
+        try:
+            sock = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.connect(srv.sockets[0].getsockname())
+            sock.setblocking(False)
+            if how == "BufferedProtocol":
+                tr, pr = await loop.create_connection(BufferedRecorder, sock=sock)
+            elif how == "connect_accepted_socket":
+                tr, pr = await loop.connect_accepted_socket(Recorder, sock=sock)
+            else:
+                tr, pr = await loop.create_connection(Recorder, sock=sock)
+            tr.write(b"ping")
+            while len(pr.data) < 4:
+                await asyncio.sleep(0.001)
+            assert bytes(pr.data) == b"ping"
+            tr.close()
+            await pr.lost
+            return sock.calls
+        finally:
+            srv.close()
+            await srv.wait_closed()
+
+    read = "recv_into" if how == "BufferedProtocol" else "recv"
+    assert run(loop, main()) == {read, "send"}
+
+
+def test_a_listening_socket_subclass_accepts_through_its_accept(loop):
+    """asyncio's server calls the listening socket's ``accept()``."""
+
+    async def main():
+        lsock = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+        lsock.bind(("127.0.0.1", 0))
+        srv = await loop.create_server(Echo, sock=lsock)
+        try:
+            reader, writer = await asyncio.open_connection(*lsock.getsockname())
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            writer.close()
+            await writer.wait_closed()
+            return lsock.calls
+        finally:
+            srv.close()
+            await srv.wait_closed()
+
+    assert run(loop, main()) == {"accept"}
+
+
+def test_a_datagram_socket_subclass_does_the_transports_io(loop):
+    """asyncio's datagram transport reads with ``recvfrom`` and sends with ``sendto``."""
+
+    class Answer(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data.upper(), addr)
+
+    async def main():
+        sock = CountingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        tr, _ = await loop.create_datagram_endpoint(Answer, sock=sock)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            peer.setblocking(False)
+            peer.bind(("127.0.0.1", 0))
+            peer.sendto(b"ping", sock.getsockname())
+            answer = await asyncio.wait_for(loop.sock_recv(peer, 100), TIMEOUT)
+            assert answer == b"PING"
+            tr.close()
+            await asyncio.sleep(0)
+            return sock.calls
+        finally:
+            peer.close()
+
+    assert run(loop, main()) == {"recvfrom", "sendto"}
+
+
+def test_a_socket_subclass_that_keeps_the_io_methods_echoes(loop):
+    """A subclass that replaces none of the I/O methods (ferroloop keeps its own transport
+    for it) carries data as any socket does."""
+
+    async def main():
+        srv = await loop.create_server(Echo, "127.0.0.1", 0)
+        try:
+            sock = NamedSocket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.connect(srv.sockets[0].getsockname())
+            sock.setblocking(False)
+            tr, pr = await loop.create_connection(Recorder, sock=sock)
+            tr.write(b"x" * 100_000)
+            assert await pr.wait_bytes(100_000) == b"x" * 100_000
+            tr.close()
+            await pr.lost
+        finally:
+            srv.close()
+            await srv.wait_closed()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("timer", ["call_later(0)", "call_later(1e-10)", "call_at(time())"])
+def test_data_already_received_runs_before_a_timer_due_now(loop, timer):
+    """A task step makes the peer answer (here: a plain socket of this process, outside the
+    loop; usually another process) and, once the answer is in the transport's socket, starts
+    a timer that is due at once (a tiny timeout, as asyncpg's ``timeout=``). asyncio's next
+    iteration polls before it runs due timers, so the data is delivered first, every time;
+    ferroloop skipped that poll when it had polled one or two iterations before."""
+
+    async def main():
+        srv = socket.create_server(("127.0.0.1", 0))
+        peer = socket.create_connection(srv.getsockname())
+        mine, _ = srv.accept()
+        srv.close()
+        try:
+            tr, pr = await loop.create_connection(Recorder, sock=mine)
+            order = []
+
+            def fired(done):
+                order.append("timer")
+                done.set_result(None)
+
+            def received(got):
+                order.append("data")
+                if not got.done():
+                    got.set_result(None)
+
+            for _ in range(20):
+                got = loop.create_future()
+                pr.on_data = lambda data, got=got: received(got)
+                peer.send(b"x")
+                select.select([mine], [], [], TIMEOUT)  # the data has arrived
+                done = loop.create_future()
+                if timer == "call_at(time())":
+                    loop.call_at(loop.time(), fired, done)
+                else:
+                    loop.call_later(float(timer[len("call_later(") : -1]), fired, done)
+                await done
+                await got
+            tr.close()
+            return order
+        finally:
+            peer.close()
+
+    assert run(loop, main()) == ["data", "timer"] * 20

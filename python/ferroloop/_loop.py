@@ -242,6 +242,23 @@ _FORMAT_TAKES_DEBUG = "debug" in format_helpers._format_callback_source.__code__
 # (`_make_socket_transport` / `_make_datagram_transport` call `_ensure_fd_no_transport`).
 _ONE_TRANSPORT_PER_FD = sys.version_info >= (3, 12)
 
+# The socket methods asyncio's transports and accept path do their I/O with. A socket whose
+# class (or instance) replaces one of them gets asyncio's transport, or accept path, which
+# calls them; ferroloop's work on the fd and would not (a `socket.socket` subclass that
+# counts or shapes its traffic, as websockets' tests use).
+_STREAM_IO = ("recv", "recv_into", "send", "sendmsg")
+_DATAGRAM_IO = ("recvfrom", "sendto", "send")
+_ACCEPT_IO = ("accept",)
+
+
+def _replaces_io(sock, names):
+    cls = type(sock)
+    if cls is socket.socket:
+        return False
+    own = getattr(sock, "__dict__", None) or ()
+    return any(n in own or getattr(cls, n, None) is not getattr(socket.socket, n) for n in names)
+
+
 # getaddrinfo flags under which the C library never consults a resolver.
 _NUMERIC_ONLY = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 
@@ -286,7 +303,7 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         self, sock, protocol, waiter=None, *, extra=None, server=None, peer=None
     ):
         # peer: an accepted socket's address as a _ferroloop.SockAddr (ours, not asyncio's).
-        if _RUST_TRANSPORTS:
+        if _RUST_TRANSPORTS and not _replaces_io(sock, _STREAM_IO):
             if _ONE_TRANSPORT_PER_FD:
                 self._ensure_fd_no_transport(sock)
             return _transports.StreamTransport(self, sock, protocol, waiter, extra, server, peer)
@@ -297,7 +314,11 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
     def _make_datagram_transport(self, sock, protocol, address=None, waiter=None, extra=None):
         # UDP over IPv4 / IPv6: asyncio's transport with Rust reads and sends
         # (`_transports.DatagramTransport`); other families keep asyncio's.
-        if _RUST_TRANSPORTS and sock.family in (socket.AF_INET, socket.AF_INET6):
+        if (
+            _RUST_TRANSPORTS
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+            and not _replaces_io(sock, _DATAGRAM_IO)
+        ):
             if _ONE_TRANSPORT_PER_FD:
                 self._ensure_fd_no_transport(sock)
             return _transports.DatagramTransport(self, sock, protocol, address, waiter, extra)
@@ -309,8 +330,9 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         self, protocol_factory, sock, sslcontext=None, server=None, backlog=100, *args
     ):
         """asyncio's ``_start_serving``: TLS servers keep asyncio's accept path (a task per
-        connection runs the handshake); plain ones accept in Rust (``_start_accepting``)."""
-        if sslcontext:
+        connection runs the handshake), and so do sockets that replace ``accept``; plain ones
+        accept in Rust (``_start_accepting``)."""
+        if sslcontext or _replaces_io(sock, _ACCEPT_IO):
             _SELECTOR_START_SERVING(
                 self, protocol_factory, sock, sslcontext, server, backlog, *args
             )

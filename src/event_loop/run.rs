@@ -67,7 +67,11 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
             -1
         };
         let signal_handlers = st.signal_handlers;
-        let in_skip_window = st.polls_to_skip > 0 && !st.stopping && st.io_handles == 0 && st.local_links == 0;
+        // A timer due now runs after what a poll finds ready (asyncio's order): this
+        // iteration polls, so I/O that is already there is seen first.
+        let timer_due = matches!((st.timers.peek_when(), now_ns), (Some(w), Some(n)) if w <= n);
+        let in_skip_window =
+            st.polls_to_skip > 0 && !st.stopping && st.io_handles == 0 && st.local_links == 0 && !timer_due;
         let Some(reactor) = st.reactor.as_mut() else {
             return Err(super::closed_err());
         };
@@ -82,7 +86,9 @@ pub(super) fn run_once(slf: &Bound<'_, LoopCore>) -> PyResult<()> {
         //   the last iteration before a stop always polls. Not while a peer in this process
         //   could see the difference: an fd watched by a Python callback (its I/O is made by
         //   code the loop does not see), or a stream transport connected to another socket of
-        //   this loop; those iterations poll as asyncio's loop does.
+        //   this loop; those iterations poll as asyncio's loop does. Nor when a timer is due:
+        //   I/O that arrived before it runs first, as on asyncio's loop (a reply racing a
+        //   `call_later(0)` timeout).
         let skip = timeout_ms == 0 && (in_skip_window || (reactor.registry.is_empty() && !signal_handlers));
         if skip {
             st.polls_to_skip = st.polls_to_skip.saturating_sub(1);
