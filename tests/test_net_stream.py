@@ -539,6 +539,51 @@ def test_extra_info_client_side(loop, net, asked):
     run(loop, main())
 
 
+@pytest.mark.parametrize("patch", ["return_value", "wrapping asyncio's"])
+def test_extra_info_follows_a_patch_of_asyncios_transport_class(loop, net, patch):
+    """asyncio's transport inherits ``get_extra_info`` from ``asyncio.BaseTransport``, so a
+    patch of the base class reaches it (websockets' tests patch it for made-up addresses).
+    A replacement that calls asyncio's own method finds every extra in ``_extra``, names asked
+    for the first time included; once the patch ends the transport answers as before."""
+    from unittest import mock
+
+    async def main():
+        factory, servers = collector(Recorder)
+        await net.server(factory)
+        sock = socket.socket(net.sock_family, socket.SOCK_STREAM)
+        sock.connect(net.addr)
+        sock.setblocking(False)
+        names = sock.getsockname(), sock.getpeername()
+        if net.family == "unix":
+            tr, pr = await loop.create_unix_connection(Recorder, sock=sock)
+        else:
+            tr, pr = await loop.create_connection(Recorder, sock=sock)
+        if patch == "return_value":
+            with mock.patch("asyncio.BaseTransport.get_extra_info", return_value=("made up", 1)):
+                got = [tr.get_extra_info(n) for n in ("sockname", "peername", "nothing")]
+            assert got == [("made up", 1)] * 3
+        else:
+            asked = []
+            original = asyncio.BaseTransport.get_extra_info
+
+            def spy(self, name, default=None):
+                asked.append(name)
+                return original(self, name, default)
+
+            with mock.patch.object(asyncio.BaseTransport, "get_extra_info", spy):
+                got = [tr.get_extra_info(n) for n in ("sockname", "peername")]
+                assert tr.get_extra_info("socket").fileno() == sock.fileno()
+                assert tr.get_extra_info("nothing", 5) == 5
+            assert got == list(names)
+            assert asked == ["sockname", "peername", "socket", "nothing"]
+        assert (tr.get_extra_info("sockname"), tr.get_extra_info("peername")) == names
+        tr.close()
+        await pr.lost
+        await net.server_side(servers)
+
+    run(loop, main())
+
+
 def test_extra_info_of_an_unhashable_name_is_a_type_error(loop, net):
     """asyncio looks the name up in its extras dict: an unhashable name (a list, a dict) is a
     ``TypeError``, a writable memoryview a ``ValueError``, before or after any other name was

@@ -146,7 +146,7 @@ class StreamTransport(transports._FlowControlMixin):
     def _sock_fd(self):
         return self._core.fd
 
-    def get_extra_info(self, name, default=None):
+    def _own_get_extra_info(self, name, default=None):
         extra = self._extra
         if extra is not None and name in extra:
             return extra[name]
@@ -410,7 +410,7 @@ class StreamTransport(transports._FlowControlMixin):
         finally:
             if self._extra is None or "socket" not in self._extra:
                 # The socket extra stays available once the transport lets go of the socket.
-                self.get_extra_info("socket")
+                self._own_get_extra_info("socket")
             # A callback someone else left on this fd would outlive the socket and fire for the
             # next one given its number: a loop.sendfile() aborted with the transport (asyncio's
             # cancellation callback asks sock.fileno(), -1 by then). Only the transport's own
@@ -443,6 +443,24 @@ class StreamTransport(transports._FlowControlMixin):
 StreamTransport.write = _ferroloop.stream_write_method(StreamTransport)
 # is_closing() likewise: StreamWriter.drain() calls it once per drain.
 StreamTransport.is_closing = _ferroloop.stream_is_closing_method(StreamTransport)
+
+
+def _fill_extra(transport):
+    """Before asyncio's own ``get_extra_info`` (or a patch of it) runs on this transport:
+    the extras made on first request go into ``_extra``, where asyncio's code reads them."""
+    for name in ("socket", "sockname", "peername"):
+        transport._own_get_extra_info(name)
+
+
+# get_extra_info() follows a patch of asyncio's transport classes, as asyncio's transport does
+# by inheritance (`mock.patch("asyncio.BaseTransport.get_extra_info", ...)`, in websockets'
+# tests).
+StreamTransport.get_extra_info = _ferroloop.AsyncioMethod(
+    "get_extra_info",
+    selector_events._SelectorSocketTransport,
+    StreamTransport._own_get_extra_info,
+    _fill_extra,
+)
 
 
 class DatagramTransport(selector_events._SelectorDatagramTransport):

@@ -33,17 +33,20 @@ pub struct AsyncioMethod {
     original: Py<PyAny>,
     /// ferroloop's implementation (a function or a method descriptor).
     own: Py<PyAny>,
+    /// Called with the instance before a replacement is handed out for it: readies state
+    /// that asyncio's own code expects and ferroloop keeps elsewhere.
+    prepare: Option<Py<PyAny>>,
 }
 
 impl AsyncioMethod {
     /// What a lookup of the name on `source` finds now: `own` while asyncio's class is as it
-    /// was at import.
-    fn current<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// was at import (then `false`), else the replacement (`true`).
+    fn current<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, bool)> {
         let found = self.source.bind(py).getattr(self.name.bind(py))?;
         if found.is(&self.original) {
-            Ok(self.own.bind(py).clone())
+            Ok((self.own.bind(py).clone(), false))
         } else {
-            Ok(found)
+            Ok((found, true))
         }
     }
 }
@@ -51,18 +54,27 @@ impl AsyncioMethod {
 #[pymethods]
 impl AsyncioMethod {
     #[new]
-    fn new(name: &Bound<'_, PyString>, source: &Bound<'_, PyType>, own: Py<PyAny>) -> PyResult<Self> {
+    #[pyo3(signature = (name, source, own, prepare=None))]
+    fn new(
+        name: &Bound<'_, PyString>,
+        source: &Bound<'_, PyType>,
+        own: Py<PyAny>,
+        prepare: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
         let py = name.py();
         let name = PyString::intern(py, name.to_str()?);
         let original = source.getattr(&name)?.unbind();
-        Ok(Self { name: name.unbind(), source: source.clone().unbind(), original, own })
+        Ok(Self { name: name.unbind(), source: source.clone().unbind(), original, own, prepare })
     }
 
     /// The method for `obj` (`None`: class access), bound by the found object's own
     /// `__get__`, if it has one.
     fn __get__<'py>(&self, obj: &Bound<'py, PyAny>, owner: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
         let py = obj.py();
-        let f = self.current(py)?;
+        let (f, replaced) = self.current(py)?;
+        if let (true, Some(prepare), false) = (replaced, &self.prepare, obj.is_none()) {
+            prepare.bind(py).call1((obj,))?;
+        }
         // SAFETY: `f` is a live object whose type stays alive while we hold it; its
         // `tp_descr_get` slot is called as CPython's attribute lookup calls it (GIL held,
         // NULL for a missing instance or owner), and returns a new reference or NULL with an
@@ -80,7 +92,7 @@ impl AsyncioMethod {
     /// `__name__`, `__qualname__`, `__doc__`, `__wrapped__`-style attributes, as the method
     /// that an access would get has them (for `inspect`, `pydoc`, `mock.create_autospec`).
     fn __getattr__<'py>(&self, py: Python<'py>, name: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyAny>> {
-        self.current(py)?.getattr(name)
+        self.current(py)?.0.getattr(name)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
@@ -90,6 +102,7 @@ impl AsyncioMethod {
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.source)?;
         visit.call(&self.original)?;
-        visit.call(&self.own)
+        visit.call(&self.own)?;
+        visit.call(&self.prepare)
     }
 }
