@@ -586,9 +586,13 @@ impl Handle {
     }
 
     fn _run(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
         slf.get().unpark_context();
-        // Writes it makes are sent when the callback running this returns.
-        run_handle(slf.py(), slf, &|| Ok(()))
+        // The writes it holds are sent in its context, as when the loop runs it.
+        match slf.get().loop_.bind(py).cast::<LoopCore>() {
+            Ok(core) => run_handle(py, slf, &|| crate::event_loop::send_corked_if_any(core)),
+            Err(_) => run_handle(py, slf, &|| Ok(())),
+        }
     }
 
     /// asyncio's class, so `isinstance(handle, asyncio.Handle)` holds as it does for

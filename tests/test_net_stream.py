@@ -1901,7 +1901,7 @@ _IN_CALLBACK = contextvars.ContextVar("in_callback", default="not set")
 
 
 @pytest.mark.parametrize("writes", [1, 3])
-@pytest.mark.parametrize("caller", ["task", "call_soon(context=)"])
+@pytest.mark.parametrize("caller", ["task", "call_soon(context=)", "handle._run()"])
 def test_write_error_in_a_callback_loses_the_connection_in_its_context(loop, caller, writes):
     """A task step (or a call_soon callback with its own context) writes to a peer that has
     reset the connection. asyncio's write() fails inside that callback and its _fatal_error()
@@ -1942,6 +1942,11 @@ def test_write_error_in_a_callback_loses_the_connection_in_its_context(loop, cal
         await asyncio.sleep(0.05)
         if caller == "task":
             await asyncio.create_task(in_a_task(tr))
+        elif caller == "handle._run()":
+            # a handle run by hand, inside another callback (this task's step)
+            handle = loop.call_later(3600, write, tr, context=contextvars.Context())
+            handle._run()
+            handle.cancel()
         else:
             loop.call_soon(write, tr, context=contextvars.Context())
         exc = await asyncio.wait_for(pr.lost, TIMEOUT)
