@@ -349,7 +349,8 @@ unsafe fn call_soon(
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: CPython's METH_FASTCALL | METH_KEYWORDS convention (see `Args::parse`, `this`).
-    let (a, slf) = unsafe { (Args::parse(py, "BaseEventLoop.call_soon", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
+    let (a, slf) =
+        unsafe { (Args::parse(py, "BaseEventLoop.call_soon", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
     let h = LoopCore::call_soon(&slf, &a.get(0), a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
@@ -362,8 +363,9 @@ unsafe fn call_soon_threadsafe(
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: as in `call_soon`.
-    let (a, slf) =
-        unsafe { (Args::parse(py, "BaseEventLoop.call_soon_threadsafe", &["callback"], args, nargs, kwnames)?, this(py, slf)) };
+    let (a, slf) = unsafe {
+        (Args::parse(py, "BaseEventLoop.call_soon_threadsafe", &["callback"], args, nargs, kwnames)?, this(py, slf))
+    };
     let h = LoopCore::call_soon_threadsafe(&slf, &a.get(0), a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
@@ -376,8 +378,9 @@ unsafe fn call_later(
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: as in `call_soon`.
-    let (a, slf) =
-        unsafe { (Args::parse(py, "BaseEventLoop.call_later", &["delay", "callback"], args, nargs, kwnames)?, this(py, slf)) };
+    let (a, slf) = unsafe {
+        (Args::parse(py, "BaseEventLoop.call_later", &["delay", "callback"], args, nargs, kwnames)?, this(py, slf))
+    };
     let h = LoopCore::call_later(&slf, &a.get(0), &a.get(1), a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
@@ -390,7 +393,9 @@ unsafe fn call_at(
     kwnames: *mut ffi::PyObject,
 ) -> PyResult<*mut ffi::PyObject> {
     // SAFETY: as in `call_soon`.
-    let (a, slf) = unsafe { (Args::parse(py, "BaseEventLoop.call_at", &["when", "callback"], args, nargs, kwnames)?, this(py, slf)) };
+    let (a, slf) = unsafe {
+        (Args::parse(py, "BaseEventLoop.call_at", &["when", "callback"], args, nargs, kwnames)?, this(py, slf))
+    };
     let h = LoopCore::call_at(&slf, &a.get(0), &a.get(1), a.rest()?, a.context())?;
     Ok(h.into_ptr())
 }
