@@ -576,7 +576,9 @@ impl SockOp {
                 if r.is_err() && me.st.borrow(py).phase == Phase::Init {
                     drop(me.finish(py));
                 }
-                r
+                // asyncio's coroutine raises these in its own frame (the first try's
+                // `sock.recv()`, its checks): chained to the exception being handled.
+                r.map_err(|e| py::as_raised_here(py, e))
             }
             Phase::Waiting => {
                 // Resumed before the outcome.
@@ -841,14 +843,22 @@ fn ready(slf: &Bound<'_, SockOp>) -> PyResult<()> {
         // It stays in the slot as the idle marker: learn whether the socket is a stream.
         me.mark_drained(py);
     }
+    // An error goes to the future, as asyncio's reader or writer callback sets it: the task
+    // throws it in, and each coroutine it passes through chains it as on asyncio's loop (the
+    // one awaiting this to the exception it handles; the ones around it, not resumed, to
+    // nothing). Stepped instead (by hand), the operation returns what the future holds.
+    let failed = outcome.is_err();
     let orphaned = {
         let mut st = me.st.borrow_mut(py);
-        st.phase = Phase::Completed;
-        if !st.orphaned {
+        if st.orphaned {
+            st.phase = Phase::Completed;
+            Some(outcome)
+        } else if failed {
+            Some(outcome)
+        } else {
+            st.phase = Phase::Completed;
             st.outcome = Some(outcome);
             None
-        } else {
-            Some(outcome)
         }
     };
     if me.which == Which::Writer {

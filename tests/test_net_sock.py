@@ -2068,3 +2068,65 @@ def test_throw_deprecation_raised_as_an_error_leaves_the_coroutine(loop, pair):
         assert await task == b"x"
 
     run(loop, main())
+
+
+# --- how errors chain ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["at once", "after waiting"])
+def test_a_sock_error_chains_to_the_exception_its_awaiter_handles(loop, when):
+    """A sock_* error raised in a coroutine that awaits the operation inside an ``except``
+    block has that block's exception as ``__context__``: asyncio raises it in the operation's
+    own frame when the first try fails, and throws it in through the awaiting coroutine
+    (which chains it) after waiting. ferroloop raised both from Rust, with no context."""
+
+    async def main():
+        a, b = _reset_pair(socket.AF_INET, "127.0.0.1")
+        try:
+            if when == "at once":
+                _reset(b)  # before the call
+                await asyncio.sleep(0.05)
+            else:
+                loop.call_later(0.05, _reset, b)  # while the call waits
+            try:
+                raise KeyError("being handled")
+            except KeyError:
+                try:
+                    await loop.sock_recv(a, 100)
+                except OSError as e:
+                    return type(e), e.__context__
+        finally:
+            a.close()
+            b.close()
+
+    kind, context = run(loop, main())
+    assert issubclass(kind, ConnectionResetError)
+    assert isinstance(context, KeyError)
+
+
+def test_a_connect_error_raised_again_in_an_inner_coroutine_chains_as_on_asyncio(loop):
+    """``open_connection`` to a refused port, awaited by a helper coroutine that an outer one
+    calls while it handles a ``KeyError``: asyncio's ``create_connection`` catches the connect
+    error and raises it again, and it has no ``__context__`` (redis-py's teardown has this
+    shape). ferroloop raised the error from Rust while the task's ``send`` had resumed every
+    coroutine around it, and that ``raise`` chained it to the outer ``KeyError``."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    srv.close()  # nothing listens there
+
+    async def helper():
+        try:
+            await asyncio.open_connection("127.0.0.1", port)
+        except OSError as e:
+            return e
+
+    async def main():
+        try:
+            raise KeyError("outer")
+        except KeyError:
+            return await helper()
+
+    err = run(loop, main())
+    assert isinstance(err, ConnectionRefusedError)
+    assert err.__context__ is None

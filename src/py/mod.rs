@@ -448,6 +448,17 @@ pub fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
     unsafe { Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent()) }.map(Bound::unbind)
 }
 
+/// `err` as if raised here by Python code: `PyErr_SetObject` sets its `__context__` to the
+/// exception being handled (the topmost on the thread's stack, cycles cut), as `raise` and
+/// the C functions Python code calls do. A `PyErr` made in Rust and restored gets none.
+pub fn as_raised_here(py: Python<'_>, err: PyErr) -> PyErr {
+    let value = err.into_value(py);
+    // SAFETY: `value` is a live exception instance and its type a live exception class;
+    // PyErr_SetObject takes its own references, and the error it sets is fetched at once.
+    unsafe { ffi::PyErr_SetObject(ffi::Py_TYPE(value.as_ptr()).cast(), value.as_ptr()) };
+    PyErr::fetch(py)
+}
+
 /// `KeyboardInterrupt` and `SystemExit` escape the loop; everything else is reported.
 pub fn is_fatal(py: Python<'_>, err: &PyErr) -> bool {
     err.is_instance_of::<PyKeyboardInterrupt>(py) || err.is_instance_of::<PySystemExit>(py)
