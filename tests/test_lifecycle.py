@@ -377,3 +377,34 @@ def test_out_of_memory_is_a_memory_error(loop_kind, call):
     res = run_python(code, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "MemoryError after" in res.stdout and res.stdout.strip().endswith("survived")
+
+
+_LEFT_AS_CURRENT_CODE = """
+import asyncio, signal, warnings
+import ferroloop
+if {ferroloop}:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_event_loop_policy(ferroloop.EventLoopPolicy())
+loop = asyncio.new_event_loop()
+loop.set_debug(True)
+{handlers}
+asyncio.set_event_loop(loop)  # never run, never closed: the policy holds it until exit
+del loop
+print("exiting")
+"""
+
+
+@pytest.mark.parametrize("handlers", [False, True])
+def test_a_loop_left_unclosed_as_the_current_loop_closes_quietly_at_exit(loop_kind, handlers):
+    """A debug-mode loop made by the policy, left as its current loop and never closed (what
+    pytest-asyncio 0.25's fixture leaves behind) is closed by ``__del__`` at interpreter exit.
+    asyncio's does so without error; ferroloop's ran after its module's globals were cleared
+    and printed "Exception ignored ... 'NoneType' object has no attribute 'debug'"."""
+    sig = "loop.add_signal_handler(signal.SIGUSR1, print)" if handlers else ""
+    code = _LEFT_AS_CURRENT_CODE.format(ferroloop=loop_kind == "ferroloop", handlers=sig)
+    res = run_python(code, args=("-W", "ignore::ResourceWarning"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "exiting"
+    assert "Exception ignored" not in res.stderr, res.stderr
+    assert "Error" not in res.stderr, res.stderr

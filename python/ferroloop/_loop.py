@@ -494,6 +494,14 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
             if not self._signal_handlers:
                 self._release_wakeup_fd()
 
+    # close() may run from `__del__` at interpreter exit after this module's globals were
+    # cleared: a loop left unclosed as the policy's current loop goes when asyncio.events is
+    # torn down, after this module (asyncio's loop, in a reference cycle, goes earlier, by the
+    # garbage collector). What it needs is kept on the class.
+    _sys = sys
+    _warnings = warnings
+    _logger = logger
+
     def close(self):
         """Close the loop: drop pending callbacks, stop watching fds, shut the executor down
         without waiting. The loop must not be running."""
@@ -502,8 +510,8 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
         if self._closed:
             return
         if self._signal_handlers:
-            if sys.is_finalizing():
-                warnings.warn(
+            if self._sys.is_finalizing():
+                self._warnings.warn(
                     f"Closing the loop {self!r} on interpreter shutdown "
                     f"stage, skipping signal handlers removal",
                     ResourceWarning,
@@ -516,7 +524,7 @@ class Loop(_ferroloop.LoopCore, _SuperTargets, asyncio.AbstractEventLoop):
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
         if self._debug:
-            logger.debug("Close %r", self)
+            self._logger.debug("Close %r", self)
         self._close_core()
         # As asyncio's selector loop does: transports' reprs then read "open"/"closed".
         self._selector = None
