@@ -178,6 +178,38 @@ def test_slow_callback_warning_names_callback(loop, caplog):
     assert took >= 0.04
 
 
+@pytest.mark.parametrize("where", ["before", "in the callback"])
+def test_slow_callback_duration_is_measured_with_loop_time(loop, caplog, where):
+    """asyncio times each callback with ``self.time()``: a clock replaced on the loop (a test
+    helper that advances time, as aioimaplib's does) is what the warning measures, even when
+    the callback itself replaces it. ferroloop timed callbacks with its own clock."""
+    loop.set_debug(True)
+    real = loop.time
+    offset = 0.0
+
+    def fake():
+        return real() + offset
+
+    def jump():
+        nonlocal offset
+        if where == "in the callback":
+            loop.time = fake
+        offset += 2.0
+
+    if where == "before":
+        loop.time = fake
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        loop.call_soon(jump)
+        loop.call_soon(_cb)  # fast, on either clock: not reported
+        run_briefly(loop)
+    del loop.time
+    msgs = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(msgs) == 1, msgs
+    assert "jump" in msgs[0]
+    took = float(msgs[0].rsplit(" took ", 1)[1].split()[0])
+    assert 2.0 <= took < 3.0
+
+
 def test_slow_task_step_warning(loop, caplog):
     loop.set_debug(True)
     loop.slow_callback_duration = 0.01
