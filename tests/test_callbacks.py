@@ -866,30 +866,23 @@ def test_bad_arguments_are_type_errors_naming_the_argument(loop):
     """Missing positionals and unknown keywords: a TypeError with asyncio's wording, which
     names the method as ``BaseEventLoop.name()``."""
     errors = _call_errors(loop)
-    assert errors["call_soon()"] == (
-        "BaseEventLoop.call_soon() missing 1 required positional argument: 'callback'"
-    )
-    assert errors["call_soon(cb, x=1)"] == (
-        "BaseEventLoop.call_soon() got an unexpected keyword argument 'x'"
-    )
-    assert errors["call_soon_threadsafe(cb, x=1)"] == (
-        "BaseEventLoop.call_soon_threadsafe() got an unexpected keyword argument 'x'"
-    )
-    assert errors["call_later()"] == (
-        "BaseEventLoop.call_later() missing 2 required positional arguments: 'delay' and 'callback'"
-    )
-    assert errors["call_later(1)"] == (
-        "BaseEventLoop.call_later() missing 1 required positional argument: 'callback'"
-    )
-    assert errors["call_at(1, cb, x=1)"] == (
-        "BaseEventLoop.call_at() got an unexpected keyword argument 'x'"
-    )
-    assert errors["call_soon(cb, callback=cb)"] == (
-        "BaseEventLoop.call_soon() got multiple values for argument 'callback'"
-    )
-    assert errors["call_later(1, delay=1)"] == (
-        "BaseEventLoop.call_later() got multiple values for argument 'delay'"
-    )
+    expected = {
+        "call_soon()": "call_soon() missing 1 required positional argument: 'callback'",
+        "call_soon(cb, x=1)": "call_soon() got an unexpected keyword argument 'x'",
+        "call_soon_threadsafe(cb, x=1)": (
+            "call_soon_threadsafe() got an unexpected keyword argument 'x'"
+        ),
+        "call_later()": (
+            "call_later() missing 2 required positional arguments: 'delay' and 'callback'"
+        ),
+        "call_later(1)": "call_later() missing 1 required positional argument: 'callback'",
+        "call_at(1, cb, x=1)": "call_at() got an unexpected keyword argument 'x'",
+        "call_soon(cb, callback=cb)": "call_soon() got multiple values for argument 'callback'",
+        "call_later(1, delay=1)": "call_later() got multiple values for argument 'delay'",
+    }
+    assert {k: errors[k] for k in expected} == {
+        k: "BaseEventLoop." + v for k, v in expected.items()
+    }
 
 
 def test_fixed_parameters_by_keyword(loop):
