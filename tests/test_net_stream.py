@@ -761,7 +761,7 @@ def test_echo_protocol_messages_of_changing_sizes(loop, net):
     any read-size heuristic): every byte comes back, in order, and each chunk handed to
     data_received is non-empty bytes."""
     sizes = [1, 10_240, 10_240, 5_000, 12_800, 12_801, 70_000, 100, 65_536, 4_096, 300_000]
-    sizes += [100_000, 200_000, 262_144, 262_145, 20_000, 3, 10_240]
+    sizes += [100_000, 200_000, 262_144, 262_145, 20_000, 3, 10_240, 4_097, 4_097, 2_000, 8_000]
 
     async def main():
         await net.server(Echo)
@@ -3762,9 +3762,10 @@ def test_data_for_a_reader_whose_buffer_is_exported_is_a_fatal_error(loop, tcp_n
 
 def test_stream_reader_gets_every_byte_of_reads_of_many_sizes(loop, tcp_net):
     """Reads of a few bytes to past the 16 KiB the transport reads straight into a bytes (and
-    back), fed to an asyncio StreamReader in order."""
+    back), and across the 4 KiB past which other protocols' reads do, fed to an asyncio
+    StreamReader in order."""
     payload = bytes(random.Random(7).getrandbits(8) for _ in range(64 * 1024))
-    sizes = [1, 7, 1024, 16 * 1024, 16 * 1024 + 1, 40000, 3, 65536, 2]
+    sizes = [1, 7, 1024, 16 * 1024, 16 * 1024 + 1, 40000, 3, 65536, 2, 4097, 10240, 4097, 17000, 5]
 
     async def main():
         server_writer, reader, writer, close = await _stream_pair(tcp_net)

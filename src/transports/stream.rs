@@ -481,8 +481,14 @@ fn settle_waiter<'py>(
 
 /// Reads larger than this go straight into a new `bytes` (no copy) once the previous read on
 /// this thread was that large; smaller ones use the shared buffer and copy what arrived (cheaper
-/// than allocating the whole `limit` for a few bytes).
-const BIG_READ: usize = 16 * 1024;
+/// than allocating the whole `limit` for a few bytes). At 10 KiB the direct read is cheaper:
+/// 0.97x the server CPU per request of the `Protocol` echo (ab_echo.py, 2026-12-07); at 1 KiB
+/// the two are level.
+const BIG_READ: usize = 4 * 1024;
+/// ...but a read that an asyncio `StreamReader` takes (`recv_into_reader`) goes straight into
+/// its buffer from the shared one, one copy either way, so it reads into a `bytes` only when
+/// larger than this (100 KiB messages: 0.92x the CPU per request, docs/DESIGN.md).
+const BIG_READER_READ: usize = 16 * 1024;
 /// ...but only for limits the allocator serves from its heap: a block it serves with `mmap`
 /// faults its pages in on every read, which costs more than the copy (measured: 3x the CPU per
 /// request for 100 KiB echoes with 256 KiB reads, before `sys::raise_heap_thresholds`). Set
@@ -501,7 +507,8 @@ pub(crate) fn set_direct_read_max() -> usize {
 }
 
 thread_local! {
-    static LAST_READ_BIG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The size of this thread's last read (`note_read`).
+    static LAST_READ: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Run `f` on the first `limit` bytes of the thread's shared read buffer (`MAX_READ` bytes);
@@ -533,15 +540,21 @@ pub(crate) fn recv_bytes(py: Python<'_>, fd: RawFd, limit: usize) -> std::io::Re
     r
 }
 
-/// Remember whether this thread's last read was large (`reads_direct`).
+/// Remember the size of this thread's last read (`reads_direct`).
 fn note_read(n: usize) {
-    LAST_READ_BIG.set(n > BIG_READ);
+    LAST_READ.set(n);
 }
 
 /// Whether `recv_bytes(.., limit)` reads straight into a new `bytes` (`limit` at most
 /// `MAX_READ`).
 fn reads_direct(limit: usize) -> bool {
-    limit > BIG_READ && limit <= DIRECT_READ_MAX.load(Ordering::Relaxed) && LAST_READ_BIG.get()
+    limit > BIG_READ && limit <= DIRECT_READ_MAX.load(Ordering::Relaxed) && LAST_READ.get() > BIG_READ
+}
+
+/// Whether a stream transport's read skips an asyncio `StreamReader`'s own path
+/// (`recv_into_reader`) for a direct read into a new `bytes`.
+fn reader_reads_direct() -> bool {
+    LAST_READ.get() > BIG_READER_READ && reads_direct(TRANSPORT_READ)
 }
 
 /// One `recv` into the thread's read buffer, copied from there into the `bytearray` of an
@@ -624,7 +637,7 @@ fn read_in_context(me: &StreamCore, protocol: &Bound<'_, PyAny>, buffered: bool)
     } else {
         // asyncio's `StreamReaderProtocol` is found before the read, unless the read goes
         // straight into a `bytes` anyway. `Ok(None)`: EOF; else what delivering the data gave.
-        let target = if reads_direct(TRANSPORT_READ) { None } else { stream_reader::target(protocol) };
+        let target = if reader_reads_direct() { None } else { stream_reader::target(protocol) };
         let r = match &target {
             Some(target) => recv_into_reader(py, me, target),
             None => recv_bytes(py, me.sock.get(py), TRANSPORT_READ)
