@@ -781,6 +781,46 @@ def test_echo_protocol_messages_of_changing_sizes(loop, net):
     run(loop, main())
 
 
+def test_chunks_handed_to_data_received_stay_as_they_were(loop, net):
+    """Every chunk data_received gets is a bytes of its own: one the protocol keeps is never
+    changed by later reads, and each one's hash is that of its content (ferroloop copies a
+    small read into a bytes it made for an earlier one, once nobody else holds that)."""
+    sizes = [1000, 900, 1000, 600, 1000, 2, 3, 4000, 2500, 4000, 1024, 700, 1024] * 3
+
+    async def main():
+        await net.server(Echo)
+        tr, pr = await net.connect(Recorder)
+        kept, problems, keys = [], [], {}
+
+        def on_data(data):
+            if type(data) is not bytes:
+                problems.append(f"type {type(data).__name__}")
+            fresh = bytes(bytearray(data))
+            if hash(data) != hash(fresh):
+                problems.append(f"stale hash for a chunk of {len(data)} bytes")
+            keys[data] = len(data)  # used as a key (its hash cached), then dropped
+            if len(kept) % 2 == 0 or len(data) == 2:
+                kept.append((data, fresh))
+            else:
+                kept.append((None, None))
+            del keys[data]
+
+        pr.on_data = on_data
+        for i, n in enumerate(sizes):
+            msg = payload(n, seed=i)
+            tr.write(msg)
+            await pr.wait_bytes(n)
+            assert pr.data == msg, f"message {i} ({n} bytes)"
+            pr.data.clear()
+        tr.close()
+        await pr.lost
+        assert problems == []
+        changed = [i for i, (k, f) in enumerate(kept) if k is not None and k != f]
+        assert changed == []
+
+    run(loop, main())
+
+
 def _require_ferroloop_on_glibc():
     pytest.importorskip("ferroloop")
     import platform

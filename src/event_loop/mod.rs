@@ -185,6 +185,10 @@ pub struct LoopCore {
     /// `!state.corked.is_empty()`, read without a borrow: the loop looks after every callback.
     /// Only touched with the GIL held (a plain load and store).
     corked_any: AtomicBool,
+    /// A `bytes` a stream transport read into and got back unshared once the protocol was done
+    /// with it, and how many data bytes its block holds: the next small read is copied into it
+    /// instead of a new one (`py::SpareBytes`).
+    pub(crate) spare: GilCell<Option<py::SpareBytes>>,
 }
 
 fn ns_to_secs(ns: i64) -> f64 {
@@ -1037,6 +1041,7 @@ impl LoopCore {
                 room_checked_ns: 0,
             }),
             corked_any: AtomicBool::new(false),
+            spare: GilCell::new(None),
         })
     }
 

@@ -669,3 +669,50 @@ pub fn bytes_filled_by(
     // SAFETY: it was created by PyBytes_FromStringAndSize, so it is a bytes object.
     Some(Ok(unsafe { any.cast_into_unchecked::<pyo3::types::PyBytes>() }))
 }
+
+/// `PyBytesObject`'s layout on CPython 3.10-3.13 (pyo3-ffi marks `ob_shash` deprecated).
+#[repr(C)]
+struct BytesLayout {
+    ob_base: ffi::PyVarObject,
+    ob_shash: ffi::Py_hash_t,
+    ob_sval: [u8; 1],
+}
+
+/// A `bytes` made for a read, with the number of data bytes its block holds (its length when
+/// it was made). Once nobody else holds it, it can take the data of a later read of at most
+/// that many bytes (`refill`), which saves the allocation and the free of a new one.
+pub struct SpareBytes {
+    obj: Py<pyo3::types::PyBytes>,
+    cap: usize,
+}
+
+impl SpareBytes {
+    /// `obj` (made with `cap` data bytes) if this is its only reference.
+    pub fn take_back(obj: Bound<'_, pyo3::types::PyBytes>, cap: usize) -> Option<Self> {
+        // SAFETY: `obj` is a live object; reading its reference count.
+        (unsafe { ffi::Py_REFCNT(obj.as_ptr()) } == 1).then(|| Self { obj: obj.unbind(), cap })
+    }
+
+    /// A `bytes` holding `data` and its block's size: this one refilled if `data` fits and
+    /// takes at least half of it, else a new one (this one is dropped).
+    pub fn refill<'py>(self, py: Python<'py>, data: &[u8]) -> (Bound<'py, pyo3::types::PyBytes>, usize) {
+        let n = data.len();
+        // A length-0 or length-1 bytes may be a shared singleton; those are never made here as
+        // spares (they are never unshared), but the check costs nothing.
+        if n > 1 && n <= self.cap && n * 2 >= self.cap {
+            let obj = self.obj.into_bound(py);
+            let p = obj.as_ptr().cast::<BytesLayout>();
+            // SAFETY: `obj` is an exact `bytes` whose only reference is ours (`take_back`), so
+            // nobody can see it change; its block holds `cap` data bytes and a NUL, and
+            // `n <= cap`. The cached hash is reset, as for a new object.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), (*p).ob_sval.as_mut_ptr(), n);
+                *(*p).ob_sval.as_mut_ptr().add(n) = 0;
+                (*p).ob_base.ob_size = n as ffi::Py_ssize_t;
+                (*p).ob_shash = -1;
+            }
+            return (obj, self.cap);
+        }
+        (pyo3::types::PyBytes::new(py, data), n)
+    }
+}

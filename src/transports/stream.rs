@@ -593,12 +593,49 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     };
     let protocol = protocol.bind(py);
     StreamCore::within(py, ctx, || {
-        let r = read_in_context(me, protocol, buffered);
-        r.and(crate::event_loop::send_corked_if_any(me.loop_.bind(py)))
+        let mut delivered = None;
+        let r = read_in_context(me, protocol, buffered, &mut delivered);
+        let r = r.and(crate::event_loop::send_corked_if_any(me.loop_.bind(py)));
+        if let Some((data, cap)) = delivered {
+            if let Some(spare) = py::SpareBytes::take_back(data, cap).filter(|_| cap <= BIG_READER_READ) {
+                *me.loop_.get().spare.borrow_mut(py) = Some(spare);
+            }
+        }
+        r
     })
 }
 
-fn read_in_context(me: &StreamCore, protocol: &Bound<'_, PyAny>, buffered: bool) -> PyResult<()> {
+/// `recv_bytes` for a protocol's `data_received`, with the `bytes` and its block's size: a read
+/// through the shared buffer refills the loop's spare `bytes` when it fits.
+fn recv_for_protocol<'py>(py: Python<'py>, me: &StreamCore) -> std::io::Result<(Bound<'py, PyBytes>, usize)> {
+    let fd = me.sock.get(py);
+    if reads_direct(TRANSPORT_READ) {
+        return recv_bytes(py, fd, TRANSPORT_READ).map(|b| {
+            let n = b.as_bytes().len();
+            (b, n)
+        });
+    }
+    let spare = me.loop_.get().spare.borrow_mut(py).take();
+    let r = with_read_buf(TRANSPORT_READ, |buf| {
+        sys::recv(fd, buf).map(|n| match spare {
+            Some(spare) => spare.refill(py, &buf[..n]),
+            None => (PyBytes::new(py, &buf[..n]), n),
+        })
+    });
+    if let Ok((b, _)) = &r {
+        note_read(b.as_bytes().len());
+    }
+    r
+}
+
+/// `delivered`: the `bytes` handed to `data_received` and its block's size, for
+/// `LoopCore::spare` once what the protocol wrote is sent.
+fn read_in_context<'py>(
+    me: &StreamCore,
+    protocol: &Bound<'py, PyAny>,
+    buffered: bool,
+    delivered: &mut Option<(Bound<'py, PyBytes>, usize)>,
+) -> PyResult<()> {
     let py = protocol.py();
     if buffered {
         let minus_one = (-1i32).into_pyobject(py)?;
@@ -640,8 +677,13 @@ fn read_in_context(me: &StreamCore, protocol: &Bound<'_, PyAny>, buffered: bool)
         let target = if reader_reads_direct() { None } else { stream_reader::target(protocol) };
         let r = match &target {
             Some(target) => recv_into_reader(py, me, target),
-            None => recv_bytes(py, me.sock.get(py), TRANSPORT_READ)
-                .map(|data| (!data.as_bytes().is_empty()).then(|| me.data_received(py, protocol, &data))),
+            None => recv_for_protocol(py, me).map(|(data, cap)| {
+                (!data.as_bytes().is_empty()).then(|| {
+                    let r = me.data_received(py, protocol, &data);
+                    *delivered = Some((data, cap));
+                    r
+                })
+            }),
         };
         match r {
             Ok(None) => me.call_transport(py, intern!(py, "_read_ready__on_eof"), ()),
