@@ -674,12 +674,18 @@ fn read_in_context<'py>(
     } else {
         // asyncio's `StreamReaderProtocol` is found before the read, unless the read goes
         // straight into a `bytes` anyway. `Ok(None)`: EOF; else what delivering the data gave.
-        let target = if reader_reads_direct() { None } else { stream_reader::target(protocol) };
+        let looked = !reader_reads_direct();
+        let target = if looked { stream_reader::target(protocol) } else { None };
         let r = match &target {
             Some(target) => recv_into_reader(py, me, target),
             None => recv_for_protocol(py, me).map(|(data, cap)| {
                 (!data.as_bytes().is_empty()).then(|| {
-                    let r = me.data_received(py, protocol, &data);
+                    // Looked for a reader before the read and found none: the protocol's own.
+                    let r = if looked {
+                        py::call_method_fast(protocol, intern!(py, "data_received"), &[data.as_any()]).map(drop)
+                    } else {
+                        me.data_received(py, protocol, &data)
+                    };
                     *delivered = Some((data, cap));
                     r
                 })
