@@ -785,7 +785,8 @@ def test_chunks_handed_to_data_received_stay_as_they_were(loop, net):
     """Every chunk data_received gets is a bytes of its own: one the protocol keeps is never
     changed by later reads, and each one's hash is that of its content (ferroloop copies a
     small read into a bytes it made for an earlier one, once nobody else holds that)."""
-    sizes = [1000, 900, 1000, 600, 1000, 2, 3, 4000, 2500, 4000, 1024, 700, 1024] * 3
+    sizes = [1000, 900, 1000, 600, 1000, 2, 3, 4000, 2500, 4000, 1024, 700, 1024]
+    sizes = (sizes + [10_240, 9_000, 10_240, 6_000, 16_384, 16_385, 12_000, 5_000, 100_000]) * 3
 
     async def main():
         await net.server(Echo)

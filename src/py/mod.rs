@@ -693,13 +693,18 @@ impl SpareBytes {
         (unsafe { ffi::Py_REFCNT(obj.as_ptr()) } == 1).then(|| Self { obj: obj.unbind(), cap })
     }
 
+    /// Whether `n` bytes of data would be refilled into this one.
+    pub fn fits(&self, n: usize) -> bool {
+        n > 1 && n <= self.cap && n * 2 >= self.cap
+    }
+
     /// A `bytes` holding `data` and its block's size: this one refilled if `data` fits and
     /// takes at least half of it, else a new one (this one is dropped).
     pub fn refill<'py>(self, py: Python<'py>, data: &[u8]) -> (Bound<'py, pyo3::types::PyBytes>, usize) {
         let n = data.len();
         // A length-0 or length-1 bytes may be a shared singleton; those are never made here as
         // spares (they are never unshared), but the check costs nothing.
-        if n > 1 && n <= self.cap && n * 2 >= self.cap {
+        if self.fits(n) {
             let obj = self.obj.into_bound(py);
             let p = obj.as_ptr().cast::<BytesLayout>();
             // SAFETY: `obj` is an exact `bytes` whose only reference is ours (`take_back`), so

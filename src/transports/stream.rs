@@ -605,17 +605,26 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     })
 }
 
-/// `recv_bytes` for a protocol's `data_received`, with the `bytes` and its block's size: a read
-/// through the shared buffer refills the loop's spare `bytes` when it fits.
+/// `recv_bytes` for a protocol's `data_received`, with the `bytes` and its block's size: while
+/// the thread's last read would fit the loop's spare `bytes`, the read goes through the shared
+/// buffer and is copied into the spare (a new `bytes` if it does not fit after all), even where
+/// `recv_bytes` would read straight into a new one (docs/DESIGN.md).
 fn recv_for_protocol<'py>(py: Python<'py>, me: &StreamCore) -> std::io::Result<(Bound<'py, PyBytes>, usize)> {
     let fd = me.sock.get(py);
-    if reads_direct(TRANSPORT_READ) {
+    let spare = {
+        let mut slot = me.loop_.get().spare.borrow_mut(py);
+        if slot.as_ref().is_some_and(|s| s.fits(LAST_READ.get())) {
+            slot.take()
+        } else {
+            None
+        }
+    };
+    if spare.is_none() && reads_direct(TRANSPORT_READ) {
         return recv_bytes(py, fd, TRANSPORT_READ).map(|b| {
             let n = b.as_bytes().len();
             (b, n)
         });
     }
-    let spare = me.loop_.get().spare.borrow_mut(py).take();
     let r = with_read_buf(TRANSPORT_READ, |buf| {
         sys::recv(fd, buf).map(|n| match spare {
             Some(spare) => spare.refill(py, &buf[..n]),
