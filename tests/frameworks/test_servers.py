@@ -412,14 +412,17 @@ def test_granian(loop_kind, sock_dir):
     exercise(argv, address, loop_kind, sock_dir)
 
 
+#: The traceback of a third sanic race: the main process's monitor loop (plain Python, no event
+#: loop) reads a worker's entry in the shared state while its SIGINT handler is removing it.
+#: Seen once on asyncio's loop (CI, Python 3.13); the scenario is then run once more.
+SANIC_SHUTDOWN_RACE = "AttributeError: 'NoneType' object has no attribute 'get'"
+
+
 def test_sanic(loop_kind, sock_dir):
     """``sanic app:app`` with ``USE_UVLOOP = False`` and ``ferroloop.install()`` at import
     (reference: ``USE_UVLOOP = False`` alone)."""
     # TCP, not --unix: with a Unix socket, sanic's main process binds the path, then its worker
     # binds a new socket over it, and connections made in between are never accepted.
-    address = ("127.0.0.1", _free_port())
-    argv = [sys.executable, "-m", "sanic", "servers_sanic:app", "--no-motd"]
-    argv += ["--host", address[0], "--port", str(address[1])]
     # Two sanic races, seen on asyncio's loop as on ferroloop, that the test steps around:
     # * SIGINT goes to the main process only: with Ctrl-C's SIGINT to the whole group, the
     #   worker sometimes gets KeyboardInterrupt while reporting its state to sanic's manager
@@ -427,4 +430,15 @@ def test_sanic(loop_kind, sock_dir):
     # * ``settle``: the main process polls the manager for the workers' start-up
     #   acknowledgement every 0.1 s, until a little after the worker starts serving; its SIGINT
     #   handler calls the manager too, and a signal landing during such a call deadlocks it.
-    exercise(argv, address, loop_kind, sock_dir, whole_group=False, settle=1.0)
+    # A third (SANIC_SHUTDOWN_RACE, in ``WorkerManager._sync_states``) gets one more run.
+    for attempt in (1, 2):
+        address = ("127.0.0.1", _free_port())
+        argv = [sys.executable, "-m", "sanic", "servers_sanic:app", "--no-motd"]
+        argv += ["--host", address[0], "--port", str(address[1])]
+        try:
+            exercise(argv, address, loop_kind, sock_dir, whole_group=False, settle=1.0)
+            return
+        except pytest.fail.Exception as exc:
+            message = str(exc)
+            if attempt == 2 or SANIC_SHUTDOWN_RACE not in message or "_sync_states" not in message:
+                raise
