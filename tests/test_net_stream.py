@@ -1678,6 +1678,44 @@ def test_peer_reset_reaches_connection_lost(loop, net, side):
     run(loop, main())
 
 
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_data_just_before_a_reset_is_delivered_before_it(loop, kind):
+    """A message that ends right before the peer's reset reaches data_received whole, then
+    connection_lost gets ConnectionResetError (not EOF). The reset comes from SO_LINGER 0 over
+    TCP, and from closing a Unix socket with data unread. ferroloop reads a message as large as
+    the last one into the bytes it made for that one, and a byte more; when that fills it, the
+    read goes on with what is left, here only the error, which must wait for the next read."""
+
+    async def main():
+        if kind == "tcp":
+            with socket.create_server(("127.0.0.1", 0)) as listener:
+                tr, pr = await loop.create_connection(Recorder, *listener.getsockname())
+                peer, _ = listener.accept()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            a, peer = socket.socketpair()
+            tr, pr = await loop.create_connection(Recorder, sock=a)
+            tr.write(b"x")  # left unread: closing the peer then resets the connection
+            await asyncio.sleep(0)
+            assert select.select([peer], [], [], 5)[0]
+        with peer:
+            for i in range(2):  # reads of 4 KiB: ferroloop keeps the bytes of the last one
+                msg = payload(4096, seed=i)
+                peer.sendall(msg)
+                await asyncio.wait_for(pr.wait_bytes(4096), 5)
+                assert pr.data == msg
+                pr.data.clear()
+            msg = payload(4097, seed=2)
+            peer.sendall(msg)
+        # closed: the reset follows the last message, with no read in between
+        exc = await asyncio.wait_for(pr.lost, 5)
+        assert pr.data == msg
+        assert isinstance(exc, ConnectionResetError), repr(exc)
+        assert pr.events == ["made", "data", "lost"]
+
+    run(loop, main())
+
+
 def test_data_written_before_close_reaches_peer(loop, net):
     size = 6 << 20
 

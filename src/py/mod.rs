@@ -679,45 +679,89 @@ struct BytesLayout {
 }
 
 /// A `bytes` made for a read, with the number of data bytes its block holds (its length when
-/// it was made). Once nobody else holds it, it can take the data of a later read of at most
-/// that many bytes (`refill`), which saves the allocation and the free of a new one.
+/// it was made). Once nobody else holds it, a later read can go into its block (`read_into`)
+/// and be handed out in it (`filled`), which saves the allocation and the free of a new one.
 pub struct SpareBytes {
     obj: Py<pyo3::types::PyBytes>,
     cap: usize,
 }
 
 impl SpareBytes {
-    /// `obj` (made with `cap` data bytes) if this is its only reference.
+    /// The largest block kept: what small reads save is an allocation, and larger reads go
+    /// straight into a new `bytes` anyway (`transports::stream`).
+    const MAX_CAP: usize = 16 * 1024;
+
+    /// `obj` (made with `cap` data bytes) if this is its only reference and its block is
+    /// small enough to keep.
     pub fn take_back(obj: Bound<'_, pyo3::types::PyBytes>, cap: usize) -> Option<Self> {
         // SAFETY: `obj` is a live object; reading its reference count.
-        (unsafe { ffi::Py_REFCNT(obj.as_ptr()) } == 1).then(|| Self { obj: obj.unbind(), cap })
+        let alone = unsafe { ffi::Py_REFCNT(obj.as_ptr()) } == 1;
+        (alone && cap <= Self::MAX_CAP).then(|| Self { obj: obj.unbind(), cap })
     }
 
-    /// Whether `n` bytes of data would be refilled into this one.
+    /// Whether a read of `n` bytes into this one's block would be handed out in it
+    /// (`filled`): at least half of it, and more than a possibly shared 0- or 1-byte `bytes`.
     pub fn fits(&self, n: usize) -> bool {
         n > 1 && n <= self.cap && n * 2 >= self.cap
     }
 
-    /// A `bytes` holding `data` and its block's size: this one refilled if `data` fits and
-    /// takes at least half of it, else a new one (this one is dropped).
-    pub fn refill<'py>(self, py: Python<'py>, data: &[u8]) -> (Bound<'py, pyo3::types::PyBytes>, usize) {
-        let n = data.len();
-        // A length-0 or length-1 bytes may be a shared singleton; those are never made here as
-        // spares (they are never unshared), but the check costs nothing.
-        if self.fits(n) {
-            let obj = self.obj.into_bound(py);
-            let p = obj.as_ptr().cast::<BytesLayout>();
-            // SAFETY: `obj` is an exact `bytes` whose only reference is ours (`take_back`), so
-            // nobody can see it change; its block holds `cap` data bytes and a NUL, and
-            // `n <= cap`. The cached hash is reset, as for a new object.
+    /// The number of data bytes its block holds.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Read into this one's block: `fill` gets the data area, `cap + 1` bytes (the data and
+    /// the NUL's slot, so a read that fills it shows more may be waiting), and returns how
+    /// many bytes it wrote. The object stays as it was for anyone but us (`filled`, `joined`).
+    pub fn read_into(&mut self, fill: impl FnOnce(*mut u8, usize) -> std::io::Result<usize>) -> std::io::Result<usize> {
+        let p = self.obj.as_ptr().cast::<BytesLayout>();
+        // SAFETY: `obj` is an exact `bytes` whose only reference is ours (`take_back`); its
+        // block holds `cap` data bytes and a NUL, all writable by us and seen by nobody.
+        let area = unsafe { (*p).ob_sval.as_mut_ptr() };
+        fill(area, self.cap + 1).map(|n| n.min(self.cap + 1))
+    }
+
+    /// The `bytes` of a read of `n <= cap` bytes into this one's block (`read_into`), and its
+    /// block's size: this one, if `n` takes at least half of it, else a new one of `n` bytes.
+    pub fn filled(self, py: Python<'_>, n: usize) -> (Bound<'_, pyo3::types::PyBytes>, usize) {
+        debug_assert!(n <= self.cap);
+        let (fits, cap) = (self.fits(n), self.cap);
+        let obj = self.obj.into_bound(py);
+        let p = obj.as_ptr().cast::<BytesLayout>();
+        if fits {
+            // SAFETY: as in `read_into`; `n <= cap`, so the NUL goes inside the block. The
+            // cached hash is reset, as for a new object.
             unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), (*p).ob_sval.as_mut_ptr(), n);
                 *(*p).ob_sval.as_mut_ptr().add(n) = 0;
                 (*p).ob_base.ob_size = n as ffi::Py_ssize_t;
                 (*p).ob_shash = -1;
             }
-            return (obj, self.cap);
+            return (obj, cap);
         }
+        // SAFETY: the block's first `n <= cap` data bytes, written by `read_into`'s read.
+        let data = unsafe { std::slice::from_raw_parts((*p).ob_sval.as_ptr(), n) };
         (pyo3::types::PyBytes::new(py, data), n)
+    }
+
+    /// A new `bytes` of the `cap + 1` bytes a read filled this one's block with
+    /// (`read_into`), followed by `rest`, and its length; `None` if it could not be allocated.
+    pub fn joined<'py>(self, py: Python<'py>, rest: &[u8]) -> Option<(Bound<'py, pyo3::types::PyBytes>, usize)> {
+        let head = self.cap + 1;
+        let p = self.obj.as_ptr().cast::<BytesLayout>();
+        // SAFETY: the block's `cap + 1` bytes (data and the NUL's slot), written by the read.
+        let first = unsafe { std::slice::from_raw_parts((*p).ob_sval.as_ptr(), head) };
+        let n = head + rest.len();
+        let r = pyo3::types::PyBytes::new_with(py, n, |b| {
+            b[..head].copy_from_slice(first);
+            b[head..].copy_from_slice(rest);
+            Ok(())
+        });
+        match r {
+            Ok(b) => Some((b, n)),
+            Err(e) => {
+                drop(e);
+                None
+            }
+        }
     }
 }

@@ -75,6 +75,9 @@ struct State {
     closing: bool,
     eof: bool,
     conn_lost: u32,
+    /// The error of a read made after data in the same `read_ready` (`recv_into_spare`),
+    /// for the next `read_ready` to report, as the next read would have.
+    read_error: Option<std::io::Error>,
     protocol_paused: bool,
     high_water: usize,
     low_water: usize,
@@ -489,6 +492,7 @@ const BIG_READ: usize = 4 * 1024;
 /// its buffer from the shared one, one copy either way, so it reads into a `bytes` only when
 /// larger than this (100 KiB messages: 0.92x the CPU per request, docs/DESIGN.md).
 const BIG_READER_READ: usize = 16 * 1024;
+const _: () = assert!(BIG_READER_READ > BIG_READ && TRANSPORT_READ > BIG_READ); // `reader_reads_direct`
 /// ...but only for limits the allocator serves from its heap: a block it serves with `mmap`
 /// faults its pages in on every read, which costs more than the copy (measured: 3x the CPU per
 /// request for 100 KiB echoes with 256 KiB reads, before `sys::raise_heap_thresholds`). Set
@@ -554,7 +558,8 @@ fn reads_direct(limit: usize) -> bool {
 /// Whether a stream transport's read skips an asyncio `StreamReader`'s own path
 /// (`recv_into_reader`) for a direct read into a new `bytes`.
 fn reader_reads_direct() -> bool {
-    LAST_READ.get() > BIG_READER_READ && reads_direct(TRANSPORT_READ)
+    // `reads_direct(TRANSPORT_READ)`, with the larger threshold.
+    LAST_READ.get() > BIG_READER_READ && TRANSPORT_READ <= DIRECT_READ_MAX.load(Ordering::Relaxed)
 }
 
 /// One `recv` into the thread's read buffer, copied from there into the `bytearray` of an
@@ -581,23 +586,30 @@ fn recv_into_reader(
 pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
     let py = slf.py();
     let me = slf.get();
-    let (protocol, buffered, ctx) = {
+    let (protocol, buffered, ctx, failed) = {
         let st = me.st.borrow(py);
         if !st.reading || st.conn_lost > 0 {
             return Ok(());
         }
         match &st.protocol {
-            Some(p) => (p.clone_ref(py), st.buffered, st.context.as_ref().map(|c| c.clone_ref(py))),
+            Some(p) => {
+                let ctx = st.context.as_ref().map(|c| c.clone_ref(py));
+                (p.clone_ref(py), st.buffered, ctx, st.read_error.is_some())
+            }
             None => return Ok(()),
         }
     };
     let protocol = protocol.bind(py);
+    let error = if failed { me.st.borrow_mut(py).read_error.take() } else { None };
     StreamCore::within(py, ctx, || {
+        if let Some(e) = error {
+            return me.fatal_error(py, py::os_err(e), "Fatal read error on socket transport");
+        }
         let mut delivered = None;
         let r = read_in_context(me, protocol, buffered, &mut delivered);
         let r = r.and(crate::event_loop::send_corked_if_any(me.loop_.bind(py)));
         if let Some((data, cap)) = delivered {
-            if let Some(spare) = py::SpareBytes::take_back(data, cap).filter(|_| cap <= BIG_READER_READ) {
+            if let Some(spare) = py::SpareBytes::take_back(data, cap) {
                 *me.loop_.get().spare.borrow_mut(py) = Some(spare);
             }
         }
@@ -606,9 +618,9 @@ pub(crate) fn read_ready(slf: &Bound<'_, StreamCore>) -> PyResult<()> {
 }
 
 /// `recv_bytes` for a protocol's `data_received`, with the `bytes` and its block's size: while
-/// the thread's last read would fit the loop's spare `bytes`, the read goes through the shared
-/// buffer and is copied into the spare (a new `bytes` if it does not fit after all), even where
-/// `recv_bytes` would read straight into a new one (docs/DESIGN.md).
+/// the thread's last read would fit the loop's spare `bytes`, the read goes straight into the
+/// spare (`recv_into_spare`), even where `recv_bytes` would read into a new one
+/// (docs/DESIGN.md).
 fn recv_for_protocol<'py>(py: Python<'py>, me: &StreamCore) -> std::io::Result<(Bound<'py, PyBytes>, usize)> {
     let fd = me.sock.get(py);
     let spare = {
@@ -619,22 +631,48 @@ fn recv_for_protocol<'py>(py: Python<'py>, me: &StreamCore) -> std::io::Result<(
             None
         }
     };
-    if spare.is_none() && reads_direct(TRANSPORT_READ) {
-        return recv_bytes(py, fd, TRANSPORT_READ).map(|b| {
-            let n = b.as_bytes().len();
-            (b, n)
-        });
-    }
-    let r = with_read_buf(TRANSPORT_READ, |buf| {
-        sys::recv(fd, buf).map(|n| match spare {
-            Some(spare) => spare.refill(py, &buf[..n]),
-            None => (PyBytes::new(py, &buf[..n]), n),
-        })
-    });
+    let r = match spare {
+        Some(spare) => recv_into_spare(py, me, fd, spare),
+        None => {
+            return recv_bytes(py, fd, TRANSPORT_READ).map(|b| {
+                let n = b.as_bytes().len();
+                (b, n)
+            })
+        }
+    };
     if let Ok((b, _)) = &r {
         note_read(b.as_bytes().len());
     }
     r
+}
+
+/// One read into the spare `bytes`' block: `cap + 1` bytes at most, so a read that fills it
+/// shows that more may be waiting. Then the rest is read through the shared buffer and both go
+/// into a new `bytes`: what one `TRANSPORT_READ` read would have returned. An error of that
+/// second read comes after the data, as the next read's (`State::read_errno`).
+fn recv_into_spare<'py>(
+    py: Python<'py>,
+    me: &StreamCore,
+    fd: RawFd,
+    mut spare: py::SpareBytes,
+) -> std::io::Result<(Bound<'py, PyBytes>, usize)> {
+    // SAFETY: `read_into` passes its block's data area, writable for `len` bytes for the call.
+    let n = spare.read_into(|ptr, len| unsafe { sys::recv_raw(fd, ptr, len) })?;
+    if n <= spare.cap() {
+        return Ok(spare.filled(py, n));
+    }
+    with_read_buf(TRANSPORT_READ - n, |buf| {
+        let m = match sys::recv(fd, buf) {
+            Ok(m) => m,
+            Err(e) => {
+                if !sys::would_block(&e) {
+                    me.st.borrow_mut(py).read_error = Some(e);
+                }
+                0
+            }
+        };
+        spare.joined(py, &buf[..m]).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+    })
 }
 
 /// `delivered`: the `bytes` handed to `data_received` and its block's size, for
@@ -797,6 +835,7 @@ impl StreamCore {
                 closing: false,
                 eof: false,
                 conn_lost: 0,
+                read_error: None,
                 protocol_paused: false,
                 high_water: 64 * 1024,
                 low_water: 16 * 1024,
