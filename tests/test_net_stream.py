@@ -1678,40 +1678,67 @@ def test_peer_reset_reaches_connection_lost(loop, net, side):
     run(loop, main())
 
 
+@pytest.mark.parametrize("style", ["protocol", "streams"])
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_data_just_before_a_reset_is_delivered_before_it(loop, kind):
-    """A message that ends right before the peer's reset reaches data_received whole, then
-    connection_lost gets ConnectionResetError (not EOF). The reset comes from SO_LINGER 0 over
-    TCP, and from closing a Unix socket with data unread. ferroloop reads a message as large as
-    the last one into the bytes it made for that one, and a byte more; when that fills it, the
-    read goes on with what is left, here only the error, which must wait for the next read."""
+def test_data_just_before_a_reset_is_delivered_before_it(loop, kind, style):
+    """A message that ends right before the peer's reset arrives whole (data_received, or a
+    StreamReader's read), then the reset does: connection_lost(ConnectionResetError), or the
+    reader's next read raises it, not EOF. The reset comes from SO_LINGER 0 over TCP, and from
+    closing a Unix socket with data unread. ferroloop reads a message as large as the last one
+    into room for it and a byte more (the bytes it made for the last one, or the end of the
+    reader's bytearray); when that fills it, the read goes on with what is left, here only
+    the error, which must wait for the next read."""
+
+    async def connect(**kw):
+        if style == "protocol":
+            tr, pr = await loop.create_connection(Recorder, **kw)
+
+            async def receive(n):
+                await asyncio.wait_for(pr.wait_bytes(n), 5)
+                data = bytes(pr.data)
+                pr.data.clear()
+                return data
+
+            async def reset():
+                exc = await asyncio.wait_for(pr.lost, 5)
+                assert pr.events == ["made", "data", "lost"]
+                return exc
+
+            return tr, receive, reset
+        reader, writer = await asyncio.open_connection(**kw)
+
+        async def reset():
+            try:
+                await asyncio.wait_for(reader.read(1), 5)
+            except ConnectionResetError as exc:
+                writer.close()
+                return exc
+
+        return writer, lambda n: asyncio.wait_for(reader.readexactly(n), 5), reset
 
     async def main():
         if kind == "tcp":
             with socket.create_server(("127.0.0.1", 0)) as listener:
-                tr, pr = await loop.create_connection(Recorder, *listener.getsockname())
+                host, port = listener.getsockname()
+                writer, receive, reset = await connect(host=host, port=port)
                 peer, _ = listener.accept()
             peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:
             a, peer = socket.socketpair()
-            tr, pr = await loop.create_connection(Recorder, sock=a)
-            tr.write(b"x")  # left unread: closing the peer then resets the connection
+            writer, receive, reset = await connect(sock=a)
+            writer.write(b"x")  # left unread: closing the peer then resets the connection
             await asyncio.sleep(0)
             assert select.select([peer], [], [], 5)[0]
         with peer:
-            for i in range(2):  # reads of 4 KiB: ferroloop keeps the bytes of the last one
-                msg = payload(4096, seed=i)
+            for i, n in enumerate([5000, 5000, 5001]):  # reads over 4 KiB set ferroloop's room
+                msg = payload(n, seed=i)
                 peer.sendall(msg)
-                await asyncio.wait_for(pr.wait_bytes(4096), 5)
-                assert pr.data == msg
-                pr.data.clear()
-            msg = payload(4097, seed=2)
-            peer.sendall(msg)
+                if i < 2:
+                    assert await receive(n) == msg
         # closed: the reset follows the last message, with no read in between
-        exc = await asyncio.wait_for(pr.lost, 5)
-        assert pr.data == msg
+        assert await receive(5001) == msg
+        exc = await reset()
         assert isinstance(exc, ConnectionResetError), repr(exc)
-        assert pr.events == ["made", "data", "lost"]
 
     run(loop, main())
 
@@ -3812,18 +3839,24 @@ def test_data_after_feed_eof_is_asyncios_assertion(loop, tcp_net, handler_calls)
     assert handler_calls[0]["message"] == "Fatal error: protocol.data_received() call failed."
 
 
-def test_data_for_a_reader_whose_buffer_is_exported_is_a_fatal_error(loop, tcp_net, handler_calls):
+@pytest.mark.parametrize("first", [5, 5000])
+def test_data_for_a_reader_whose_buffer_is_exported_is_a_fatal_error(
+    loop, tcp_net, handler_calls, first
+):
     """`feed_data`'s `self._buffer.extend(data)` cannot resize a bytearray while a memoryview
-    holds it: BufferError, reported as a failed data_received(), and the transport closes."""
+    holds it: BufferError, reported as a failed data_received(), and the transport closes.
+    (After a read of 5000 bytes, ferroloop's next read would go straight into the bytearray.)"""
 
     async def main():
         server_writer, reader, writer, close = await _stream_pair(tcp_net)
-        server_writer.write(b"first")
-        assert await asyncio.wait_for(reader.read(2), TIMEOUT) == b"fi"
+        msg = payload(first)
+        server_writer.write(msg)
+        assert await asyncio.wait_for(reader.readexactly(2), TIMEOUT) == msg[:2]
+        await _until(lambda: len(reader._buffer) == first - 2, "the whole first message")
         view = memoryview(reader._buffer)
         server_writer.write(b"second")
         await _until(lambda: handler_calls, "the exception handler")
-        assert bytes(view) == b"rst"
+        assert bytes(view) == msg[2:]
         view.release()
         assert writer.transport.is_closing()
         with pytest.raises(BufferError):  # the reader's exception, as asyncio sets it

@@ -488,9 +488,9 @@ fn settle_waiter<'py>(
 /// 0.97x the server CPU per request of the `Protocol` echo (ab_echo.py, 2026-12-07); at 1 KiB
 /// the two are level.
 const BIG_READ: usize = 4 * 1024;
-/// ...but a read that an asyncio `StreamReader` takes (`recv_into_reader`) goes straight into
-/// its buffer from the shared one, one copy either way, so it reads into a `bytes` only when
-/// larger than this (100 KiB messages: 0.92x the CPU per request, docs/DESIGN.md).
+/// ...but a read that an asyncio `StreamReader` takes (`recv_into_reader`) goes into its
+/// `bytearray` (no copy over 4 KiB either), so it reads into a `bytes` only when larger than
+/// this (100 KiB messages: 0.92x the CPU per request, docs/DESIGN.md).
 const BIG_READER_READ: usize = 16 * 1024;
 const _: () = assert!(BIG_READER_READ > BIG_READ && TRANSPORT_READ > BIG_READ); // `reader_reads_direct`
 /// ...but only for limits the allocator serves from its heap: a block it serves with `mmap`
@@ -562,22 +562,63 @@ fn reader_reads_direct() -> bool {
     LAST_READ.get() > BIG_READER_READ && TRANSPORT_READ <= DIRECT_READ_MAX.load(Ordering::Relaxed)
 }
 
-/// One `recv` into the thread's read buffer, copied from there into the `bytearray` of an
-/// asyncio `StreamReader` (`target`, found before the read) instead of a new `bytes`; then the
-/// rest of `feed_data`. What `recv_bytes` and `data_received` do,
-/// less a `bytes` object and a copy of the data. `Ok(None)` at EOF.
+/// One `recv` into the `bytearray` of an asyncio `StreamReader` (`target`, found before the
+/// read), then the rest of `feed_data`: what `recv_bytes` and `data_received` do, less a
+/// `bytes` object. A read of 4 KiB or more goes straight into room made at the end of the
+/// `bytearray` for one byte more than the thread's last read (no copy; a read that fills it
+/// has the rest read through the shared buffer, `read_rest`); a smaller one, or one the room
+/// cannot be made for (an exported `bytearray`: `extend` then raises as asyncio's does), is
+/// read into the shared buffer and copied. `Ok(None)` at EOF.
 fn recv_into_reader(
     py: Python<'_>,
     me: &StreamCore,
     target: &stream_reader::Target<'_>,
 ) -> std::io::Result<Option<PyResult<()>>> {
     let fd = me.sock.get(py);
+    let last = LAST_READ.get();
+    if last > BIG_READ {
+        let room = (last + 1).min(TRANSPORT_READ);
+        // SAFETY: `extend_from` passes the room it made, writable for `len` bytes for the call.
+        if let Some(r) = target.extend_from(room, |ptr, len| unsafe { sys::recv_raw(fd, ptr, len) }) {
+            let n = r?;
+            let (fed, m) = if n == room {
+                read_rest(py, me, fd, TRANSPORT_READ.saturating_sub(n), |rest| (target.extend(rest), rest.len()))
+            } else {
+                (Ok(()), 0)
+            };
+            note_read(n + m);
+            return Ok((n > 0).then(|| fed.and_then(|()| target.after_extend())));
+        }
+    }
     let fed = with_read_buf(TRANSPORT_READ, |buf| -> std::io::Result<_> {
         let n = sys::recv(fd, buf)?;
         note_read(n);
         Ok((n > 0).then(|| target.extend(&buf[..n])))
     })?;
     Ok(fed.map(|fed| fed.and_then(|()| target.after_extend())))
+}
+
+/// The rest of a read that filled the room it had: one more `recv`, of at most `limit` bytes,
+/// through the shared buffer, handed to `take` (empty if nothing more was waiting, or `limit`
+/// is 0: the first read was a whole `TRANSPORT_READ`). Together they are what one larger read
+/// would have returned; so an error of this `recv` comes after the data before it, kept for
+/// the next `read_ready` (`State::read_error`).
+fn read_rest<R>(py: Python<'_>, me: &StreamCore, fd: RawFd, limit: usize, take: impl FnOnce(&[u8]) -> R) -> R {
+    if limit == 0 {
+        return take(&[]);
+    }
+    with_read_buf(limit, |buf| {
+        let m = match sys::recv(fd, buf) {
+            Ok(m) => m,
+            Err(e) => {
+                if !sys::would_block(&e) {
+                    me.st.borrow_mut(py).read_error = Some(e);
+                }
+                0
+            }
+        };
+        take(&buf[..m])
+    })
 }
 
 /// Readable: one `recv`, handed to the protocol. All of it runs in the reading context, as
@@ -661,17 +702,8 @@ fn recv_into_spare<'py>(
     if n <= spare.cap() {
         return Ok(spare.filled(py, n));
     }
-    with_read_buf(TRANSPORT_READ - n, |buf| {
-        let m = match sys::recv(fd, buf) {
-            Ok(m) => m,
-            Err(e) => {
-                if !sys::would_block(&e) {
-                    me.st.borrow_mut(py).read_error = Some(e);
-                }
-                0
-            }
-        };
-        spare.joined(py, &buf[..m]).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+    read_rest(py, me, fd, TRANSPORT_READ.saturating_sub(n), |rest| {
+        spare.joined(py, rest).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
     })
 }
 

@@ -15,7 +15,8 @@
 //!   raises, or does something unusual: it runs instead).
 //!
 //! The stream transport checks `target` before it reads, and extends the reader's `bytearray`
-//! straight from its read buffer: no `bytes` is made for the data (`read_ready`).
+//! from its read (`extend_from`, or `extend` from the shared buffer): no `bytes` is made for the
+//! data (`read_ready`).
 //!
 //! Everything else calls `protocol.data_received(data)`. Methods of other objects the steps
 //! call (`waiter.cancelled()`, `waiter.set_result(None)`, `transport.pause_reading()`) are
@@ -191,6 +192,43 @@ impl<'py> Target<'py> {
             std::ptr::copy_nonoverlapping(data.as_ptr(), at, data.len());
         }
         Ok(())
+    }
+
+    /// `self._buffer.extend(data)` for data read straight into the `bytearray`: `fill` gets
+    /// room for `room` bytes made at its end and returns how many it wrote there; the
+    /// `bytearray` is then cut to what it holds, and that count returned. `None`, with nothing
+    /// called, if the room cannot be made (the `bytearray` is exported, or no memory: the
+    /// error is dropped, and `extend` meets it again for the caller). Runs no Python code.
+    pub(crate) fn extend_from(
+        &self,
+        room: usize,
+        fill: impl FnOnce(*mut u8, usize) -> std::io::Result<usize>,
+    ) -> Option<std::io::Result<usize>> {
+        let Target::Reader { buffer, .. } = self else { return None };
+        let b = buffer.as_ptr();
+        // SAFETY: `buffer` is an exact bytearray (checked by `target`) and nothing runs Python
+        // code until this returns, so nobody sees the room before it is cut back. A resize
+        // fails only with an exception set (exported, or no memory); after a successful one it
+        // holds `old + room` bytes, the last `room` of them writable at `at`.
+        unsafe {
+            let old = ffi::PyByteArray_Size(b) as usize;
+            if ffi::PyByteArray_Resize(b, (old + room) as ffi::Py_ssize_t) != 0 {
+                drop(PyErr::fetch(buffer.py()));
+                return None;
+            }
+            let at = ffi::PyByteArray_AsString(b).cast::<u8>().add(old);
+            let r = fill(at, room).map(|n| n.min(room));
+            let n = *r.as_ref().unwrap_or(&0);
+            if ffi::PyByteArray_Resize(b, (old + n) as ffi::Py_ssize_t) != 0 {
+                // Cutting back can allocate (a bytearray whose data starts past its block's
+                // start) and so fail: the room's unwritten bytes are zeroed, never shown, and
+                // the read fails the connection, as the MemoryError of asyncio's `extend`.
+                drop(PyErr::fetch(buffer.py()));
+                std::ptr::write_bytes(at.add(n), 0, room - n);
+                return Some(Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory)));
+            }
+            Some(r)
+        }
     }
 
     /// The rest of `StreamReader.feed_data` after `self._buffer.extend(data)`, with
