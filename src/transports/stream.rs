@@ -75,7 +75,7 @@ struct State {
     closing: bool,
     eof: bool,
     conn_lost: u32,
-    /// The error of a read made after data in the same `read_ready` (`recv_into_spare`),
+    /// The error of a read made after data in the same `read_ready` (`read_rest`),
     /// for the next `read_ready` to report, as the next read would have.
     read_error: Option<std::io::Error>,
     protocol_paused: bool,
@@ -688,9 +688,8 @@ fn recv_for_protocol<'py>(py: Python<'py>, me: &StreamCore) -> std::io::Result<(
 }
 
 /// One read into the spare `bytes`' block: `cap + 1` bytes at most, so a read that fills it
-/// shows that more may be waiting. Then the rest is read through the shared buffer and both go
-/// into a new `bytes`: what one `TRANSPORT_READ` read would have returned. An error of that
-/// second read comes after the data, as the next read's (`State::read_errno`).
+/// shows that more may be waiting. Then the rest is read (`read_rest`) and both go into a new
+/// `bytes`: what one `TRANSPORT_READ` read would have returned.
 fn recv_into_spare<'py>(
     py: Python<'py>,
     me: &StreamCore,
