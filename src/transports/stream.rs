@@ -564,11 +564,11 @@ fn reader_reads_direct() -> bool {
 
 /// One `recv` into the `bytearray` of an asyncio `StreamReader` (`target`, found before the
 /// read), then the rest of `feed_data`: what `recv_bytes` and `data_received` do, less a
-/// `bytes` object. A read of 4 KiB or more goes straight into room made at the end of the
-/// `bytearray` for one byte more than the thread's last read (no copy; a read that fills it
-/// has the rest read through the shared buffer, `read_rest`); a smaller one, or one the room
-/// cannot be made for (an exported `bytearray`: `extend` then raises as asyncio's does), is
-/// read into the shared buffer and copied. `Ok(None)` at EOF.
+/// `bytes` object. Once the thread's last read was over 4 KiB, the read goes straight into
+/// room made at the end of the `bytearray` for one byte more than that read (no copy; a read
+/// that fills it has the rest read through the shared buffer, `read_rest`); after a smaller
+/// one, or when the room cannot be made (an exported `bytearray`: `extend` then raises as
+/// asyncio's does), it goes into the shared buffer and is copied. `Ok(None)` at EOF.
 fn recv_into_reader(
     py: Python<'_>,
     me: &StreamCore,
@@ -672,19 +672,13 @@ fn recv_for_protocol<'py>(py: Python<'py>, me: &StreamCore) -> std::io::Result<(
             None
         }
     };
-    let r = match spare {
+    match spare {
         Some(spare) => recv_into_spare(py, me, fd, spare),
-        None => {
-            return recv_bytes(py, fd, TRANSPORT_READ).map(|b| {
-                let n = b.as_bytes().len();
-                (b, n)
-            })
-        }
-    };
-    if let Ok((b, _)) = &r {
-        note_read(b.as_bytes().len());
+        None => recv_bytes(py, fd, TRANSPORT_READ).map(|b| {
+            let n = b.as_bytes().len();
+            (b, n)
+        }),
     }
-    r
 }
 
 /// One read into the spare `bytes`' block: `cap + 1` bytes at most, so a read that fills it
@@ -698,12 +692,17 @@ fn recv_into_spare<'py>(
 ) -> std::io::Result<(Bound<'py, PyBytes>, usize)> {
     // SAFETY: `read_into` passes its block's data area, writable for `len` bytes for the call.
     let n = spare.read_into(|ptr, len| unsafe { sys::recv_raw(fd, ptr, len) })?;
-    if n <= spare.cap() {
-        return Ok(spare.filled(py, n));
+    let r = if n <= spare.cap() {
+        Ok(spare.filled(py, n))
+    } else {
+        read_rest(py, me, fd, TRANSPORT_READ.saturating_sub(n), |rest| {
+            spare.joined(py, rest).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+        })
+    };
+    if let Ok((b, _)) = &r {
+        note_read(b.as_bytes().len());
     }
-    read_rest(py, me, fd, TRANSPORT_READ.saturating_sub(n), |rest| {
-        spare.joined(py, rest).ok_or_else(|| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
-    })
+    r
 }
 
 /// `delivered`: the `bytes` handed to `data_received` and its block's size, for
